@@ -1,0 +1,37 @@
+# The two commands: `make run` (server on the default model) and `make test`.
+# torch is installed first and pinned: a looser spec pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint format bench-ops clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/lln-serve serve
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-ops: install
+	$(PY) benchmarks/bench_ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

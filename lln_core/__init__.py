@@ -1,0 +1,1 @@
+"""LLN attention math: kernels, states, moment matching and the paper's instruments."""

@@ -1,0 +1,1 @@
+"""Attention kernels: LLN (lln/), expressive attention (ea/), softmax reference, local branch."""

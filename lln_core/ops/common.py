@@ -1,0 +1,75 @@
+"""Shape checks and broadcasting shared by the attention kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int]:
+    """Check q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; return (B, Hkv, G, T)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-d [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(k.shape)}")
+    num_kv_heads = k.shape[1]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})"
+        )
+    return batch, num_kv_heads, num_q_heads // num_kv_heads, seq_len
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64 (references); everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def group_queries(q: Tensor, num_kv_heads: int, dtype: torch.dtype) -> Tensor:
+    """`[B, Hq, T, D] -> [B, Hkv, G, T, D]`: the G query heads that share one KV head."""
+    batch, num_q_heads, seq_len, head_dim = q.shape
+    return q.to(dtype).reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, seq_len, head_dim)
+
+
+def ungroup(y: Tensor) -> Tensor:
+    """`[B, Hkv, G, T, ...] -> [B, Hq, T, ...]`."""
+    return y.flatten(1, 2)
+
+
+def per_head(
+    value: float | Tensor, num_kv_heads: int, group: int, like: Tensor, *, query_side: bool
+) -> Tensor:
+    """Broadcastable per-head parameter.
+
+    `value` is a scalar, `[Hkv]` or (query side only) `[Hq]`. Returns `[1, Hkv, G, 1, 1]` for the
+    query side (grouped queries `[B, Hkv, G, T, D]`) and `[1, Hkv, 1, 1]` for the key side.
+    """
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(num_kv_heads)
+    if t.dim() != 1 or t.numel() not in (num_kv_heads, num_kv_heads * group):
+        raise ValueError(
+            f"per-head parameter must be a scalar or have {num_kv_heads} (KV heads)"
+            + (f" or {num_kv_heads * group} (query heads)" if query_side else "")
+            + f" entries; got shape {tuple(t.shape)}"
+        )
+    if query_side:
+        return (
+            t.reshape(num_kv_heads, -1)
+            .expand(num_kv_heads, group)
+            .reshape(1, num_kv_heads, group, 1, 1)
+        )
+    if t.numel() != num_kv_heads:
+        raise ValueError(f"key-side parameter needs {num_kv_heads} entries, got {t.numel()}")
+    return t.reshape(1, num_kv_heads, 1, 1)
+
+
+def finite_or_zero(x: Tensor) -> Tensor:
+    """Replace -inf (no key seen yet) by 0 so that differences with it stay defined."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))

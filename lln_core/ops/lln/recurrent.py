@@ -1,0 +1,77 @@
+"""One decode step of causal LLN attention: the recurrence with a per-dimension running max.
+
+    b = beta k_t;  m' = max(m, b);  S~ = exp(m - m') S~ + exp(b - m') v_t^T;  z~ likewise
+    w = alpha q_t + m';  q~ = exp(w - max(w));  y_t = q~^T S~ / q~^T z~
+
+Every factor is <= 1 and the dominant term of the denominator is 1 (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lln_core.ops.common import (
+    check_qkv,
+    compute_dtype,
+    finite_or_zero,
+    group_queries,
+    per_head,
+    ungroup,
+)
+from lln_core.ops.lln.chunk import LLNParts
+from lln_core.state import LLNState
+
+
+def lln_step_parts(
+    aq: Tensor, b: Tensor, v: Tensor, state: LLNState
+) -> tuple[LLNParts, Tensor, Tensor, Tensor]:
+    """aq = alpha q [B, Hkv, G, 1, D]; b = beta k [B, Hkv, 1, D] (-inf: no key); v [B, Hkv, 1, Dv].
+
+    Returns the unnormalised output and the new (S, z, m).
+    """
+    b = b[:, :, 0]
+    m = torch.maximum(state.m.to(b.dtype), b)
+    ref = finite_or_zero(m)
+    decay = torch.exp(state.m.to(b.dtype) - ref)
+    k_t = torch.exp(b - ref)
+    S = state.S.to(b.dtype) * decay[..., None] + k_t[..., None] * v[:, :, 0, None, :]
+    z = state.z.to(b.dtype) * decay + k_t
+
+    w = aq[:, :, :, 0] + ref[:, :, None]
+    log_scale = w.amax(dim=-1)  # [B, H, G]
+    q_t = torch.exp(w - log_scale[..., None])
+    num = torch.einsum("bhgd,bhde->bhge", q_t, S)
+    den = torch.einsum("bhgd,bhd->bhg", q_t, z)
+    parts = LLNParts(num[:, :, :, None], den[..., None], log_scale[..., None])
+    return parts, S, z, m
+
+
+def lln_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    state: LLNState,
+) -> tuple[Tensor, LLNState]:
+    """One token per sequence. q: [B, Hq, 1, D]; k: [B, Hkv, 1, D]; v: [B, Hkv, 1, Dv].
+
+    Returns y [B, Hq, 1, Dv] and the new state.
+    """
+    _batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
+    if seq_len != 1:
+        raise ValueError(f"lln_step takes one token per sequence (T = 1), got T = {seq_len}")
+    dtype = compute_dtype(q)
+    qg = group_queries(q, num_kv_heads, dtype)
+    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg
+    b = per_head(beta, num_kv_heads, group, qg, query_side=False) * k.to(dtype)
+    parts, S, z, m = lln_step_parts(aq, b, v.to(dtype), state)
+    new_state = LLNState(
+        S=S.to(state.S.dtype),
+        z=z.to(state.z.dtype),
+        m=m.to(state.m.dtype),
+        num_tokens=state.num_tokens + 1,
+        local=state.local,
+    )
+    return ungroup(parts.normalised()).to(q.dtype), new_state

@@ -1,0 +1,214 @@
+"""LLN combined with a bounded local softmax branch (LLN+Diag and its sliding-window variant).
+
+Two ways to combine, both with constant memory per sequence:
+- "average" (the LLN paper): y = r * y_LLN + (1 - r) * y_local, each normalised on its own, LLN
+  over all past keys. `mix` is r, the weight of the LLN output.
+- "joint" (sliding window + sinks, as in LoLCATs/StreamingLLM): one softmax-like normalisation
+  over the local keys (exp(q.k * scale)) and the older keys (LLN weights times exp(mix)), with a
+  shared log-space max. `mix` is the log-weight of the LLN part. The LLN state then holds only
+  keys that left the window (sinks excluded): it is fed the key stream delayed by the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lln_core.ops.common import check_qkv, compute_dtype, group_queries, per_head, ungroup
+from lln_core.ops.lln.chunk import LLNParts, lln_chunk_parts
+from lln_core.ops.lln.recurrent import lln_step_parts
+from lln_core.ops.softmax import LocalSpec, local_softmax_parts, read_window_tail
+from lln_core.state import LLNState
+
+Combine = Literal["average", "joint"]
+PartsFn = Callable[[Tensor, Tensor, Tensor, LLNState], tuple[LLNParts, Tensor, Tensor, Tensor]]
+
+
+def empty_lln_diag_state(
+    batch: int,
+    num_kv_heads: int,
+    head_dim: int,
+    local: LocalSpec,
+    *,
+    v_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> LLNState:
+    cache = local.empty_cache(
+        batch, num_kv_heads, head_dim, v_dim=v_dim, dtype=dtype, device=device
+    )
+    return LLNState.empty(batch, num_kv_heads, head_dim, v_dim, dtype, device, local=cache)
+
+
+def lln_diag_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    mix: float | Tensor,
+    *,
+    local: LocalSpec,
+    combine: Combine = "joint",
+    state: LLNState | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> tuple[Tensor, LLNState]:
+    """Chunked form over T new tokens. Shapes as `lln_attention`; mix: scalar, [Hkv] or [Hq]."""
+
+    def parts(aq: Tensor, b: Tensor, v: Tensor, st: LLNState):
+        return lln_chunk_parts(aq, b, v, st, chunk_size)
+
+    return _forward(q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, parts)
+
+
+def lln_diag_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    mix: float | Tensor,
+    state: LLNState,
+    *,
+    local: LocalSpec,
+    combine: Combine = "joint",
+    scale: float | None = None,
+) -> tuple[Tensor, LLNState]:
+    """One decode token per sequence (T = 1): the LLN part by its recurrence."""
+    if q.shape[2] != 1:
+        raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
+    return _forward(q, k, v, alpha, beta, mix, local, combine, state, scale, 1, lln_step_parts)
+
+
+def naive_lln_diag_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    mix: float | Tensor,
+    *,
+    local: LocalSpec,
+    combine: Combine = "joint",
+    scale: float | None = None,
+) -> Tensor:
+    """Quadratic reference from position 0: full T x T weights, float64-capable."""
+    _batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
+    dtype = compute_dtype(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qg = group_queries(q, num_kv_heads, dtype)
+    kk, vv = k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]
+    a = per_head(alpha, num_kv_heads, group, qg, query_side=True)
+    b = per_head(beta, num_kv_heads, group, qg, query_side=False)[:, :, None]
+    log_lln = torch.logsumexp((a * qg)[..., :, None, :] + (b * kk)[..., None, :, :], dim=-1)
+    log_sm = qg @ kk.transpose(-1, -2) * scale
+    pos = torch.arange(seq_len, device=q.device)
+    causal = pos[None] <= pos[:, None]
+    near = local.visible(pos[:, None], pos[None, :])
+    w = per_head(mix, num_kv_heads, group, qg, query_side=True)
+    ninf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+    if combine == "average":
+        y_lln = torch.softmax(torch.where(causal, log_lln, ninf), dim=-1) @ vv
+        y_loc = torch.softmax(torch.where(near, log_sm, ninf), dim=-1) @ vv
+        y = w * y_lln + (1 - w) * y_loc
+    else:
+        _check_joint(local)
+        old = causal & ~near
+        logits = torch.where(near, log_sm, torch.where(old, log_lln + w, ninf))
+        y = torch.softmax(logits, dim=-1) @ vv
+    return ungroup(y).to(q.dtype)
+
+
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float | Tensor,
+    beta: float | Tensor,
+    mix: float | Tensor,
+    local: LocalSpec,
+    combine: Combine,
+    state: LLNState | None,
+    scale: float | None,
+    chunk_size: int,
+    lln_parts: PartsFn,
+) -> tuple[Tensor, LLNState]:
+    batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
+    dtype = compute_dtype(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if combine not in ("average", "joint"):
+        raise ValueError(f"combine must be 'average' or 'joint', got {combine!r}")
+    if state is None:
+        state = empty_lln_diag_state(
+            batch, num_kv_heads, q.shape[-1], local, v_dim=v.shape[-1], dtype=dtype, device=q.device
+        )
+    if state.local is None:
+        raise ValueError("LLN+Diag needs a state with a local cache (empty_lln_diag_state)")
+    qg = group_queries(q, num_kv_heads, dtype)
+    kk, vv = k.to(dtype), v.to(dtype)
+    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg
+    beta_k = per_head(beta, num_kv_heads, group, qg, query_side=False)
+
+    if combine == "joint":
+        _check_joint(local)
+        old_k, old_v, valid = _delayed_keys(state, kk, vv)
+        b = torch.where(valid[:, None, :, None], beta_k * old_k, float("-inf"))
+        lln, S, z, m = lln_parts(aq, b, old_v, state)
+    else:
+        lln, S, z, m = lln_parts(aq, beta_k * kk, vv, state)
+    loc_num, loc_den, loc_scale, cache = local_softmax_parts(
+        qg, kk, vv, state.local, state.num_tokens, local, scale=scale, chunk_size=max(chunk_size, 1)
+    )
+    weight = per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0]  # [1, H, G, 1]
+    if combine == "average":
+        y = (
+            weight[..., None] * lln.normalised()
+            + (1 - weight[..., None]) * loc_num / loc_den[..., None]
+        )
+    else:
+        y = _joint(lln, loc_num, loc_den, loc_scale, weight)
+    new_state = LLNState(
+        S=S.to(state.S.dtype),
+        z=z.to(state.z.dtype),
+        m=m.to(state.m.dtype),
+        num_tokens=state.num_tokens + seq_len,
+        local=cache,
+    )
+    return ungroup(y).to(q.dtype), new_state
+
+
+def _check_joint(local: LocalSpec) -> None:
+    if local.kind != "window":
+        raise ValueError("combine='joint' needs a sliding window (local kind 'window')")
+
+
+def _delayed_keys(state: LLNState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The key stream delayed by the window: entry i is the key at position n + i - W.
+
+    Query n + i sees, through LLN, exactly the keys up to that position (sinks excluded).
+    """
+    seq_len = k.shape[2]
+    tail_k, tail_v, tail_valid = read_window_tail(state.local, state.num_tokens)
+    pos = state.num_tokens[:, None] + torch.arange(seq_len, device=k.device)
+    valid = torch.cat([tail_valid, pos >= state.local.num_sinks], dim=1)[:, :seq_len]
+    old_k = torch.cat([tail_k.to(k.dtype), k], dim=2)[:, :, :seq_len]
+    old_v = torch.cat([tail_v.to(v.dtype), v], dim=2)[:, :, :seq_len]
+    return old_k, old_v, valid
+
+
+def _joint(
+    lln: LLNParts, loc_num: Tensor, loc_den: Tensor, loc_scale: Tensor, log_weight: Tensor
+) -> Tensor:
+    """One normalisation over local (softmax) and old (weighted LLN) keys, shared log max."""
+    lln_scale = torch.where(lln.den > 0, lln.log_scale + log_weight, float("-inf"))
+    top = torch.maximum(loc_scale, lln_scale)
+    w_loc = torch.exp(loc_scale - top)
+    w_lln = torch.exp(lln_scale - top)
+    num = w_loc[..., None] * loc_num + w_lln[..., None] * lln.num
+    den = w_loc * loc_den + w_lln * lln.den
+    return num / den[..., None]

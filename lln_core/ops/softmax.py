@@ -1,0 +1,157 @@
+"""Softmax attention: the causal GQA reference (baseline and teacher) and the bounded local branch.
+
+The local branch is softmax over a bounded set of keys held in a `LocalKV`: the first
+`num_sinks` tokens (attention sinks, StreamingLLM) plus either the last `size` tokens (sliding
+window) or the tokens of the current block of `size` (the LLN paper's block-diagonal form).
+Visibility is decided from absolute positions, so sequences of a batch may be at different
+lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lln_core.ops.common import compute_dtype, group_queries, ungroup
+from lln_core.state import LocalKV
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = True
+) -> Tensor:
+    """softmax(q k^T * scale) v with GQA. q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D(v)].
+
+    With Tk > Tq (a KV cache), query i sits at position Tk - Tq + i. Returns [B, Hq, Tq, Dv].
+    """
+    num_kv_heads = k.shape[1]
+    if q.shape[1] % num_kv_heads or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    dtype = compute_dtype(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qg = group_queries(q, num_kv_heads, dtype)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k.to(dtype)) * scale
+    if causal:
+        q_len, k_len = q.shape[2], k.shape[2]
+        pos_q = torch.arange(k_len - q_len, k_len, device=q.device)
+        visible = torch.arange(k_len, device=q.device)[None] <= pos_q[:, None]
+        logits = logits.masked_fill(~visible, float("-inf"))
+    y = torch.softmax(logits, dim=-1) @ v.to(dtype)[:, :, None]
+    return ungroup(y).to(q.dtype)
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """Which keys the local softmax branch sees besides the query's own.
+
+    kind: "window" (the last `size` tokens, the query included) or "block" (tokens of the
+    query's block of `size`); num_sinks: the first tokens, always visible.
+    """
+
+    kind: Literal["window", "block"] = "window"
+    size: int = 64
+    num_sinks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("window", "block"):
+            raise ValueError(f"local kind must be 'window' or 'block', got {self.kind!r}")
+        if self.size < 1 or self.num_sinks < 0:
+            raise ValueError(
+                f"need size >= 1 and num_sinks >= 0, got {self.size}, {self.num_sinks}"
+            )
+
+    def visible(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """pos_q [..., Tq, 1], pos_k [..., 1, Tk] (absolute, -1 = empty) -> bool mask."""
+        if self.kind == "window":
+            near = pos_k > pos_q - self.size
+        else:
+            near = torch.div(pos_k, self.size, rounding_mode="floor") == torch.div(
+                pos_q, self.size, rounding_mode="floor"
+            )
+        return (pos_k >= 0) & (pos_k <= pos_q) & (near | (pos_k < self.num_sinks))
+
+    def empty_cache(self, batch: int, num_kv_heads: int, head_dim: int, **kwargs) -> LocalKV:
+        return LocalKV.empty(batch, num_kv_heads, head_dim, self.size, self.num_sinks, **kwargs)
+
+
+def local_softmax_parts(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: LocalKV,
+    num_tokens: Tensor,
+    spec: LocalSpec,
+    *,
+    scale: float,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor, Tensor, LocalKV]:
+    """Unnormalised local softmax over T new tokens, then the cache after them.
+
+    q: [B, Hkv, G, T, D] (grouped), k: [B, Hkv, T, D], v: [B, Hkv, T, Dv]; num_tokens [B] gives
+    each sequence's position of its first new token. Returns num [B, Hkv, G, T, Dv], den and
+    log_scale [B, Hkv, G, T] (true sums are exp(log_scale) * num, den) and the new cache.
+    Work per token is O((num_sinks + size + chunk_size) D): memory and time stay bounded.
+    """
+    nums, dens, scales = [], [], []
+    for start in range(0, q.shape[3], chunk_size):
+        end = min(start + chunk_size, q.shape[3])
+        pos_new = num_tokens[:, None] + torch.arange(start, end, device=q.device)  # [B, C]
+        keys = torch.cat([cache.k.to(k.dtype), k[:, :, start:end]], dim=2)
+        values = torch.cat([cache.v.to(v.dtype), v[:, :, start:end]], dim=2)
+        pos_k = torch.cat([cache.pos, pos_new], dim=1)  # [B, L + C]
+        mask = spec.visible(pos_new[:, :, None], pos_k[:, None, :])  # [B, C, L + C]
+        logits = torch.einsum("bhgtd,bhsd->bhgts", q[:, :, :, start:end], keys) * scale
+        logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
+        log_scale = logits.amax(dim=-1)
+        weights = torch.exp(logits - log_scale[..., None])
+        nums.append(weights @ values[:, :, None])
+        dens.append(weights.sum(-1))
+        scales.append(log_scale)
+        cache = write_local(cache, k[:, :, start:end], v[:, :, start:end], pos_new)
+    return torch.cat(nums, dim=3), torch.cat(dens, dim=3), torch.cat(scales, dim=3), cache
+
+
+def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
+    """Store new keys/values (positions pos [B, C], consecutive) in their slots; a new cache.
+
+    Sink positions go to slots [0, num_sinks); of the others only the last ring_size can still
+    be needed, each in slot num_sinks + (p - num_sinks) % ring_size. The rest go to a scratch
+    slot that is dropped, so no two writes target one slot.
+    """
+    sinks, ring = cache.num_sinks, cache.ring_size
+    count = pos.shape[1]
+    is_recent = torch.arange(count, device=pos.device) >= count - ring
+    slot = torch.where(pos < sinks, pos, sinks + (pos - sinks) % ring)
+    scratch = sinks + ring
+    slot = torch.where((pos < sinks) | is_recent[None], slot, torch.full_like(slot, scratch))
+
+    def scatter(buffer: Tensor, new: Tensor) -> Tensor:
+        padded = torch.cat([buffer, buffer[:, :, :1]], dim=2)
+        index = slot[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[-1])
+        return padded.scatter(2, index, new.to(buffer.dtype))[:, :, :scratch]
+
+    pos_buffer = torch.cat([cache.pos, cache.pos[:, :1]], dim=1).scatter(1, slot, pos)
+    return LocalKV(
+        k=scatter(cache.k, k), v=scatter(cache.v, v), pos=pos_buffer[:, :scratch], num_sinks=sinks
+    )
+
+
+def read_window_tail(cache: LocalKV, num_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Keys/values at positions [n - ring_size, n) in position order, and which of them exist.
+
+    These are the keys that leave a sliding window of ring_size tokens as the next ones arrive.
+    Returns k [B, Hkv, W, D], v [B, Hkv, W, Dv], valid [B, W] (False for sinks and p < 0).
+    """
+    sinks, ring = cache.num_sinks, cache.ring_size
+    pos = num_tokens[:, None] - ring + torch.arange(ring, device=num_tokens.device)  # [B, W]
+    slot = sinks + (pos - sinks) % ring
+    valid = (pos >= sinks) & (cache.pos.gather(1, slot) == pos)
+
+    def gather(buffer: Tensor) -> Tensor:
+        index = slot[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[-1])
+        return buffer.gather(2, index)
+
+    return gather(cache.k), gather(cache.v), valid

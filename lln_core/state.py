@@ -1,0 +1,180 @@
+"""Typed per-layer recurrent states. Their size never depends on the context length.
+
+Every state is a dataclass of tensors whose first dimension is the batch. The server's slot pool
+keeps one batched state per layer and gathers / scatters rows of it by slot index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class BatchedState:
+    """Batch-indexable container of tensors (and nested states): clone, select, scatter, bytes."""
+
+    def _map(self, fn) -> BatchedState:
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, BatchedState):
+                value = value._map(fn)
+            elif isinstance(value, Tensor):
+                value = fn(value)
+            values[f.name] = value
+        return type(self)(**values)
+
+    def _tensors(self) -> list[Tensor]:
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, BatchedState):
+                out.extend(value._tensors())
+            elif isinstance(value, Tensor):
+                out.append(value)
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        return self._tensors()[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all tensors of the state (whole batch)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def clone(self):
+        return self._map(torch.clone)
+
+    def to(self, device: torch.device | str):
+        return self._map(lambda t: t.to(device))
+
+    def index_select(self, index: Tensor):
+        """Rows `index` of the batch, as a new state (a copy)."""
+        return self._map(lambda t: t.index_select(0, index))
+
+    def index_copy_(self, index: Tensor, source: BatchedState) -> None:
+        """Write the rows of `source` into rows `index` of this state, in place."""
+        for dst, src in zip(self._tensors(), source._tensors(), strict=True):
+            dst.index_copy_(0, index, src.to(dst.dtype))
+
+
+@dataclass
+class LocalKV(BatchedState):
+    """Bounded K/V of the local softmax branch.
+
+    Slots `[0, num_sinks)` hold the first tokens (attention sinks); the rest is a ring in which the
+    token at position p lives in slot `num_sinks + (p - num_sinks) % ring_size`.
+    k: [B, Hkv, L, D], v: [B, Hkv, L, Dv], pos: [B, L] int64 (-1 = empty slot).
+    """
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    num_sinks: int = 0
+
+    @property
+    def ring_size(self) -> int:
+        return self.k.shape[2] - self.num_sinks
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        ring_size: int,
+        num_sinks: int = 0,
+        v_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> LocalKV:
+        slots = num_sinks + ring_size
+        v_dim = head_dim if v_dim is None else v_dim
+        return cls(
+            k=torch.zeros(batch, num_kv_heads, slots, head_dim, dtype=dtype, device=device),
+            v=torch.zeros(batch, num_kv_heads, slots, v_dim, dtype=dtype, device=device),
+            pos=torch.full((batch, slots), -1, dtype=torch.int64, device=device),
+            num_sinks=num_sinks,
+        )
+
+
+@dataclass
+class LLNState(BatchedState):
+    """State of causal LLN attention after `num_tokens` tokens (DESIGN.md section 2).
+
+    S~ = diag(exp(-m)) sum_s exp(beta k_s) v_s^T and z~ = exp(-m) * sum_s exp(beta k_s), with m the
+    per-dimension running max of beta k, so every entry is bounded and float32 holds.
+    S: [B, Hkv, D, Dv], z: [B, Hkv, D], m: [B, Hkv, D] (-inf before any key), float32 or float64.
+    num_tokens: [B] int64, tokens seen (including those held only by the local branch).
+    local: the bounded softmax K/V of LLN+Diag variants, else None.
+    """
+
+    S: Tensor
+    z: Tensor
+    m: Tensor
+    num_tokens: Tensor
+    local: LocalKV | None = None
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        local: LocalKV | None = None,
+    ) -> LLNState:
+        v_dim = head_dim if v_dim is None else v_dim
+        shape = (batch, num_kv_heads, head_dim)
+        return cls(
+            S=torch.zeros(*shape, v_dim, dtype=dtype, device=device),
+            z=torch.zeros(shape, dtype=dtype, device=device),
+            m=torch.full(shape, float("-inf"), dtype=dtype, device=device),
+            num_tokens=torch.zeros(batch, dtype=torch.int64, device=device),
+            local=local,
+        )
+
+
+@dataclass
+class EAState(BatchedState):
+    """State of linearized expressive attention: sums over keys of phi(k) v^T and phi(k).
+
+    phi(k) = (k (x) k) restricted to its D(D+1)/2 distinct entries (off-diagonal ones times
+    sqrt(2)), so phi(q).phi(k) = (q.k)^2 exactly.
+    S: [B, Hkv, F, Dv], z: [B, Hkv, F] with F = D(D+1)/2; num_tokens: [B] int64.
+    """
+
+    S: Tensor
+    z: Tensor
+    num_tokens: Tensor
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> EAState:
+        v_dim = head_dim if v_dim is None else v_dim
+        features = head_dim * (head_dim + 1) // 2
+        return cls(
+            S=torch.zeros(batch, num_kv_heads, features, v_dim, dtype=dtype, device=device),
+            z=torch.zeros(batch, num_kv_heads, features, dtype=dtype, device=device),
+            num_tokens=torch.zeros(batch, dtype=torch.int64, device=device),
+        )
+
+
+def kv_cache_bytes(
+    num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_elem: int = 2
+) -> int:
+    """Bytes a softmax model's KV cache holds for one sequence of `num_tokens` tokens."""
+    return 2 * num_tokens * num_layers * num_kv_heads * head_dim * bytes_per_elem

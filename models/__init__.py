@@ -1,0 +1,1 @@
+"""LLN decoders as Hugging Face transformers models (issue 3)."""

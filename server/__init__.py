@@ -1,0 +1,1 @@
+"""Inference engine and OpenAI-compatible server."""

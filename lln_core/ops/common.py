@@ -73,3 +73,18 @@ def per_head(
 def finite_or_zero(x: Tensor) -> Tensor:
     """Replace -inf (no key seen yet) by 0 so that differences with it stay defined."""
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def valid_tokens(lengths: Tensor | None, batch: int, seq_len: int, device) -> Tensor | None:
+    """`[B, T]` bool, True for the first lengths[b] tokens of row b (right padding), or None."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > seq_len).any()):
+        raise ValueError(f"lengths must be [B] = [{batch}] with values in [0, {seq_len}]")
+    return torch.arange(seq_len, device=device)[None] < lengths[:, None]
+
+
+def count_tokens(valid: Tensor | None, seq_len: int) -> Tensor | int:
+    """Tokens each row adds to its state: T, or the per-row valid count."""
+    return seq_len if valid is None else valid.sum(dim=1)

@@ -18,8 +18,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lln_core.ops.common import check_qkv, compute_dtype, group_queries, per_head, ungroup
-from lln_core.ops.lln.chunk import LLNParts, lln_chunk_parts
+from lln_core.ops.common import (
+    check_qkv,
+    compute_dtype,
+    count_tokens,
+    group_queries,
+    per_head,
+    ungroup,
+    valid_tokens,
+)
+from lln_core.ops.lln.chunk import LLNParts, lln_chunk_parts, mask_padding
 from lln_core.ops.lln.recurrent import lln_step_parts
 from lln_core.ops.softmax import LocalSpec, local_softmax_parts, read_window_tail
 from lln_core.state import LLNState
@@ -57,13 +65,17 @@ def lln_diag_attention(
     state: LLNState | None = None,
     chunk_size: int = 64,
     scale: float | None = None,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
-    """Chunked form over T new tokens. Shapes as `lln_attention`; mix: scalar, [Hkv] or [Hq]."""
+    """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix: scalar,
+    [Hkv] or [Hq]."""
 
     def parts(aq: Tensor, b: Tensor, v: Tensor, st: LLNState):
         return lln_chunk_parts(aq, b, v, st, chunk_size)
 
-    return _forward(q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, parts)
+    return _forward(
+        q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, parts, lengths
+    )
 
 
 def lln_diag_step(
@@ -137,8 +149,10 @@ def _forward(
     scale: float | None,
     chunk_size: int,
     lln_parts: PartsFn,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
     batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
+    valid = valid_tokens(lengths, batch, seq_len, q.device)
     dtype = compute_dtype(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if combine not in ("average", "joint"):
@@ -156,13 +170,24 @@ def _forward(
 
     if combine == "joint":
         _check_joint(local)
-        old_k, old_v, valid = _delayed_keys(state, kk, vv)
-        b = torch.where(valid[:, None, :, None], beta_k * old_k, float("-inf"))
-        lln, S, z, m = lln_parts(aq, b, old_v, state)
+        old_k, old_v, old_valid = _delayed_keys(state, kk, vv)
+        if valid is not None:
+            old_valid = old_valid & valid
+        lln, S, z, m = lln_parts(aq, *mask_padding(beta_k * old_k, old_v, old_valid), state)
+    elif valid is not None:
+        lln, S, z, m = lln_parts(aq, *mask_padding(beta_k * kk, vv, valid), state)
     else:
         lln, S, z, m = lln_parts(aq, beta_k * kk, vv, state)
     loc_num, loc_den, loc_scale, cache = local_softmax_parts(
-        qg, kk, vv, state.local, state.num_tokens, local, scale=scale, chunk_size=max(chunk_size, 1)
+        qg,
+        kk,
+        vv,
+        state.local,
+        state.num_tokens,
+        local,
+        scale=scale,
+        chunk_size=max(chunk_size, 1),
+        valid=valid,
     )
     weight = per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0]  # [1, H, G, 1]
     if combine == "average":
@@ -176,7 +201,7 @@ def _forward(
         S=S.to(state.S.dtype),
         z=z.to(state.z.dtype),
         m=m.to(state.m.dtype),
-        num_tokens=state.num_tokens + seq_len,
+        num_tokens=state.num_tokens + count_tokens(valid, seq_len),
         local=cache,
     )
     return ungroup(y).to(q.dtype), new_state

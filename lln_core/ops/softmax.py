@@ -87,11 +87,13 @@ def local_softmax_parts(
     *,
     scale: float,
     chunk_size: int = 64,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, LocalKV]:
     """Unnormalised local softmax over T new tokens, then the cache after them.
 
     q: [B, Hkv, G, T, D] (grouped), k: [B, Hkv, T, D], v: [B, Hkv, T, Dv]; num_tokens [B] gives
-    each sequence's position of its first new token. Returns num [B, Hkv, G, T, Dv], den and
+    each sequence's position of its first new token; valid [B, T] (optional) marks right padding,
+    whose keys are neither seen nor stored. Returns num [B, Hkv, G, T, Dv], den and
     log_scale [B, Hkv, G, T] (true sums are exp(log_scale) * num, den) and the new cache.
     Work per token is O((num_sinks + size + chunk_size) D): memory and time stay bounded.
     """
@@ -99,9 +101,10 @@ def local_softmax_parts(
     for start in range(0, q.shape[3], chunk_size):
         end = min(start + chunk_size, q.shape[3])
         pos_new = num_tokens[:, None] + torch.arange(start, end, device=q.device)  # [B, C]
+        pos_new_k = pos_new if valid is None else torch.where(valid[:, start:end], pos_new, -1)
         keys = torch.cat([cache.k.to(k.dtype), k[:, :, start:end]], dim=2)
         values = torch.cat([cache.v.to(v.dtype), v[:, :, start:end]], dim=2)
-        pos_k = torch.cat([cache.pos, pos_new], dim=1)  # [B, L + C]
+        pos_k = torch.cat([cache.pos, pos_new_k], dim=1)  # [B, L + C]
         mask = spec.visible(pos_new[:, :, None], pos_k[:, None, :])  # [B, C, L + C]
         logits = torch.einsum("bhgtd,bhsd->bhgts", q[:, :, :, start:end], keys) * scale
         logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
@@ -110,23 +113,23 @@ def local_softmax_parts(
         nums.append(weights @ values[:, :, None])
         dens.append(weights.sum(-1))
         scales.append(log_scale)
-        cache = write_local(cache, k[:, :, start:end], v[:, :, start:end], pos_new)
+        cache = write_local(cache, k[:, :, start:end], v[:, :, start:end], pos_new_k)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3), torch.cat(scales, dim=3), cache
 
 
 def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
-    """Store new keys/values (positions pos [B, C], consecutive) in their slots; a new cache.
+    """Store new keys/values (positions pos [B, C], increasing, -1 = padding) in their slots.
 
     Sink positions go to slots [0, num_sinks); of the others only the last ring_size can still
-    be needed, each in slot num_sinks + (p - num_sinks) % ring_size. The rest go to a scratch
-    slot that is dropped, so no two writes target one slot.
+    be needed, each in slot num_sinks + (p - num_sinks) % ring_size. The rest (and padding) go
+    to a scratch slot that is dropped, so no two writes target one slot. Returns a new cache.
     """
     sinks, ring = cache.num_sinks, cache.ring_size
-    count = pos.shape[1]
-    is_recent = torch.arange(count, device=pos.device) >= count - ring
+    is_recent = pos > pos.amax(dim=1, keepdim=True) - ring
     slot = torch.where(pos < sinks, pos, sinks + (pos - sinks) % ring)
     scratch = sinks + ring
-    slot = torch.where((pos < sinks) | is_recent[None], slot, torch.full_like(slot, scratch))
+    keep = (pos >= 0) & ((pos < sinks) | is_recent)
+    slot = torch.where(keep, slot, torch.full_like(slot, scratch))
 
     def scatter(buffer: Tensor, new: Tensor) -> Tensor:
         padded = torch.cat([buffer, buffer[:, :, :1]], dim=2)

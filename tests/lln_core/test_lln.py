@@ -156,3 +156,29 @@ def test_bad_parameters_raise():
         lln_attention(q, k, v, 1.0, 1.0, chunk_size=0)
     with pytest.raises(ValueError):
         lln_step(q, k, v, 1.0, 1.0, LLNState.empty(1, 2, 8))
+
+
+def test_right_padded_batch_equals_each_row_alone(gen):
+    q, k, v, alpha, beta = make_inputs(gen, 3, 4, 2, 40)
+    state = prefix_state(gen, 3, 2, alpha, beta)
+    lengths = torch.tensor([40, 17, 0])
+    y, s = lln_attention(q, k, v, alpha, beta, state=state, chunk_size=16, lengths=lengths)
+    assert torch.isfinite(y).all()
+    for row, length in enumerate(lengths.tolist()):
+        sl = slice(row, row + 1)
+        row_state = state.index_select(torch.tensor([row]))
+        if length == 0:  # nothing real in this row: its state is untouched
+            assert_states_close(s.index_select(torch.tensor([row])), row_state, 1e-15)
+            continue
+        y_row, s_row = naive_lln_attention(
+            q[sl, :, :length], k[sl, :, :length], v[sl, :, :length], alpha, beta, state=row_state
+        )
+        assert rel_err(y[sl, :, :length], y_row) < 1e-10
+        assert_states_close(s.index_select(torch.tensor([row])), s_row, 1e-10)
+
+
+def test_bad_lengths_raise():
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    for lengths in (torch.tensor([6, 1]), torch.tensor([1]), torch.tensor([-1, 2])):
+        with pytest.raises(ValueError):
+            lln_attention(q, k, v, 1.0, 1.0, lengths=lengths)

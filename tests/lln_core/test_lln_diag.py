@@ -170,3 +170,41 @@ def test_joint_needs_a_window():
         LocalSpec("diagonal", 4)
     with pytest.raises(ValueError):
         lln_diag_attention(q, k, v, 1.0, 1.0, 0.0, local=LocalSpec(), combine="sum")
+
+
+@pytest.mark.parametrize(("spec", "combine"), VARIANTS)
+def test_right_padded_batch_equals_each_row_alone(gen, spec, combine):
+    q, k, v, alpha, beta = make_inputs(gen, 3, 4, 2, 51)
+    mix = mix_for(combine, 4)
+    kwargs = dict(local=spec, combine=combine)
+    # every row first prefills 11 tokens, then a padded chunk of 3 different lengths
+    _, state = lln_diag_attention(
+        q[:, :, :11], k[:, :, :11], v[:, :, :11], alpha, beta, mix, **kwargs
+    )
+    lengths = torch.tensor([39, 2, 0])
+    chunk = slice(11, 50)
+    _, s = lln_diag_attention(
+        q[:, :, chunk],
+        k[:, :, chunk],
+        v[:, :, chunk],
+        alpha,
+        beta,
+        mix,
+        state=state,
+        chunk_size=8,
+        lengths=lengths,
+        **kwargs,
+    )
+
+    # then one decode token per row at its own position
+    def nxt(x):
+        return torch.stack([x[r, :, 11 + n] for r, n in enumerate(lengths.tolist())])[:, :, None]
+
+    y, _ = lln_diag_step(nxt(q), nxt(k), nxt(v), alpha, beta, mix, s, **kwargs)
+    for row, length in enumerate(lengths.tolist()):
+        sl, end = slice(row, row + 1), 11 + length + 1
+        y_ref = naive_lln_diag_attention(
+            q[sl, :, :end], k[sl, :, :end], v[sl, :, :end], alpha, beta, mix, **kwargs
+        )
+        assert rel_err(y[row, :, 0], y_ref[0, :, -1]) < 1e-10
+    assert s.num_tokens.tolist() == [50, 13, 11]

@@ -24,10 +24,12 @@ from torch import Tensor
 from lln_core.ops.common import (
     check_qkv,
     compute_dtype,
+    count_tokens,
     finite_or_zero,
     group_queries,
     per_head,
     ungroup,
+    valid_tokens,
 )
 from lln_core.state import LLNState
 
@@ -101,12 +103,15 @@ def lln_attention(
     *,
     state: LLNState | None = None,
     chunk_size: int = 64,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Causal LLN attention over T new tokens, continuing from `state`.
 
     q: [B, Hq, T, D]; k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv]; alpha: scalar, [Hkv] or [Hq];
-    beta: scalar or [Hkv]. Returns y [B, Hq, T, Dv] (q's dtype) and the state after the last
-    token (float32, float64 for float64 inputs).
+    beta: scalar or [Hkv]. lengths [B] (optional): row b holds lengths[b] real tokens followed
+    by padding, which never enters the state. Returns y [B, Hq, T, Dv] (q's dtype; padded rows
+    unspecified but finite) and the state after the last real token (float32, float64 for
+    float64 inputs).
     """
     batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
     _check_chunk_size(chunk_size)
@@ -117,6 +122,9 @@ def lln_attention(
     aq = per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg
     b = per_head(beta, num_kv_heads, group, qg, query_side=False) * k.to(dtype)
     v = v.to(dtype)
+    valid = valid_tokens(lengths, batch, seq_len, q.device)
+    if valid is not None:
+        b, v = mask_padding(b, v, valid)
     # Segments bound the memory of the intermediates on very long inputs; results are identical.
     segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
     outputs, carried = [], state
@@ -131,10 +139,16 @@ def lln_attention(
         S=carried.S.to(state.S.dtype),
         z=carried.z.to(state.z.dtype),
         m=carried.m.to(state.m.dtype),
-        num_tokens=state.num_tokens + seq_len,
+        num_tokens=state.num_tokens + count_tokens(valid, seq_len),
         local=state.local,
     )
     return ungroup(torch.cat(outputs, dim=3)).to(q.dtype), new_state
+
+
+def mask_padding(b: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Padding keys get b = -inf (weight 0) and zero values. b: [B, H, T, D], valid: [B, T]."""
+    mask = valid[:, None, :, None]
+    return torch.where(mask, b, float("-inf")), torch.where(mask, v, 0.0)
 
 
 def _check_chunk_size(chunk_size: int) -> None:

@@ -31,7 +31,7 @@ def naive_lln_attention(
         state = LLNState.empty(batch, num_kv_heads, q.shape[-1], v.shape[-1], dtype, q.device)
     a = per_head(alpha, num_kv_heads, group, q.to(dtype), query_side=True)
     b = per_head(beta, num_kv_heads, group, q.to(dtype), query_side=False) * k.to(dtype)
-    qg = q.to(dtype).reshape(batch, num_kv_heads, group, seq_len, -1)
+    qg = q.to(dtype).reshape(batch, num_kv_heads, group, seq_len, q.shape[-1])
     vv = v.to(dtype)
 
     m = torch.maximum(state.m.to(dtype), b.amax(dim=2))  # [B, Hkv, D]

@@ -178,3 +178,32 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes a softmax model's KV cache holds for one sequence of `num_tokens` tokens."""
     return 2 * num_tokens * num_layers * num_kv_heads * head_dim * bytes_per_elem
+
+
+@dataclass
+class KVState(BatchedState):
+    """KV cache of the softmax baseline; it grows with the context (that is the point of LLN).
+
+    k: [B, Hkv, L, D], v: [B, Hkv, L, Dv]; row b's first num_tokens[b] slots are its tokens.
+    """
+
+    k: Tensor
+    v: Tensor
+    num_tokens: Tensor
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> KVState:
+        v_dim = head_dim if v_dim is None else v_dim
+        return cls(
+            k=torch.zeros(batch, num_kv_heads, 0, head_dim, dtype=dtype, device=device),
+            v=torch.zeros(batch, num_kv_heads, 0, v_dim, dtype=dtype, device=device),
+            num_tokens=torch.zeros(batch, dtype=torch.int64, device=device),
+        )

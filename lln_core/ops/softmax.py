@@ -14,10 +14,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from lln_core.ops.common import compute_dtype, group_queries, ungroup
-from lln_core.state import LocalKV
+from lln_core.ops.common import (
+    check_qkv,
+    compute_dtype,
+    count_tokens,
+    group_queries,
+    ungroup,
+    valid_tokens,
+)
+from lln_core.state import KVState, LocalKV
 
 
 def softmax_attention(
@@ -158,3 +166,87 @@ def read_window_tail(cache: LocalKV, num_tokens: Tensor) -> tuple[Tensor, Tensor
         return buffer.gather(2, index)
 
     return gather(cache.k), gather(cache.v), valid
+
+
+def softmax_kv_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: KVState,
+    *,
+    scale: float | None = None,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, KVState]:
+    """Causal softmax over the cached tokens and T new ones; returns y and the grown cache.
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, T, D(v)]; rows may sit at different lengths
+    (cache.num_tokens) and carry right padding (lengths). y: [B, Hq, T, Dv].
+    """
+    batch, num_kv_heads, _group, seq_len = check_qkv(q, k, v)
+    valid = valid_tokens(lengths, batch, seq_len, q.device)
+    n = cache.num_tokens
+    if valid is None and bool((n == n[0]).all()):
+        return _softmax_kv_uniform(q, k, v, cache, scale)
+    dtype = compute_dtype(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qg = group_queries(q, num_kv_heads, dtype)
+    new = torch.arange(seq_len, device=q.device)
+    pos_q = n[:, None] + new  # [B, T]
+    old = torch.arange(cache.k.shape[2], device=q.device)
+    pos_old = torch.where(old[None] < n[:, None], old[None], -1)
+    pos_new = pos_q if valid is None else torch.where(valid, pos_q, -1)
+    pos_k = torch.cat([pos_old, pos_new], dim=1)
+    mask = (pos_k[:, None, :] >= 0) & (pos_k[:, None, :] <= pos_q[:, :, None])
+    keys = torch.cat([cache.k.to(dtype), k.to(dtype)], dim=2)
+    values = torch.cat([cache.v.to(dtype), v.to(dtype)], dim=2)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", qg, keys) * scale
+    logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
+    y = torch.softmax(logits, dim=-1) @ values[:, :, None]
+    return ungroup(y).to(q.dtype), _append(cache, k, v, count_tokens(valid, seq_len))
+
+
+def _softmax_kv_uniform(
+    q: Tensor, k: Tensor, v: Tensor, cache: KVState, scale: float | None
+) -> tuple[Tensor, KVState]:
+    """All rows at the same length, no padding: a contiguous cache and SDPA."""
+    past = int(cache.num_tokens[0])
+    keys = torch.cat([cache.k[:, :, :past], k.to(cache.k.dtype)], dim=2)
+    values = torch.cat([cache.v[:, :, :past], v.to(cache.v.dtype)], dim=2)
+    seq_len = q.shape[2]
+    mask = None
+    if past and seq_len > 1:
+        pos = torch.arange(past + seq_len, device=q.device)
+        mask = pos[None] <= pos[past:, None]
+    y = F.scaled_dot_product_attention(
+        q.to(keys.dtype),
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=not past and seq_len > 1,
+        scale=scale,
+        enable_gqa=True,
+    )
+    grown = KVState(keys, values, cache.num_tokens + seq_len)
+    return y.to(q.dtype), grown
+
+
+def _append(cache: KVState, k: Tensor, v: Tensor, added: Tensor | int) -> KVState:
+    """Write each row's new tokens after its own cached ones, growing the buffer as needed."""
+    n = cache.num_tokens
+    total = n + added
+    capacity = max(int(total.max()), cache.k.shape[2])
+    grow = capacity - cache.k.shape[2]
+    keys = F.pad(cache.k, (0, 0, 0, grow))
+    values = F.pad(cache.v, (0, 0, 0, grow))
+    seq_len = k.shape[2]
+    slot = n[:, None] + torch.arange(seq_len, device=k.device)  # [B, T]
+    keep = slot < total[:, None]
+    scratch = capacity
+    slot = torch.where(keep, slot, scratch)
+
+    def scatter(buffer: Tensor, new: Tensor) -> Tensor:
+        padded = F.pad(buffer, (0, 0, 0, 1))
+        index = slot[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[-1])
+        return padded.scatter(2, index, new.to(buffer.dtype))[:, :, :capacity]
+
+    return KVState(scatter(keys, k), scatter(values, v), total)

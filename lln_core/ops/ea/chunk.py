@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from lln_core.ops.common import count_tokens, valid_tokens
 from lln_core.state import EAState
 
 DEFAULT_EPS = 1e-6
@@ -137,6 +138,7 @@ def ea_attention(
     eps: float = DEFAULT_EPS,
     state: EAState | None = None,
     chunk_size: int = 64,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, EAState]:
     """Causal expressive attention over T new tokens, continuing from `state`.
 
@@ -144,7 +146,8 @@ def ea_attention(
     sums also run over the tokens already folded into `state`.
     q: [B, Hq, T, D], k: [B, Hkv, T, D], v: [B, Hkv, T, Dv] -> y [B, Hq, T, Dv] (q's dtype) and
     the state after the last token (float32, or float64 for float64 q). Splitting a prefill
-    anywhere and passing the state along gives the same result as one call.
+    anywhere and passing the state along gives the same result as one call. lengths [B]
+    (optional): right padding; padded keys are zeroed, so phi(k) = 0 adds nothing.
     """
     batch, num_q_heads, num_kv_heads, seq_len, head_dim, v_dim = check_ea_inputs(
         q, k, v, state, eps
@@ -157,6 +160,9 @@ def ea_attention(
     group = num_q_heads // num_kv_heads
     qs = (q.to(dtype) / math.sqrt(head_dim)).reshape(batch, num_kv_heads, group, seq_len, head_dim)
     kf, vf = k.to(dtype), v.to(dtype)
+    valid = valid_tokens(lengths, batch, seq_len, q.device)
+    if valid is not None:
+        kf, vf = kf * valid[:, None, :, None], vf * valid[:, None, :, None]
     outputs = [qs.new_zeros(batch, num_kv_heads, group, 0, v_dim)]
     for start in range(0, seq_len, chunk_size):
         end = min(seq_len, start + chunk_size)
@@ -164,4 +170,5 @@ def ea_attention(
         y, S, z = _chunk_step(qs[..., chunk, :], kf[..., chunk, :], vf[..., chunk, :], S, z, eps)
         outputs.append(y)
     y = torch.cat(outputs, dim=-2).reshape(batch, num_q_heads, seq_len, v_dim)
-    return y.to(q.dtype), EAState(S=S, z=z, num_tokens=start_state.num_tokens + seq_len)
+    added = count_tokens(valid, seq_len)
+    return y.to(q.dtype), EAState(S=S, z=z, num_tokens=start_state.num_tokens + added)

@@ -1,0 +1,46 @@
+"""Configuration of LLN decoders: a Llama configuration plus the attention kernel and its knobs."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+ATTENTION_KERNELS = ("softmax", "lln", "lln_diag", "ea")
+
+
+@strict
+class LLNConfig(LlamaConfig):
+    """Llama family (RoPE, GQA, RMSNorm, SwiGLU, optional q/k/v bias) with a choice of attention.
+
+    attention_kernel: "softmax" (reference, KV cache), "lln", "lln_diag" (LLN + local softmax),
+    "ea" (expressive attention). For lln_diag: local_kind "window" | "block", local_size (window
+    or block length), num_sinks (first tokens kept), combine "joint" | "average". chunk_size:
+    prefill chunk of the LLN kernels. alpha/beta (and the mix) are per-layer, per-head
+    parameters stored in the checkpoint, not config fields.
+    """
+
+    model_type = "lln_llama"
+
+    attention_kernel: str = "lln_diag"
+    local_kind: str = "window"
+    local_size: int = 64
+    num_sinks: int = 4
+    combine: str = "joint"
+    chunk_size: int = 64
+    ea_eps: float = 1e-6
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(
+                f"attention_kernel must be one of {ATTENTION_KERNELS}, "
+                f"got {self.attention_kernel!r}"
+            )
+        if self.local_kind not in ("window", "block"):
+            raise ValueError(f"local_kind must be 'window' or 'block', got {self.local_kind!r}")
+        if self.combine not in ("joint", "average"):
+            raise ValueError(f"combine must be 'joint' or 'average', got {self.combine!r}")
+        if self.combine == "joint" and self.local_kind != "window":
+            raise ValueError("combine='joint' needs local_kind='window'")
+        if self.local_size < 1 or self.num_sinks < 0 or self.chunk_size < 1:
+            raise ValueError("local_size and chunk_size must be >= 1, num_sinks >= 0")

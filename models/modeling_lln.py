@@ -1,0 +1,293 @@
+"""LLN decoder: a Llama-family causal LM whose attention kernel is a config field.
+
+Weights are named as in transformers' Llama, so softmax checkpoints map 1:1. Norms, MLP and RoPE
+are transformers' own Llama modules (identical numerics to the teacher); the attention module
+adds per-KV-head alpha/beta (and a per-head mix for lln_diag) and keeps a recurrent state.
+
+Two ways in:
+- `forward()` (transformers API): `from_pretrained`, `generate()`, with `LLNCache`;
+- `forward_states(input_ids, states, lengths)`: the server's hot path, batch of per-sequence
+  states in, logits and new states out, no generation machinery.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from lln_core.ops.ea import ea_attention, ea_step
+from lln_core.ops.lln import lln_attention, lln_step
+from lln_core.ops.lln_diag import (
+    empty_lln_diag_state,
+    lln_diag_attention,
+    lln_diag_step,
+)
+from lln_core.ops.softmax import LocalSpec, softmax_kv_attention
+from lln_core.state import BatchedState, EAState, KVState, LLNState
+from models.cache import LLNCache
+from models.configuration_lln import LLNConfig
+
+States = list[BatchedState | None]
+
+
+class LLNAttention(nn.Module):
+    def __init__(self, config: LLNConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.kernel = config.attention_kernel
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if self.kernel in ("lln", "lln_diag"):
+            self.alpha = nn.Parameter(torch.ones(self.num_kv_heads))
+            self.beta = nn.Parameter(torch.ones(self.num_kv_heads))
+        if self.kernel == "lln_diag":
+            self.local = LocalSpec(config.local_kind, config.local_size, config.num_sinks)
+            self.mix = nn.Parameter(torch.full((self.num_heads,), self.default_mix))
+
+    @property
+    def default_mix(self) -> float:
+        """LLN weight: 0.5 when averaged (the paper), log-weight 0 in the joint normalisation."""
+        return 0.5 if self.config.combine == "average" else 0.0
+
+    def empty_state(self, batch: int, device: torch.device | str) -> BatchedState:
+        """Float32 recurrent states whatever the weights' dtype (float64 for float64 weights)."""
+        shape = (batch, self.num_kv_heads, self.head_dim)
+        weight_dtype = self.q_proj.weight.dtype
+        dtype = torch.float64 if weight_dtype == torch.float64 else torch.float32
+        if self.kernel == "lln":
+            return LLNState.empty(*shape, dtype=dtype, device=device)
+        if self.kernel == "lln_diag":
+            return empty_lln_diag_state(*shape, self.local, dtype=dtype, device=device)
+        if self.kernel == "ea":
+            return EAState.empty(*shape, dtype=dtype, device=device)
+        return KVState.empty(*shape, dtype=weight_dtype, device=device)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        state: BatchedState | None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, BatchedState]:
+        """hidden [B, T, hidden] -> output [B, T, hidden] and the state after the T tokens."""
+        batch, seq_len, _ = hidden.shape
+        q = self.q_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if state is None:
+            state = self.empty_state(batch, hidden.device)
+        y, state = self.attend(q, k, v, state, lengths)
+        y = y.transpose(1, 2).reshape(batch, seq_len, -1)
+        return self.o_proj(y.to(hidden.dtype)), state
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, state: BatchedState, lengths: Tensor | None
+    ) -> tuple[Tensor, BatchedState]:
+        """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE."""
+        decode = q.shape[2] == 1 and lengths is None
+        chunk = self.config.chunk_size
+        if self.kernel == "lln":
+            if decode:
+                return lln_step(q, k, v, self.alpha, self.beta, state)
+            return lln_attention(
+                q, k, v, self.alpha, self.beta, state=state, chunk_size=chunk, lengths=lengths
+            )
+        if self.kernel == "lln_diag":
+            kwargs = dict(local=self.local, combine=self.config.combine)
+            if decode:
+                return lln_diag_step(q, k, v, self.alpha, self.beta, self.mix, state, **kwargs)
+            return lln_diag_attention(
+                q, k, v, self.alpha, self.beta, self.mix,
+                state=state, chunk_size=chunk, lengths=lengths, **kwargs,
+            )  # fmt: skip
+        if self.kernel == "ea":
+            eps = self.config.ea_eps
+            if decode:
+                return ea_step(q, k, v, state, eps=eps)
+            return ea_attention(q, k, v, eps=eps, state=state, chunk_size=chunk, lengths=lengths)
+        return softmax_kv_attention(q, k, v, state, lengths=lengths)
+
+
+class LLNDecoderLayer(nn.Module):
+    def __init__(self, config: LLNConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LLNAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        state: BatchedState | None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, BatchedState]:
+        attn, state = self.self_attn(
+            self.input_layernorm(hidden), position_embeddings, state, lengths
+        )
+        hidden = hidden + attn
+        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return hidden, state
+
+
+class LLNPreTrainedModel(PreTrainedModel):
+    config_class = LLNConfig
+    config: LLNConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LLNDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LLNAttention) and hasattr(module, "alpha"):
+            module.alpha.fill_(1.0)
+            module.beta.fill_(1.0)
+            if hasattr(module, "mix"):
+                module.mix.fill_(module.default_mix)
+
+
+class LLNModel(LLNPreTrainedModel):
+    def __init__(self, config: LLNConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            LLNDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        states: States | None = None,
+        lengths: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> tuple[Tensor, States]:
+        """input_ids [B, T] -> last hidden states [B, T, hidden] and the new per-layer states.
+
+        Positions default to each row's tokens seen so far plus 0..T-1.
+        """
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        states = list(states) if states is not None else [None] * len(self.layers)
+        if position_ids is None:
+            position_ids = _positions(states[0], hidden.shape[0], hidden.shape[1], hidden.device)
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        for i, layer in enumerate(self.layers):
+            hidden, states[i] = layer(hidden, position_embeddings, states[i], lengths)
+        return self.norm(hidden), states
+
+
+class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LLNConfig):
+        super().__init__(config)
+        self.model = LLNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward() builds its own LLNCache
+
+    def empty_states(self, batch: int) -> States:
+        device = self.lm_head.weight.device
+        return [layer.self_attn.empty_state(batch, device) for layer in self.model.layers]
+
+    def forward_states(
+        self,
+        input_ids: Tensor,
+        states: States | None = None,
+        lengths: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[Tensor, States]:
+        """The server's batched step: input_ids [B, T] (right-padded to lengths [B] if given;
+        T = 1 is a decode step) with each row's states -> logits [B, T', V] and new states.
+
+        logits_to_keep = k > 0 keeps only the last k positions (with lengths, use 0 and pick).
+        """
+        hidden, states = self.model(input_ids, states, lengths)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden), states
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: LLNCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        lengths = _lengths_from_mask(attention_mask, past_key_values)
+        if past_key_values is not None and not isinstance(past_key_values, LLNCache):
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError("LLN models take an LLNCache (or none), not a KV cache")
+            past_key_values = None
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if past_key_values is None and use_cache:
+            past_key_values = LLNCache(len(self.model.layers))
+        states = past_key_values.states if past_key_values is not None else None
+        hidden, states = self.model(input_ids, states, lengths, position_ids, inputs_embeds)
+        if past_key_values is not None:
+            past_key_values.states = states
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+
+def _positions(state: BatchedState | None, batch: int, seq_len: int, device) -> Tensor:
+    start = torch.zeros(batch, dtype=torch.long, device=device)
+    if state is not None:
+        start = state.num_tokens.to(device)
+    return start[:, None] + torch.arange(seq_len, device=device)
+
+
+def _lengths_from_mask(attention_mask: Tensor | None, cache: LLNCache | None) -> Tensor | None:
+    """generate() passes a mask over the whole history; only right padding of the new tokens is
+    representable (a state cannot skip a token in the middle)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    past = cache.get_seq_length() if isinstance(cache, LLNCache) else 0
+    new = attention_mask[:, past:].long()
+    lengths = new.sum(dim=1)
+    is_prefix = torch.arange(new.shape[1], device=new.device)[None] < lengths[:, None]
+    history_ok = not past or bool(attention_mask[:, :past].all())
+    if not history_ok or not torch.equal(new.bool(), is_prefix):
+        raise ValueError(
+            "LLN models support right padding only (a state cannot skip tokens): "
+            "generate one prompt at a time, or use the engine for batches of different lengths"
+        )
+    return lengths

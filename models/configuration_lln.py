@@ -28,6 +28,8 @@ class LLNConfig(LlamaConfig):
     combine: str = "joint"
     chunk_size: int = 64
     ea_eps: float = 1e-6
+    # Qwen2 has biases on q/k/v but not on o; None means "as attention_bias" (Llama).
+    o_proj_bias: bool | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

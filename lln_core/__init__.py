@@ -8,6 +8,7 @@ from lln_core.instruments import (
     spectral_gap,
 )
 from lln_core.moments import head_std, lln_constants, moment_match
+from lln_core.ops.common import enable_flush_denormal
 from lln_core.ops.ea import ea_attention, ea_features, ea_step, naive_ea_attention
 from lln_core.ops.lln import lln_attention, lln_step, naive_lln_attention
 from lln_core.ops.lln_diag import (
@@ -32,6 +33,7 @@ __all__ = [
     "ea_step",
     "effective_temperature",
     "empty_lln_diag_state",
+    "enable_flush_denormal",
     "head_std",
     "kv_cache_bytes",
     "lln_attention",

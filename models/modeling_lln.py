@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from lln_core.ops.common import enable_flush_denormal
 from lln_core.ops.ea import ea_attention, ea_step
 from lln_core.ops.lln import lln_attention, lln_step
 from lln_core.ops.lln_diag import (
@@ -159,6 +160,10 @@ class LLNPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["LLNDecoderLayer"]
+
+    def __init__(self, config: LLNConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        enable_flush_denormal()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -88,3 +88,14 @@ def valid_tokens(lengths: Tensor | None, batch: int, seq_len: int, device) -> Te
 def count_tokens(valid: Tensor | None, seq_len: int) -> Tensor | int:
     """Tokens each row adds to its state: T, or the per-row valid count."""
     return seq_len if valid is None else valid.sum(dim=1)
+
+
+def enable_flush_denormal() -> bool:
+    """Flush subnormal floats to zero on CPU (FTZ/DAZ); returns whether the CPU supports it.
+
+    States and features are kept relative to a running max, so entries far below it (e^-87 and
+    less) are subnormal floats: negligible against the max term (1), but x86 CPUs take a slow
+    path on them (measured here: model prefill 16 -> 338 tokens/s). Flushing them to zero
+    changes results by less than float32 resolution.
+    """
+    return torch.set_flush_denormal(True)

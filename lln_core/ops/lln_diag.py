@@ -12,7 +12,7 @@ Two ways to combine, both with constant memory per sequence:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -27,13 +27,17 @@ from lln_core.ops.common import (
     ungroup,
     valid_tokens,
 )
-from lln_core.ops.lln.chunk import LLNParts, lln_chunk_parts, mask_padding
+from lln_core.ops.lln.chunk import SEGMENT_TOKENS, LLNParts, lln_chunk_parts, mask_padding
 from lln_core.ops.lln.recurrent import lln_step_parts
-from lln_core.ops.softmax import LocalSpec, local_softmax_parts, read_window_tail
+from lln_core.ops.softmax import (
+    LocalSpec,
+    local_softmax_parts,
+    local_softmax_step,
+    read_window_tail,
+)
 from lln_core.state import LLNState
 
 Combine = Literal["average", "joint"]
-PartsFn = Callable[[Tensor, Tensor, Tensor, LLNState], tuple[LLNParts, Tensor, Tensor, Tensor]]
 
 
 def empty_lln_diag_state(
@@ -70,12 +74,24 @@ def lln_diag_attention(
     """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix: scalar,
     [Hkv] or [Hq]."""
 
-    def parts(aq: Tensor, b: Tensor, v: Tensor, st: LLNState):
-        return lln_chunk_parts(aq, b, v, st, chunk_size)
-
-    return _forward(
-        q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, parts, lengths
-    )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    seq_len = q.shape[2]
+    segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
+    if seq_len <= segment:
+        return _forward(
+            q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, lengths
+        )
+    outputs = []
+    for start in range(0, seq_len, segment):
+        piece = slice(start, start + segment)
+        piece_lengths = None if lengths is None else (lengths - start).clamp(0, segment)
+        y, state = _forward(
+            q[:, :, piece], k[:, :, piece], v[:, :, piece], alpha, beta, mix, local, combine,
+            state, scale, chunk_size, piece_lengths,
+        )  # fmt: skip
+        outputs.append(y)
+    return torch.cat(outputs, dim=2), state
 
 
 def lln_diag_step(
@@ -91,10 +107,22 @@ def lln_diag_step(
     combine: Combine = "joint",
     scale: float | None = None,
 ) -> tuple[Tensor, LLNState]:
-    """One decode token per sequence (T = 1): the LLN part by its recurrence."""
+    """One decode token per sequence (T = 1): the LLN part by its recurrence, the local part by
+    one slot write (rows may sit at different positions)."""
     if q.shape[2] != 1:
         raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
-    return _forward(q, k, v, alpha, beta, mix, local, combine, state, scale, 1, lln_step_parts)
+    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale)
+    num, den, log_scale, cache, evicted = local_softmax_step(
+        p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local, scale=p.scale
+    )
+    if combine == "joint":
+        old_k, old_v, old_valid = evicted
+        b, old_v = mask_padding(p.beta * old_k.to(p.k.dtype), old_v.to(p.v.dtype), old_valid)
+        lln, S, z, m = lln_step_parts(p.aq, b, old_v, p.state)
+    else:
+        lln, S, z, m = lln_step_parts(p.aq, p.beta * p.k, p.v, p.state)
+    y = _combine(combine, lln, num, den, log_scale, p.weight)
+    return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, 1, cache)
 
 
 def naive_lln_diag_attention(
@@ -136,6 +164,46 @@ def naive_lln_diag_attention(
     return ungroup(y).to(q.dtype)
 
 
+@dataclass
+class _Prepared:
+    """Validated inputs in the compute dtype, grouped and scaled once."""
+
+    qg: Tensor  # [B, Hkv, G, T, D]
+    k: Tensor
+    v: Tensor
+    aq: Tensor  # alpha q
+    beta: Tensor  # [1, Hkv, 1, 1]
+    weight: Tensor  # mix, [1, Hkv, G, 1]
+    state: LLNState
+    scale: float
+
+
+def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale) -> _Prepared:
+    batch, num_kv_heads, group, _ = check_qkv(q, k, v)
+    dtype = compute_dtype(q)
+    if combine not in ("average", "joint"):
+        raise ValueError(f"combine must be 'average' or 'joint', got {combine!r}")
+    if combine == "joint":
+        _check_joint(local)
+    if state is None:
+        state = empty_lln_diag_state(
+            batch, num_kv_heads, q.shape[-1], local, v_dim=v.shape[-1], dtype=dtype, device=q.device
+        )
+    if state.local is None:
+        raise ValueError("LLN+Diag needs a state with a local cache (empty_lln_diag_state)")
+    qg = group_queries(q, num_kv_heads, dtype)
+    return _Prepared(
+        qg=qg,
+        k=k.to(dtype),
+        v=v.to(dtype),
+        aq=per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg,
+        beta=per_head(beta, num_kv_heads, group, qg, query_side=False),
+        weight=per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0],
+        state=state,
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+    )
+
+
 def _forward(
     q: Tensor,
     k: Tensor,
@@ -148,63 +216,49 @@ def _forward(
     state: LLNState | None,
     scale: float | None,
     chunk_size: int,
-    lln_parts: PartsFn,
     lengths: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
-    batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
+    """Chunked form over T tokens (prefill)."""
+    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale)
+    batch, seq_len = q.shape[0], q.shape[2]
     valid = valid_tokens(lengths, batch, seq_len, q.device)
-    dtype = compute_dtype(q)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if combine not in ("average", "joint"):
-        raise ValueError(f"combine must be 'average' or 'joint', got {combine!r}")
-    if state is None:
-        state = empty_lln_diag_state(
-            batch, num_kv_heads, q.shape[-1], local, v_dim=v.shape[-1], dtype=dtype, device=q.device
-        )
-    if state.local is None:
-        raise ValueError("LLN+Diag needs a state with a local cache (empty_lln_diag_state)")
-    qg = group_queries(q, num_kv_heads, dtype)
-    kk, vv = k.to(dtype), v.to(dtype)
-    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg
-    beta_k = per_head(beta, num_kv_heads, group, qg, query_side=False)
-
     if combine == "joint":
-        _check_joint(local)
-        old_k, old_v, old_valid = _delayed_keys(state, kk, vv)
+        old_k, old_v, old_valid = _delayed_keys(p.state, p.k, p.v)
         if valid is not None:
             old_valid = old_valid & valid
-        lln, S, z, m = lln_parts(aq, *mask_padding(beta_k * old_k, old_v, old_valid), state)
+        b, old_v = mask_padding(p.beta * old_k, old_v, old_valid)
     elif valid is not None:
-        lln, S, z, m = lln_parts(aq, *mask_padding(beta_k * kk, vv, valid), state)
+        b, old_v = mask_padding(p.beta * p.k, p.v, valid)
     else:
-        lln, S, z, m = lln_parts(aq, beta_k * kk, vv, state)
-    loc_num, loc_den, loc_scale, cache = local_softmax_parts(
-        qg,
-        kk,
-        vv,
-        state.local,
-        state.num_tokens,
-        local,
-        scale=scale,
-        chunk_size=max(chunk_size, 1),
-        valid=valid,
-    )
-    weight = per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0]  # [1, H, G, 1]
+        b, old_v = p.beta * p.k, p.v
+    lln, S, z, m = lln_chunk_parts(p.aq, b, old_v, p.state, chunk_size)
+    num, den, log_scale, cache = local_softmax_parts(
+        p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local,
+        scale=p.scale, chunk_size=chunk_size, valid=valid,
+    )  # fmt: skip
+    y = _combine(combine, lln, num, den, log_scale, p.weight)
+    return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, count_tokens(valid, seq_len), cache)
+
+
+def _combine(
+    combine: Combine, lln: LLNParts, num: Tensor, den: Tensor, log_scale: Tensor, weight: Tensor
+) -> Tensor:
     if combine == "average":
-        y = (
-            weight[..., None] * lln.normalised()
-            + (1 - weight[..., None]) * loc_num / loc_den[..., None]
-        )
-    else:
-        y = _joint(lln, loc_num, loc_den, loc_scale, weight)
-    new_state = LLNState(
+        w = weight[..., None]
+        return w * lln.normalised() + (1 - w) * num / den[..., None]
+    return _joint(lln, num, den, log_scale, weight)
+
+
+def _new_state(
+    state: LLNState, S: Tensor, z: Tensor, m: Tensor, added: Tensor | int, cache
+) -> LLNState:
+    return LLNState(
         S=S.to(state.S.dtype),
         z=z.to(state.z.dtype),
         m=m.to(state.m.dtype),
-        num_tokens=state.num_tokens + count_tokens(valid, seq_len),
+        num_tokens=state.num_tokens + added,
         local=cache,
     )
-    return ungroup(y).to(q.dtype), new_state
 
 
 def _check_joint(local: LocalSpec) -> None:

@@ -250,3 +250,39 @@ def _append(cache: KVState, k: Tensor, v: Tensor, added: Tensor | int) -> KVStat
         return padded.scatter(2, index, new.to(buffer.dtype))[:, :, :capacity]
 
     return KVState(scatter(keys, k), scatter(values, v), total)
+
+
+def local_softmax_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: LocalKV,
+    num_tokens: Tensor,
+    spec: LocalSpec,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, LocalKV, tuple[Tensor, Tensor, Tensor]]:
+    """Decode: one new token per row (q [B, Hkv, G, 1, D], k, v [B, Hkv, 1, D]).
+
+    The token takes its slot in a copy of the cache, then attends over the slots. Also returns
+    what its slot held before: (k, v [B, Hkv, 1, D], valid [B, 1]) where valid means "the token
+    at position n - ring_size, not a sink", i.e. the key that just left a sliding window.
+    """
+    sinks, ring = cache.num_sinks, cache.ring_size
+    rows = torch.arange(num_tokens.shape[0], device=num_tokens.device)
+    slot = torch.where(num_tokens < sinks, num_tokens, sinks + (num_tokens - sinks) % ring)
+    evicted_k = cache.k[rows, :, slot][:, :, None]
+    evicted_v = cache.v[rows, :, slot][:, :, None]
+    left = num_tokens - ring
+    evicted_valid = ((cache.pos[rows, slot] == left) & (left >= sinks))[:, None]
+    new = LocalKV(cache.k.clone(), cache.v.clone(), cache.pos.clone(), sinks)
+    new.k[rows, :, slot] = k[:, :, 0].to(new.k.dtype)
+    new.v[rows, :, slot] = v[:, :, 0].to(new.v.dtype)
+    new.pos[rows, slot] = num_tokens
+    mask = spec.visible(num_tokens[:, None, None], new.pos[:, None, :])  # [B, 1, L]
+    logits = torch.einsum("bhgtd,bhsd->bhgts", q, new.k.to(q.dtype)) * scale
+    logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
+    log_scale = logits.amax(dim=-1)
+    weights = torch.exp(logits - log_scale[..., None])
+    num = weights @ new.v.to(q.dtype)[:, :, None]
+    return num, weights.sum(-1), log_scale, new, (evicted_k, evicted_v, evicted_valid)

@@ -208,3 +208,21 @@ def test_right_padded_batch_equals_each_row_alone(gen, spec, combine):
         )
         assert rel_err(y[row, :, 0], y_ref[0, :, -1]) < 1e-10
     assert s.num_tokens.tolist() == [50, 13, 11]
+
+
+def test_long_inputs_go_through_in_segments(gen, monkeypatch):
+    """Splitting into segments (with padding that ends mid-way) changes nothing."""
+    import lln_core.ops.lln_diag as lln_diag_module
+
+    spec, combine = LocalSpec("window", 6, num_sinks=2), "joint"
+    q, k, v, alpha, beta = make_inputs(gen, 2, 4, 2, 70)
+    mix = mix_for(combine, 4)
+    lengths = torch.tensor([70, 23])
+    kwargs = dict(local=spec, combine=combine, chunk_size=8, lengths=lengths)
+    y_whole, s_whole = lln_diag_attention(q, k, v, alpha, beta, mix, **kwargs)
+    monkeypatch.setattr(lln_diag_module, "SEGMENT_TOKENS", 16)
+    y_seg, s_seg = lln_diag_attention(q, k, v, alpha, beta, mix, **kwargs)
+    assert rel_err(y_seg[0], y_whole[0]) < 1e-12
+    assert rel_err(y_seg[1, :, :23], y_whole[1, :, :23]) < 1e-12
+    assert rel_err(s_seg.S, s_whole.S) < 1e-12
+    assert torch.equal(s_seg.num_tokens, s_whole.num_tokens)

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as token_models
+from transformers import PreTrainedTokenizerFast
+
+from models import LLNConfig, LLNForCausalLM
+
+KERNELS = ("softmax", "lln", "lln_diag", "ea")
+
+
+def tiny_config(kernel: str, **overrides) -> LLNConfig:
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_kernel=kernel,
+        local_size=5,
+        num_sinks=2,
+        chunk_size=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return LLNConfig(**{**fields, **overrides})
+
+
+def tiny_model(kernel: str, dtype=torch.float64, seed: int = 0, **overrides) -> LLNForCausalLM:
+    torch.manual_seed(seed)
+    model = LLNForCausalLM(tiny_config(kernel, **overrides)).to(dtype).eval()
+    with torch.no_grad():  # away from the defaults, so that alpha/beta/mix matter
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "alpha"):
+                attn.alpha.uniform_(0.5, 2.0)
+                attn.beta.uniform_(0.5, 2.0)
+            if hasattr(attn, "mix"):
+                attn.mix.uniform_(-1.0, 1.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer over characters (no hub, no files)."""
+    vocab = {"[UNK]": 0, "</s>": 1, " ": 2, **{chr(97 + i): 3 + i for i in range(26)}}
+    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")

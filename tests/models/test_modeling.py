@@ -1,0 +1,146 @@
+"""The LLN decoder on tiny random configs: every kernel, every way of running it."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from models import LLNCache, LLNConfig, LLNForCausalLM
+from tests.conftest import rel_err
+from tests.models.conftest import KERNELS, tiny_model
+
+
+def incremental_logits(model, ids, splits):
+    """Prefill in pieces at `splits`, then one token at a time."""
+    outputs, states = [], None
+    bounds = (0, *splits)
+    for start, end in zip(bounds, (*splits, None), strict=True):
+        piece = ids[:, start:end] if end is not None else None
+        if piece is None:
+            break
+        logits, states = model.forward_states(piece, states)
+        outputs.append(logits)
+    for t in range(splits[-1], ids.shape[1]):
+        logits, states = model.forward_states(ids[:, t : t + 1], states)
+        outputs.append(logits)
+    return torch.cat(outputs, dim=1), states
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("splits", [(1,), (7, 19), (13, 14, 30)])
+def test_full_equals_prefill_then_steps_float64(kernel, splits):
+    model = tiny_model(kernel)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        stepped, _ = incremental_logits(model, ids, splits)
+    assert (full - stepped).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_full_equals_prefill_then_steps_float32(kernel):
+    model = tiny_model(kernel, dtype=torch.float32)
+    ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        stepped, _ = incremental_logits(model, ids, (21,))
+    assert (full - stepped).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batched_different_lengths_equal_each_alone(kernel):
+    """Right-padded rows at different positions (the server's batch) = each row alone."""
+    model = tiny_model(kernel)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 64, (n,), generator=gen) for n in (9, 17, 4)]
+    nexts = [torch.randint(0, 64, (n,), generator=gen) for n in (6, 1, 11)]
+    with torch.no_grad():
+        # batch: each row prefills its prompt (padded), then its next chunk (padded)
+        states = None
+        for pieces in (prompts, nexts):
+            lengths = torch.tensor([len(p) for p in pieces])
+            batch = torch.zeros(3, int(lengths.max()), dtype=torch.long)
+            for row, piece in enumerate(pieces):
+                batch[row, : len(piece)] = piece
+            logits, states = model.forward_states(batch, states, lengths=lengths)
+        for row in range(3):
+            alone = torch.cat([prompts[row], nexts[row]])[None]
+            expected = model(alone).logits[0, -len(nexts[row]) :]
+            assert (logits[row, : len(nexts[row])] - expected).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("kernel", ["lln", "lln_diag", "ea"])
+def test_cache_bytes_do_not_grow(kernel):
+    model = tiny_model(kernel, dtype=torch.float32, chunk_size=256)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        out = model(torch.randint(0, 64, (1, 10), generator=gen))
+        small = out.past_key_values.nbytes
+        out = model(torch.randint(0, 64, (1, 10_000), generator=gen))
+    assert out.past_key_values.get_seq_length() == 10_000
+    assert out.past_key_values.nbytes == small
+
+
+def test_softmax_cache_grows():
+    model = tiny_model("softmax", dtype=torch.float32)
+    with torch.no_grad():
+        small = model(torch.zeros(1, 10, dtype=torch.long)).past_key_values.nbytes
+        large = model(torch.zeros(1, 100, dtype=torch.long)).past_key_values.nbytes
+    assert large > 5 * small
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_generate_greedy_matches_manual_loop(kernel):
+    model = tiny_model(kernel)
+    prompt = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_generate_sampling_is_seeded():
+    model = tiny_model("lln_diag", dtype=torch.float32)
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(6))
+    kwargs = dict(max_new_tokens=10, do_sample=True, top_k=20, temperature=1.5, pad_token_id=0)
+    torch.manual_seed(0)
+    first = model.generate(prompt, **kwargs)
+    torch.manual_seed(0)
+    again = model.generate(prompt, **kwargs)
+    assert torch.equal(first, again) and first.shape == (1, 15)
+
+
+def test_cropping_is_refused_with_a_clear_error():
+    cache = LLNCache(2)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(3)
+
+
+def test_left_padding_is_refused():
+    model = tiny_model("lln")
+    ids = torch.ones(2, 5, dtype=torch.long)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right padding"):
+        model(ids, attention_mask=mask)
+
+
+def test_save_and_load_with_auto_classes(tmp_path):
+    model = tiny_model("lln_diag", dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "lln_llama"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, LLNForCausalLM)
+    for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ids = torch.randint(0, 64, (1, 30))
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, model(ids).logits) == 0.0
+
+
+def test_config_rejects_unknown_kernel():
+    with pytest.raises(ValueError, match="attention_kernel"):
+        LLNConfig(attention_kernel="flash")
+    with pytest.raises(ValueError, match="joint"):
+        LLNConfig(attention_kernel="lln_diag", local_kind="block", combine="joint")

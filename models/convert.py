@@ -9,17 +9,14 @@ KV head, and moment-match (lln_core.moments). The tokenizer and its chat templat
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from lln_core.moments import head_std, moment_match
+from models.calibrate import calibrate
 from models.configuration_lln import LLNConfig
+from models.errors import ConversionError
 from models.modeling_lln import LLNForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -41,27 +38,6 @@ SHARED_FIELDS = (
     "eos_token_id",
     "pad_token_id",
 )
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message says why and what would work."""
-
-
-@dataclass
-class Calibration:
-    """Per layer and KV head: the measured stds and the moment-matched alpha/beta."""
-
-    sigma_q: Tensor  # [L, Hkv]
-    sigma_k: Tensor
-    alpha: Tensor
-    beta: Tensor
-    num_tokens: int
-
-    def to_json(self) -> dict:
-        return {
-            "num_tokens": self.num_tokens,
-            **{k: getattr(self, k).tolist() for k in ("sigma_q", "sigma_k", "alpha", "beta")},
-        }
 
 
 def load_source(src: str, dtype: torch.dtype = torch.float32):
@@ -124,60 +100,6 @@ def build_lln_model(source: PreTrainedModel, config: LLNConfig) -> LLNForCausalL
             f"weights do not map 1:1: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()
-
-
-@torch.no_grad()
-def calibrate(
-    model: LLNForCausalLM,
-    token_ids: Tensor,
-    *,
-    seq_len: int = 512,
-    progress: bool = True,
-) -> Calibration:
-    """Measure sigma_q, sigma_k (after RoPE) with the model's weights in softmax mode, set
-    alpha/beta on `model` by moment matching, and return the numbers.
-
-    token_ids: [N] calibration tokens, cut into sequences of seq_len.
-    """
-    config = model.config
-    if token_ids.numel() < 2:
-        raise ConversionError("calibration needs at least 2 tokens of text")
-    teacher = softmax_twin(model)
-    queries: list[list[Tensor]] = [[] for _ in range(config.num_hidden_layers)]
-    keys: list[list[Tensor]] = [[] for _ in range(config.num_hidden_layers)]
-
-    def observe(layer: int, q: Tensor, k: Tensor) -> None:
-        queries[layer].append(q.float())
-        keys[layer].append(k.float())
-
-    for layer in teacher.model.layers:
-        layer.self_attn.observer = observe
-    num_seqs = math.ceil(token_ids.numel() / seq_len)
-    for i in tqdm(range(num_seqs), desc="calibrating", disable=not progress):
-        ids = token_ids[i * seq_len : (i + 1) * seq_len][None].to(model.device)
-        teacher.forward_states(ids, logits_to_keep=1)
-    num_kv = config.num_key_value_heads
-    sigma_q = torch.stack([_pooled_std(qs, num_kv) for qs in queries])
-    sigma_k = torch.stack([_pooled_std(ks, num_kv) for ks in keys])
-    alpha, beta = moment_match(sigma_q, sigma_k, config.head_dim)
-    if model.config.attention_kernel in ("lln", "lln_diag"):
-        for layer, a, b in zip(model.model.layers, alpha, beta, strict=True):
-            layer.self_attn.alpha.copy_(a)
-            layer.self_attn.beta.copy_(b)
-    return Calibration(sigma_q, sigma_k, alpha, beta, int(token_ids.numel()))
-
-
-def softmax_twin(model: LLNForCausalLM) -> LLNForCausalLM:
-    """The same weights with softmax attention (the teacher), sharing no parameters."""
-    config = LLNConfig.from_dict({**model.config.to_dict(), "attention_kernel": "softmax"})
-    twin = LLNForCausalLM(config).to(model.dtype).to(model.device)
-    twin.load_state_dict(model.state_dict(), strict=False)
-    return twin.eval()
-
-
-def _pooled_std(chunks: list[Tensor], num_kv_heads: int) -> Tensor:
-    """Std per KV group over all sequences: chunks of [1, H, T, D]."""
-    return head_std(torch.cat(chunks, dim=2), num_kv_heads)
 
 
 def convert(

@@ -40,9 +40,7 @@ def perplexity(
     for i in tqdm(range(num_windows), desc="perplexity", disable=not progress):
         ids = token_ids[i * window : (i + 1) * window][None].to(model.device)
         logits, _ = model.forward_states(ids)
-        nll = torch.nn.functional.cross_entropy(
-            logits[0, :-1].float(), ids[0, 1:], reduction="sum"
-        )
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
         total_nll += nll.item()
         count += window - 1
     return math.exp(total_nll / count)

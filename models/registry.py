@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from models.convert import ConversionError, convert
+from models.convert import convert
+from models.errors import ConversionError
 from models.modeling_lln import LLNForCausalLM
 
 DEFAULT_MODEL = "smollm2-135m-lln"

@@ -1,9 +1,12 @@
-"""`lln-serve` command line. Subcommands land with their issues."""
+"""`lln-serve` command line: serve | convert | generate."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+KERNELS = ("softmax", "lln", "lln_diag", "ea")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,7 +15,112 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the OpenAI-compatible server (not available yet)")
+    _add_convert(commands.add_parser("convert", help="convert a softmax checkpoint to LLN"))
+    _add_generate(commands.add_parser("generate", help="generate text, streamed to the terminal"))
     return parser
+
+
+def _add_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="HF checkpoint directory, .gguf file, or hub id")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--kernel", choices=KERNELS, default="lln_diag")
+    parser.add_argument("--calib-text", type=Path, help="calibration text file (UTF-8)")
+    parser.add_argument("--calib-tokens", type=_positive_int, default=4096)
+    parser.add_argument("--local-kind", choices=("window", "block"), default="window")
+    parser.add_argument("--local-size", type=_positive_int, default=64)
+    parser.add_argument("--num-sinks", type=_non_negative_int, default=4)
+    parser.add_argument("--combine", choices=("joint", "average"), default="joint")
+
+
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-lln", help="registry name or path")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-tokens", type=_positive_int, default=64)
+    parser.add_argument("--chat", action="store_true", help="apply the chat template")
+    parser.add_argument("--kernel", choices=KERNELS, help="run the weights with this kernel")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=_non_negative_int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from models.convert import convert
+
+    calib_text = None
+    if args.calib_text is not None:
+        if not args.calib_text.is_file():
+            return _fail(f"calibration text not found: {args.calib_text}")
+        calib_text = args.calib_text.read_text(encoding="utf-8")
+    local = {}
+    if args.kernel == "lln_diag":
+        local = dict(
+            local_kind=args.local_kind,
+            local_size=args.local_size,
+            num_sinks=args.num_sinks,
+            combine=args.combine,
+        )
+    out = convert(
+        args.src,
+        args.out,
+        kernel=args.kernel,
+        calib_text=calib_text,
+        calib_tokens=args.calib_tokens,
+        **local,
+    )
+    print(f"saved {args.kernel} model to {out}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from models.registry import load_model
+
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        return _fail("need temperature >= 0 and 0 < top-p <= 1")
+    model, tokenizer = load_model(args.model, kernel=args.kernel)
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = args.prompt
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed)
+    sampling = dict(do_sample=False)
+    if args.temperature > 0:
+        sampling = dict(
+            do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
+        )
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    model.generate(
+        ids,
+        max_new_tokens=args.max_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        **sampling,
+    )
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"lln-serve: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         print(
             "lln-serve serve: the HTTP server is not built yet (it lands with the server issue). "
-            "What exists today: the attention core in lln_core/ (see README).",
+            "Available today: `lln-serve convert` and `lln-serve generate`.",
             file=sys.stderr,
         )
         return 2
-    return 0
+    from models.errors import ConversionError
+
+    try:
+        return run_convert(args) if args.command == "convert" else run_generate(args)
+    except ConversionError as error:
+        print(f"lln-serve {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,249 @@
+"""Whole-model benchmark of the default model, batch 1: decode latency, prefill throughput and
+state memory against context length, LLN kernels next to the same weights in transformers' own
+Llama with a KV cache, all in one run.
+
+    .venv/bin/python benchmarks/bench_model.py [--quick] [--out benchmarks/results]
+
+Decode at context L: the state (or KV cache) after a real prefill of L tokens, then timed single
+token steps; at 1M, a synthetic LLN state (the longest real state relabelled as 1M tokens: the
+step's cost and the state's size do not depend on its content). The floor is one batch-1 pass
+through the model's linear layers alone, i.e. the cost of reading the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lln_core.state import kv_cache_bytes
+from models.modeling_lln import LLNForCausalLM
+from models.registry import DEFAULT_MODEL, resolve
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+SYNTHETIC_CONTEXT = 1 << 20
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs, seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_models(path: Path) -> dict[str, torch.nn.Module]:
+    lln_diag = LLNForCausalLM.from_pretrained(path).eval()
+    lln = LLNForCausalLM.from_pretrained(path, attention_kernel="lln").eval()
+    config = LlamaConfig(**{
+        k: v for k, v in lln_diag.config.to_dict().items() if k in LlamaConfig().to_dict()
+    })  # fmt: skip
+    hf = LlamaForCausalLM(config).eval()
+    hf.load_state_dict(lln_diag.state_dict(), strict=False)
+    return {"lln": lln, "lln_diag": lln_diag, "softmax (transformers, KV cache)": hf}
+
+
+@torch.no_grad()
+def floor_seconds(model: LLNForCausalLM, repeats: int = 30) -> float:
+    """One token through every linear layer (q, k, v, o, MLP, lm_head): reading the weights."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, 1, m.in_features) for m in linears]
+
+    def run() -> None:
+        for layer, x in zip(linears, inputs, strict=True):
+            layer(x)
+
+    run()
+    return timed(run, repeats)
+
+
+@torch.no_grad()
+def prefill_and_decode(model, name: str, context: int, steps: int) -> dict:
+    """Prefill `context` tokens (timed), then time single-token decode steps on that state."""
+    ids = torch.randint(0, 49152, (1, context), generator=torch.Generator().manual_seed(context))
+    token = ids[:, -1:]
+    start = time.perf_counter()
+    if name.startswith("softmax"):
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        prefill = time.perf_counter() - start
+
+        def step() -> None:
+            model(token, past_key_values=cache, use_cache=True)
+            cache.crop(context)  # keep the context at L
+
+        state_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        step()
+        decode = timed(step, steps)
+        return {"prefill": prefill, "decode": decode, "bytes": state_bytes, "states": None}
+    _, states = model.forward_states(ids, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    return {
+        "prefill": prefill,
+        "decode": decode_seconds(model, states, token, steps),
+        "bytes": sum(s.nbytes for s in states),
+        "states": states,
+    }
+
+
+def decode_seconds(model: LLNForCausalLM, states, token, steps: int) -> float:
+    def step() -> None:
+        model.forward_states(token, states)  # states are not mutated: the context stays L
+
+    step()
+    return timed(step, steps)
+
+
+def synthetic_states(states, num_tokens: int):
+    out = []
+    for s in states:
+        s = s.clone()
+        s.num_tokens.fill_(num_tokens)
+        if getattr(s, "local", None) is not None:
+            s.local.pos.add_(num_tokens - int(s.local.pos.max()) - 1).clamp_(min=-1)
+            s.local.pos[:, : s.local.num_sinks] = torch.arange(s.local.num_sinks)
+        out.append(s)
+    return out
+
+
+def run(contexts: list[int], softmax_max: int, steps: int) -> tuple[dict, float]:
+    models = load_models(resolve(DEFAULT_MODEL))
+    floor = floor_seconds(models["lln_diag"])
+    results: dict[str, dict[int, dict]] = {name: {} for name in models}
+    for context in contexts:
+        for name, model in models.items():
+            if name.startswith("softmax") and context > softmax_max:
+                continue
+            results[name][context] = prefill_and_decode(model, name, context, steps)
+            r = results[name][context]
+            print(
+                f"{name:34s} L={context:>7,}: prefill {context / r['prefill']:7.1f} tok/s, "
+                f"decode {r['decode'] * 1e3:7.1f} ms/token, state {r['bytes'] / 2**20:9.2f} MiB",
+                flush=True,
+            )
+    longest = max(contexts)
+    for name in ("lln", "lln_diag"):
+        model, states = models[name], results[name][longest]["states"]
+        token = torch.zeros(1, 1, dtype=torch.long)
+        with torch.no_grad():
+            decode = decode_seconds(
+                model, synthetic_states(states, SYNTHETIC_CONTEXT), token, steps
+            )
+        results[name][SYNTHETIC_CONTEXT] = {
+            "prefill": None,
+            "decode": decode,
+            "bytes": results[name][longest]["bytes"],
+            "states": None,
+        }
+    return results, floor
+
+
+def report(results: dict, floor: float, contexts: list[int], out: Path) -> str:
+    names = list(results)
+    all_contexts = [*contexts, SYNTHETIC_CONTEXT]
+    lines = [
+        f"# Default model ({DEFAULT_MODEL}), batch 1, float32, CPU, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "",
+        f"`.venv/bin/python benchmarks/bench_model.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC. "
+        f"Floor (one token through the linear layers alone): {floor * 1e3:.1f} ms.",
+        "",
+        "| context | " + " | ".join(f"{n}: decode ms (x floor)" for n in names) + " | "
+        + " | ".join(f"{n}: prefill tok/s" for n in names) + " | "
+        + " | ".join(f"{n}: state MiB" for n in names) + " |",
+        "|---" * (1 + 3 * len(names)) + "|",
+    ]  # fmt: skip
+    for context in all_contexts:
+        cells = []
+        for n in names:
+            r = results[n].get(context)
+            cells.append(
+                "" if r is None else f"{r['decode'] * 1e3:.1f} ({r['decode'] / floor:.2f})"
+            )
+        for n in names:
+            r = results[n].get(context)
+            ok = r is not None and r["prefill"] is not None
+            cells.append(f"{context / r['prefill']:.0f}" if ok else "")
+        for n in names:
+            r = results[n].get(context)
+            cells.append("" if r is None else f"{r['bytes'] / 2**20:,.2f}")
+        label = f"{context:,}" + (" (synthetic)" if context == SYNTHETIC_CONTEXT else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    kv_1m = kv_cache_bytes(SYNTHETIC_CONTEXT, 30, 3, 64, bytes_per_elem=4)
+    lines += ["", f"A float32 KV cache at 1M tokens would hold {kv_1m / 2**30:.1f} GiB.", ""]
+    lines += goals(results, floor, contexts)
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_model.md").write_text(text)
+    plot(results, floor, out / "bench_model.png")
+    return text
+
+
+def goals(results: dict, floor: float, contexts: list[int]) -> list[str]:
+    first, longest = min(contexts), max(contexts)
+    lines = ["Goals:"]
+    for name in ("lln", "lln_diag"):
+        r = results[name]
+        flat = r[longest]["decode"] / r[first]["decode"]
+        flat_1m = r[SYNTHETIC_CONTEXT]["decode"] / r[first]["decode"]
+        worst_floor = max(x["decode"] for x in r.values()) / floor
+        min_prefill = min(c / r[c]["prefill"] for c in contexts)
+        lines.append(
+            f"- {name}: decode {longest:,} / {first:,} = {flat:.2f}, 1M / {first:,} = "
+            f"{flat_1m:.2f} (goal <= 1.1); worst decode / floor = {worst_floor:.2f} (goal <= 1.5); "
+            f"slowest prefill {min_prefill:.0f} tok/s (goal >= 350)"
+        )
+    return lines
+
+
+def plot(results: dict, floor: float, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, by_context in results.items():
+        contexts = sorted(by_context)
+        axes[0].plot(contexts, [by_context[c]["decode"] * 1e3 for c in contexts], "o-", label=name)
+        with_prefill = [c for c in contexts if by_context[c]["prefill"] is not None]
+        axes[1].plot(
+            with_prefill, [c / by_context[c]["prefill"] for c in with_prefill], "o-", label=name
+        )
+        axes[2].plot(contexts, [by_context[c]["bytes"] / 2**20 for c in contexts], "o-", label=name)
+    axes[0].axhline(floor * 1e3, color="gray", ls=":", label="floor (linear layers)")
+    titles = ("decode latency per token", "prefill throughput", "state / KV cache per sequence")
+    ylabels = ("ms / token", "tokens / s", "MiB")
+    for ax, title, ylabel in zip(axes, titles, ylabels, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[2].set_yscale("log")
+    fig.suptitle(f"{DEFAULT_MODEL} vs softmax, batch 1, CPU float32 (1M decode: synthetic state)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small contexts, smoke test")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if args.quick:
+        contexts, softmax_max, steps = [256, 1024], 1024, 5
+    else:
+        contexts, softmax_max, steps = [256, 1024, 4096, 16384, 32768], 16384, args.steps
+    results, floor = run(contexts, softmax_max, steps)
+    print(report(results, floor, contexts, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Perplexity of the default model's variants next to the softmax teacher, on held-out text.
+
+    .venv/bin/python benchmarks/eval_perplexity.py [--windows 1024 4096] [--out benchmarks/results]
+
+Text: /usr/share/common-licenses/GPL-3 (Debian base-files; calibration used Apache-2.0 and
+MPL-2.0). Every window is scored from an empty state. Calibrated, not distilled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from models.evaluate import EVALUATION_FILE, evaluation_text, perplexity
+from models.modeling_lln import LLNForCausalLM
+from models.registry import DEFAULT_MODEL, load_model, resolve
+
+VARIANTS = {
+    "softmax teacher": dict(attention_kernel="softmax"),
+    "LLN (alpha/beta moment-matched)": dict(attention_kernel="lln"),
+    "LLN+Diag paper form (blocks of 64, average 0.5)": dict(
+        attention_kernel="lln_diag", local_kind="block", combine="average", mix=0.5
+    ),
+    "window 64 + 4 sinks only (LLN weight 0)": dict(mix=float("-inf")),
+    "window 64 + 4 sinks + LLN, mix uncalibrated (log-weight 0)": dict(mix=0.0),
+    f"{DEFAULT_MODEL} (window 64 + 4 sinks + LLN, calibrated mix)": dict(),
+}
+
+
+def load_variant(path: Path, overrides: dict) -> LLNForCausalLM:
+    overrides = dict(overrides)
+    mix = overrides.pop("mix", None)
+    model = LLNForCausalLM.from_pretrained(path, **overrides).eval()
+    if mix is not None:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.mix.fill_(mix)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    path = resolve(DEFAULT_MODEL)
+    _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
+    ids = torch.tensor(tokenizer(evaluation_text())["input_ids"])
+    header = "| variant | " + " | ".join(f"{w} tokens" for w in args.windows) + " |"
+    lines = [
+        f"# Perplexity of {DEFAULT_MODEL} variants ({EVALUATION_FILE}, {ids.numel()} tokens)",
+        "",
+        "`.venv/bin/python benchmarks/eval_perplexity.py` on "
+        f"{time.strftime('%Y-%m-%d')}, float32, CPU. Windows: non-overlapping, each from an "
+        "empty state; the last partial window is dropped.",
+        "",
+        header,
+        "|---|" + "---|" * len(args.windows),
+    ]
+    for name, overrides in VARIANTS.items():
+        model = load_variant(path, overrides)
+        scores = [perplexity(model, ids, window=w) for w in args.windows]
+        lines.append(f"| {name} | " + " | ".join(f"{s:,.1f}" for s in scores) + " |")
+        print(lines[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "perplexity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Conversion of softmax checkpoints: weight mapping, calibration, errors, CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from models import LLNForCausalLM
+from models.convert import convert
+from models.errors import ConversionError
+
+TEXT = "the quick brown fox jumps over the lazy dog and keeps running far away " * 40
+SHAPE = dict(
+    vocab_size=29,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def save_source(path, model, tokenizer):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_dir(tmp_path, char_tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True)).eval()
+    return save_source(tmp_path / "llama", model, char_tokenizer), model
+
+
+@pytest.fixture
+def qwen2_dir(tmp_path, char_tokenizer):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SHAPE)).eval()
+    with torch.no_grad():  # random q/k/v biases, so that a dropped bias would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    return save_source(tmp_path / "qwen2", model, char_tokenizer), model
+
+
+@pytest.mark.parametrize("source", ["llama_dir", "qwen2_dir"])
+def test_softmax_kernel_reproduces_the_source_logits(source, request, tmp_path):
+    path, original = request.getfixturevalue(source)
+    out = convert(str(path), tmp_path / "out", kernel="softmax", progress=False)
+    converted = LLNForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 29, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (converted(ids).logits - original(ids).logits).abs().max()
+    assert diff < 1e-4
+
+
+def test_calibrated_alpha_beta_follow_the_measured_sigmas(llama_dir, tmp_path):
+    path, _ = llama_dir
+    out = convert(str(path), tmp_path / "out", kernel="lln", calib_text=TEXT, progress=False)
+    info = json.loads((out / "lln_conversion.json").read_text())["calibration"]
+    sigma_q, sigma_k = torch.tensor(info["sigma_q"]), torch.tensor(info["sigma_k"])
+    model = LLNForCausalLM.from_pretrained(out)
+    alpha = torch.stack([layer.self_attn.alpha.detach() for layer in model.model.layers])
+    beta = torch.stack([layer.self_attn.beta.detach() for layer in model.model.layers])
+    assert alpha.shape == (2, 2) and torch.isfinite(alpha).all() and (alpha > 0).all()
+    assert torch.isfinite(beta).all() and (beta > 0).all()
+    # moment matching: alpha sigma_q = beta sigma_k (both equal sigma~), per layer and KV head
+    assert torch.allclose(alpha * sigma_q, beta * sigma_k, rtol=1e-5)
+    assert torch.allclose(alpha, torch.tensor(info["alpha"]))
+    assert info["num_tokens"] > 100
+
+
+def test_unsupported_architecture_names_what_is_supported(tmp_path, char_tokenizer):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=29))
+    path = save_source(tmp_path / "gpt2", gpt2, char_tokenizer)
+    with pytest.raises(ConversionError, match=r"unsupported architecture 'gpt2'.*llama"):
+        convert(str(path), tmp_path / "out", progress=False)
+
+
+def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConversionError, match="hub"):
+        convert("someone/not-a-local-model", tmp_path / "out", progress=False)
+
+
+def test_missing_gguf_is_a_clear_error(tmp_path):
+    with pytest.raises(ConversionError, match="GGUF file not found"):
+        convert(str(tmp_path / "model.gguf"), tmp_path / "out", progress=False)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "server.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+
+
+def test_cli_convert(llama_dir, tmp_path):
+    path, _ = llama_dir
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "out"
+    result = run_cli(
+        "convert", str(path), str(out), "--kernel", "lln_diag", "--calib-text", str(text)
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_kernel"] == "lln_diag" and config["num_sinks"] == 4
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_cli_errors_are_messages_not_tracebacks(llama_dir, tmp_path):
+    path, _ = llama_dir
+    cases = [
+        ("convert", str(path), str(tmp_path / "o"), "--calib-text", str(tmp_path / "missing.txt")),
+        ("convert", str(tmp_path / "nowhere"), str(tmp_path / "o")),
+        ("convert", str(path), str(tmp_path / "o"), "--kernel", "flash"),
+        ("generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "0"),
+    ]
+    for args in cases:
+        result = run_cli(*args)
+        assert result.returncode in (1, 2), args
+        assert "Traceback" not in result.stderr and "error" in result.stderr, result.stderr

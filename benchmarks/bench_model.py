@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lln_core.state import kv_cache_bytes
 from models.modeling_lln import LLNForCausalLM
-from models.registry import DEFAULT_MODEL, resolve
+from models.registry import DEFAULT_MODEL, from_checkpoint, resolve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -42,8 +42,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def load_models(path: Path) -> dict[str, torch.nn.Module]:
-    lln_diag = LLNForCausalLM.from_pretrained(path).eval()
-    lln = LLNForCausalLM.from_pretrained(path, attention_kernel="lln").eval()
+    lln_diag = from_checkpoint(path)
+    lln = from_checkpoint(path, attention_kernel="lln")
     config = LlamaConfig(**{
         k: v for k, v in lln_diag.config.to_dict().items() if k in LlamaConfig().to_dict()
     })  # fmt: skip

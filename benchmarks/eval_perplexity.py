@@ -16,7 +16,7 @@ import torch
 
 from models.evaluate import EVALUATION_FILE, evaluation_text, perplexity
 from models.modeling_lln import LLNForCausalLM
-from models.registry import DEFAULT_MODEL, load_model, resolve
+from models.registry import DEFAULT_MODEL, from_checkpoint, load_model, resolve
 
 VARIANTS = {
     "softmax teacher": dict(attention_kernel="softmax"),
@@ -33,7 +33,7 @@ VARIANTS = {
 def load_variant(path: Path, overrides: dict) -> LLNForCausalLM:
     overrides = dict(overrides)
     mix = overrides.pop("mix", None)
-    model = LLNForCausalLM.from_pretrained(path, **overrides).eval()
+    model = from_checkpoint(path, **overrides)
     if mix is not None:
         with torch.no_grad():
             for layer in model.model.layers:

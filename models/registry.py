@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from models.convert import convert
 from models.errors import ConversionError
@@ -88,9 +89,22 @@ def load_model(
     """(model, tokenizer); `kernel` runs the same weights with another attention kernel."""
     path = resolve(name_or_path, progress=progress)
     overrides = {} if kernel is None else {"attention_kernel": kernel}
-    model = LLNForCausalLM.from_pretrained(path, dtype=dtype, **overrides)
+    model = from_checkpoint(path, dtype=dtype, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
+
+
+def from_checkpoint(path: str | Path, **overrides) -> LLNForCausalLM:
+    """Load an LLN checkpoint, possibly with config overrides (another kernel, local branch).
+
+    Parameters the overridden kernel does not use (alpha/beta/mix) are skipped quietly.
+    """
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return LLNForCausalLM.from_pretrained(path, **overrides).eval()
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def smollm2_gguf() -> Path:

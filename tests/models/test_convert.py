@@ -130,3 +130,19 @@ def test_cli_errors_are_messages_not_tracebacks(llama_dir, tmp_path):
         result = run_cli(*args)
         assert result.returncode in (1, 2), args
         assert "Traceback" not in result.stderr and "error" in result.stderr, result.stderr
+
+
+def test_cli_generate_streams_text(llama_dir, tmp_path):
+    path, _ = llama_dir
+    out = tmp_path / "out"
+    assert run_cli("convert", str(path), str(out), "--kernel", "lln").returncode == 0
+    greedy = run_cli("generate", "--model", str(out), "--prompt", "the fox", "--max-tokens", "5")
+    assert greedy.returncode == 0, greedy.stderr
+    assert len(greedy.stdout.strip()) > 0
+    again = run_cli("generate", "--model", str(out), "--prompt", "the fox", "--max-tokens", "5")
+    assert again.stdout == greedy.stdout  # greedy is deterministic
+    sampled = run_cli(
+        "generate", "--model", str(out), "--prompt", "the fox", "--temperature", "1.0",
+        "--seed", "3", "--kernel", "softmax",
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr

@@ -60,3 +60,17 @@ def test_state_bytes_match_the_design(default_model):
         out = model(torch.zeros(1, 100, dtype=torch.long))
     lln_bytes = sum(s.nbytes - s.local.nbytes - 8 for s in out.past_key_values.states)
     assert abs(lln_bytes / 2**20 - 1.45) < 0.01  # DESIGN.md: about 1.45 MiB per sequence
+
+
+def test_softmax_kernel_reproduces_transformers_on_the_gguf_weights():
+    """The weight mapping on the real checkpoint: transformers' own Llama loaded from the GGUF
+    and the converted model run with softmax give the same logits."""
+    from models.convert import load_source
+    from models.registry import smollm2_gguf
+
+    source, tokenizer = load_source(str(smollm2_gguf()))
+    converted, _ = load_model(DEFAULT_MODEL, kernel="softmax", progress=False)
+    ids = tokenizer("Linear attention keeps a constant-size state.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (source(ids).logits - converted(ids).logits).abs().max()
+    assert diff < 1e-4

@@ -8,6 +8,7 @@ inside a chunk. Cost O(T C D + T F Dv) with F = D(D+1)/2; the state never grows.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,12 +36,18 @@ def ea_features(x: Tensor) -> Tensor:
     x: [..., D] -> [..., D(D+1)/2]. Entry order is torch.triu_indices(D, D) (row-major over a <= b):
     x_a^2 on the diagonal, sqrt(2) x_a x_b off it. No 1/sqrt(D) inside: callers scale q first.
     """
-    head_dim = x.shape[-1]
-    rows, cols = torch.triu_indices(head_dim, head_dim, device=x.device)
-    # built in x's dtype: a float32 sqrt(2) would cost float64 inputs 8 digits
-    weight = torch.full(rows.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
-    weight[rows == cols] = 1.0
+    rows, cols, weight = _feature_index(x.shape[-1], x.dtype, x.device)
     return x[..., rows] * x[..., cols] * weight
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_index(head_dim: int, dtype: torch.dtype, device: torch.device):
+    """Index pairs and weights of phi, built once per (D, dtype, device)."""
+    rows, cols = torch.triu_indices(head_dim, head_dim, device=device)
+    # built in x's dtype: a float32 sqrt(2) would cost float64 inputs 8 digits
+    weight = torch.full(rows.shape, math.sqrt(2.0), dtype=dtype, device=device)
+    weight[rows == cols] = 1.0
+    return rows, cols, weight
 
 
 def check_ea_inputs(
@@ -111,8 +118,10 @@ def state_readout(phi_q: Tensor, S: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     den = sum_s (q.k_s)^2 >= 0, but phi_q has signed entries, so rounding can push it below zero
     when q is nearly orthogonal to every key; clamp it.
     """
-    num = phi_q @ S[:, :, None]
-    den = (phi_q @ z[:, :, None, :, None]).squeeze(-1).clamp_min(0.0)
+    batch, num_kv, group, seq_len, features = phi_q.shape
+    flat = phi_q.reshape(batch, num_kv, group * seq_len, features)  # no copy of S per query head
+    num = (flat @ S).reshape(batch, num_kv, group, seq_len, S.shape[-1])
+    den = (flat @ z[..., None]).reshape(batch, num_kv, group, seq_len).clamp_min(0.0)
     return num, den
 
 

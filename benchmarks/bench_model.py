@@ -4,9 +4,10 @@ Llama with a KV cache, all in one run.
 
     .venv/bin/python benchmarks/bench_model.py [--quick] [--out benchmarks/results]
 
-Decode at context L: the state (or KV cache) after a real prefill of L tokens, then timed single
-token steps; at 1M, a synthetic LLN state (the longest real state relabelled as 1M tokens: the
-step's cost and the state's size do not depend on its content). The floor is one batch-1 pass
+Decode at context L: the state (or KV cache) after a real prefill of L tokens, then single-token
+steps timed round-robin over all models and contexts (machine noise hits all alike); at 1M, a
+synthetic LLN state (a real state relabelled as 1M tokens: the step's cost and the state's size
+do not depend on its content). The floor is one batch-1 pass
 through the model's linear layers alone, i.e. the cost of reading the weights.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -31,16 +33,6 @@ import matplotlib.pyplot as plt
 SYNTHETIC_CONTEXT = 1 << 20
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` runs, seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def load_models(path: Path) -> dict[str, torch.nn.Module]:
     lln_diag = from_checkpoint(path)
     lln = from_checkpoint(path, attention_kernel="lln")
@@ -52,58 +44,66 @@ def load_models(path: Path) -> dict[str, torch.nn.Module]:
     return {"lln": lln, "lln_diag": lln_diag, "softmax (transformers, KV cache)": hf}
 
 
-@torch.no_grad()
-def floor_seconds(model: LLNForCausalLM, repeats: int = 30) -> float:
+def floor_step(model: LLNForCausalLM) -> Callable[[], None]:
     """One token through every linear layer (q, k, v, o, MLP, lm_head): reading the weights."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, 1, m.in_features) for m in linears]
 
-    def run() -> None:
+    def step() -> None:
         for layer, x in zip(linears, inputs, strict=True):
             layer(x)
 
-    run()
-    return timed(run, repeats)
+    return step
 
 
 @torch.no_grad()
-def prefill_and_decode(model, name: str, context: int, steps: int) -> dict:
-    """Prefill `context` tokens (timed), then time single-token decode steps on that state."""
+def prefill(model, name: str, context: int) -> tuple[float, int, Callable[[], None]]:
+    """Prefill `context` tokens (timed); returns the time, the state bytes and a decode step
+    on that state that leaves the context at L."""
     ids = torch.randint(0, 49152, (1, context), generator=torch.Generator().manual_seed(context))
     token = ids[:, -1:]
     start = time.perf_counter()
     if name.startswith("softmax"):
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        prefill = time.perf_counter() - start
+        cache = model(ids, use_cache=True, logits_to_keep=1).past_key_values
+        seconds = time.perf_counter() - start
+        state_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
         def step() -> None:
             model(token, past_key_values=cache, use_cache=True)
-            cache.crop(context)  # keep the context at L
+            cache.crop(-1)  # drop the new token: the context stays L
 
-        state_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        step()
-        decode = timed(step, steps)
-        return {"prefill": prefill, "decode": decode, "bytes": state_bytes, "states": None}
+        return seconds, state_bytes, step
     _, states = model.forward_states(ids, logits_to_keep=1)
-    prefill = time.perf_counter() - start
-    return {
-        "prefill": prefill,
-        "decode": decode_seconds(model, states, token, steps),
-        "bytes": sum(s.nbytes for s in states),
-        "states": states,
-    }
+    seconds = time.perf_counter() - start
+    return seconds, sum(s.nbytes for s in states), lln_step(model, states, token)
 
 
-def decode_seconds(model: LLNForCausalLM, states, token, steps: int) -> float:
+def lln_step(model: LLNForCausalLM, states, token) -> Callable[[], None]:
     def step() -> None:
         model.forward_states(token, states)  # states are not mutated: the context stays L
 
-    step()
-    return timed(step, steps)
+    return step
 
 
-def synthetic_states(states, num_tokens: int):
+@torch.no_grad()
+def interleaved_medians(steps: dict, rounds: int, per_round: int = 4) -> dict:
+    """Median time of each step function, measured round-robin so that machine noise hits all
+    of them alike."""
+    times: dict = {key: [] for key in steps}
+    for fn in steps.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for key, fn in steps.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def synthetic_states(states, num_tokens: int = SYNTHETIC_CONTEXT):
+    """The same states relabelled as num_tokens long (positions shifted by a multiple of the
+    ring size, so every slot keeps its meaning)."""
     out = []
     for s in states:
         s = s.clone()
@@ -115,36 +115,31 @@ def synthetic_states(states, num_tokens: int):
     return out
 
 
-def run(contexts: list[int], softmax_max: int, steps: int) -> tuple[dict, float]:
+def run(contexts: list[int], softmax_max: int, rounds: int) -> tuple[dict, float]:
     models = load_models(resolve(DEFAULT_MODEL))
-    floor = floor_seconds(models["lln_diag"])
     results: dict[str, dict[int, dict]] = {name: {} for name in models}
+    steps: dict = {"floor": floor_step(models["lln_diag"])}
     for context in contexts:
         for name, model in models.items():
             if name.startswith("softmax") and context > softmax_max:
                 continue
-            results[name][context] = prefill_and_decode(model, name, context, steps)
-            r = results[name][context]
-            print(
-                f"{name:34s} L={context:>7,}: prefill {context / r['prefill']:7.1f} tok/s, "
-                f"decode {r['decode'] * 1e3:7.1f} ms/token, state {r['bytes'] / 2**20:9.2f} MiB",
-                flush=True,
-            )
-    longest = max(contexts)
+            seconds, state_bytes, steps[name, context] = prefill(model, name, context)
+            results[name][context] = {"prefill": seconds, "bytes": state_bytes}
+            print(f"{name:34s} L={context:>7,}: prefill {context / seconds:7.1f} tok/s", flush=True)
+    token = torch.zeros(1, 1, dtype=torch.long)
     for name in ("lln", "lln_diag"):
-        model, states = models[name], results[name][longest]["states"]
-        token = torch.zeros(1, 1, dtype=torch.long)
+        model, longest = models[name], max(contexts)
         with torch.no_grad():
-            decode = decode_seconds(
-                model, synthetic_states(states, SYNTHETIC_CONTEXT), token, steps
-            )
-        results[name][SYNTHETIC_CONTEXT] = {
-            "prefill": None,
-            "decode": decode,
-            "bytes": results[name][longest]["bytes"],
-            "states": None,
-        }
-    return results, floor
+            _, states = model.forward_states(token.repeat(1, longest), logits_to_keep=1)
+        steps[name, SYNTHETIC_CONTEXT] = lln_step(model, synthetic_states(states), token)
+        results[name][SYNTHETIC_CONTEXT] = {"prefill": None, "bytes": sum(s.nbytes for s in states)}
+    print("decode: interleaved rounds ...", flush=True)
+    medians = interleaved_medians(steps, rounds)
+    for key, seconds in medians.items():
+        if key != "floor":
+            name, context = key
+            results[name][context]["decode"] = seconds
+    return results, medians["floor"]
 
 
 def report(results: dict, floor: float, contexts: list[int], out: Path) -> str:
@@ -235,13 +230,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small contexts, smoke test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=8, help="decode: rounds of 4 steps each")
     args = parser.parse_args()
     if args.quick:
-        contexts, softmax_max, steps = [256, 1024], 1024, 5
+        contexts, softmax_max, rounds = [256, 1024], 1024, 2
     else:
-        contexts, softmax_max, steps = [256, 1024, 4096, 16384, 32768], 16384, args.steps
-    results, floor = run(contexts, softmax_max, steps)
+        contexts, softmax_max, rounds = [256, 1024, 4096, 16384, 32768], 16384, args.rounds
+    results, floor = run(contexts, softmax_max, rounds)
     print(report(results, floor, contexts, args.out))
 
 

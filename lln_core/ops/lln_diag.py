@@ -234,7 +234,7 @@ def _forward(
     lln, S, z, m = lln_chunk_parts(p.aq, b, old_v, p.state, chunk_size)
     num, den, log_scale, cache = local_softmax_parts(
         p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local,
-        scale=p.scale, chunk_size=chunk_size, valid=valid,
+        scale=p.scale, valid=valid,
     )  # fmt: skip
     y = _combine(combine, lln, num, den, log_scale, p.weight)
     return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, count_tokens(valid, seq_len), cache)

@@ -94,7 +94,6 @@ def local_softmax_parts(
     spec: LocalSpec,
     *,
     scale: float,
-    chunk_size: int = 64,
     valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, LocalKV]:
     """Unnormalised local softmax over T new tokens, then the cache after them.
@@ -103,26 +102,59 @@ def local_softmax_parts(
     each sequence's position of its first new token; valid [B, T] (optional) marks right padding,
     whose keys are neither seen nor stored. Returns num [B, Hkv, G, T, Dv], den and
     log_scale [B, Hkv, G, T] (true sums are exp(log_scale) * num, den) and the new cache.
-    Work per token is O((num_sinks + size + chunk_size) D): memory and time stay bounded.
+
+    No loop over the sequence: queries go in blocks of W = ring_size, each against a band of
+    2W keys (the previous block and its own, the cached tail in front of the first), plus the
+    sink keys. Work per token is O((W + num_sinks) D).
     """
-    nums, dens, scales = [], [], []
-    for start in range(0, q.shape[3], chunk_size):
-        end = min(start + chunk_size, q.shape[3])
-        pos_new = num_tokens[:, None] + torch.arange(start, end, device=q.device)  # [B, C]
-        pos_new_k = pos_new if valid is None else torch.where(valid[:, start:end], pos_new, -1)
-        keys = torch.cat([cache.k.to(k.dtype), k[:, :, start:end]], dim=2)
-        values = torch.cat([cache.v.to(v.dtype), v[:, :, start:end]], dim=2)
-        pos_k = torch.cat([cache.pos, pos_new_k], dim=1)  # [B, L + C]
-        mask = spec.visible(pos_new[:, :, None], pos_k[:, None, :])  # [B, C, L + C]
-        logits = torch.einsum("bhgtd,bhsd->bhgts", q[:, :, :, start:end], keys) * scale
-        logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
-        log_scale = logits.amax(dim=-1)
-        weights = torch.exp(logits - log_scale[..., None])
-        nums.append(weights @ values[:, :, None])
-        dens.append(weights.sum(-1))
-        scales.append(log_scale)
-        cache = write_local(cache, k[:, :, start:end], v[:, :, start:end], pos_new_k)
-    return torch.cat(nums, dim=3), torch.cat(dens, dim=3), torch.cat(scales, dim=3), cache
+    batch, num_kv, group, seq_len, dim = q.shape
+    ring, sinks = cache.ring_size, cache.num_sinks
+    pos_q = num_tokens[:, None] + torch.arange(seq_len, device=q.device)  # [B, T]
+    pos_new = pos_q if valid is None else torch.where(valid, pos_q, -1)
+    new_cache = write_local(cache, k, v, pos_new)
+
+    num_blocks = -(-seq_len // ring)
+    pad = num_blocks * ring - seq_len
+    tail_k, tail_v, tail_valid = read_window_tail(cache, num_tokens)  # positions n-W .. n-1
+    band_pos = torch.cat([torch.where(tail_valid, pos_q[:, :1] - ring + _arange(ring, q), -1),
+                          torch.where(pos_new >= sinks, pos_new, -1)], dim=1)  # fmt: skip
+    band_pos = F.pad(band_pos, (0, pad), value=-1)
+    band_k = _bands(F.pad(torch.cat([tail_k.to(k.dtype), k], dim=2), (0, 0, 0, pad)), ring)
+    band_v = _bands(F.pad(torch.cat([tail_v.to(v.dtype), v], dim=2), (0, 0, 0, pad)), ring)
+    band_pos = band_pos.unfold(1, 2 * ring, ring)  # [B, N, 2W]
+    qb = F.pad(q, (0, 0, 0, pad)).reshape(batch, num_kv, group, num_blocks, ring, dim)
+    pos_qb = F.pad(pos_q, (0, pad)).reshape(batch, num_blocks, ring)
+
+    band_mask = (
+        spec.visible(pos_qb[..., None], band_pos[:, :, None, :]) & (band_pos >= 0)[:, :, None]
+    )  # [B, N, W, 2W]
+    band_logits = torch.einsum("bhgncd,bhnsd->bhgncs", qb, band_k) * scale
+    band_logits = band_logits.masked_fill(~band_mask[:, None, None], float("-inf"))
+    band_logits = band_logits.flatten(3, 4)[:, :, :, :seq_len]  # [B, H, G, T, 2W]
+
+    sink_pos = new_cache.pos[:, :sinks]
+    sink_mask = (sink_pos[:, None, :] >= 0) & (sink_pos[:, None, :] <= pos_q[:, :, None])
+    sink_logits = q @ new_cache.k[:, :, :sinks].to(q.dtype).transpose(-1, -2)[:, :, None] * scale
+    sink_logits = sink_logits.masked_fill(~sink_mask[:, None, None], float("-inf"))
+
+    logits = torch.cat([band_logits, sink_logits], dim=-1)
+    log_scale = logits.amax(-1)  # [B, H, G, T]
+    weights = torch.exp(logits - log_scale[..., None])
+    band_w, sink_w = weights[..., : 2 * ring], weights[..., 2 * ring :]
+    band_w = F.pad(band_w, (0, 0, 0, pad)).reshape(batch, num_kv, group, num_blocks, ring, -1)
+    num = torch.einsum("bhgncs,bhnse->bhgnce", band_w, band_v).flatten(3, 4)[:, :, :, :seq_len]
+    num = num + sink_w @ new_cache.v[:, :, :sinks].to(v.dtype)[:, :, None]
+    den = band_w.sum(-1).flatten(3, 4)[:, :, :, :seq_len] + sink_w.sum(-1)
+    return num, den, log_scale, new_cache
+
+
+def _arange(count: int, like: Tensor) -> Tensor:
+    return torch.arange(count, device=like.device)
+
+
+def _bands(x: Tensor, ring: int) -> Tensor:
+    """[B, H, W + N W, D] -> [B, H, N, 2W, D]: block j's keys are positions jW .. jW + 2W - 1."""
+    return x.unfold(2, 2 * ring, ring).transpose(-1, -2)
 
 
 def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
@@ -148,6 +180,10 @@ def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
     return LocalKV(
         k=scatter(cache.k, k), v=scatter(cache.v, v), pos=pos_buffer[:, :scratch], num_sinks=sinks
     )
+
+
+def _index(slot: Tensor, buffer: Tensor) -> Tensor:
+    return slot[:, None, None, None].expand(-1, buffer.shape[1], 1, buffer.shape[-1])
 
 
 def read_window_tail(cache: LocalKV, num_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,20 +305,32 @@ def local_softmax_step(
     at position n - ring_size, not a sink", i.e. the key that just left a sliding window.
     """
     sinks, ring = cache.num_sinks, cache.ring_size
-    rows = torch.arange(num_tokens.shape[0], device=num_tokens.device)
     slot = torch.where(num_tokens < sinks, num_tokens, sinks + (num_tokens - sinks) % ring)
-    evicted_k = cache.k[rows, :, slot][:, :, None]
-    evicted_v = cache.v[rows, :, slot][:, :, None]
+    # one-hot writes and gathers: much cheaper than advanced indexing for these tiny tensors
+    is_slot = torch.arange(cache.pos.shape[1], device=slot.device)[None] == slot[:, None]  # [B, L]
+    index = slot[:, None, None, None].expand(-1, cache.k.shape[1], 1, cache.k.shape[-1])
+    evicted_k = cache.k.gather(2, index)
+    evicted_v = cache.v.gather(
+        2, index if cache.v.shape == cache.k.shape else _index(slot, cache.v)
+    )
     left = num_tokens - ring
-    evicted_valid = ((cache.pos[rows, slot] == left) & (left >= sinks))[:, None]
-    new = LocalKV(cache.k.clone(), cache.v.clone(), cache.pos.clone(), sinks)
-    new.k[rows, :, slot] = k[:, :, 0].to(new.k.dtype)
-    new.v[rows, :, slot] = v[:, :, 0].to(new.v.dtype)
-    new.pos[rows, slot] = num_tokens
-    mask = spec.visible(num_tokens[:, None, None], new.pos[:, None, :])  # [B, 1, L]
-    logits = torch.einsum("bhgtd,bhsd->bhgts", q, new.k.to(q.dtype)) * scale
-    logits = logits.masked_fill(~mask[:, None, None], float("-inf"))
-    log_scale = logits.amax(dim=-1)
-    weights = torch.exp(logits - log_scale[..., None])
-    num = weights @ new.v.to(q.dtype)[:, :, None]
-    return num, weights.sum(-1), log_scale, new, (evicted_k, evicted_v, evicted_valid)
+    evicted_valid = (cache.pos.gather(1, slot[:, None]) == left[:, None]) & (left >= sinks)[:, None]
+    write = is_slot[:, None, :, None]
+    new = LocalKV(
+        torch.where(write, k.to(cache.k.dtype), cache.k),
+        torch.where(write, v.to(cache.v.dtype), cache.v),
+        torch.where(is_slot, num_tokens[:, None], cache.pos),
+        sinks,
+    )
+    if spec.kind == "window":
+        # after the write the ring holds exactly the window (n - W, n]; sinks are always seen
+        mask = new.pos >= 0
+    else:
+        mask = spec.visible(num_tokens[:, None], new.pos)  # [B, L]
+    batch, num_kv, group, _, dim = q.shape
+    logits = q.reshape(batch, num_kv, group, dim) @ new.k.to(q.dtype).transpose(-1, -2) * scale
+    logits = logits.masked_fill(~mask[:, None, None], float("-inf"))  # [B, Hkv, G, L]
+    log_scale = logits.amax(dim=-1, keepdim=True)
+    weights = torch.exp(logits - log_scale)
+    num = (weights @ new.v.to(q.dtype))[:, :, :, None]  # [B, Hkv, G, 1, Dv]
+    return num, weights.sum(-1, keepdim=True), log_scale, new, (evicted_k, evicted_v, evicted_valid)

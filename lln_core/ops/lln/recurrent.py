@@ -38,12 +38,12 @@ def lln_step_parts(
     S = state.S.to(b.dtype) * decay[..., None] + k_t[..., None] * v[:, :, 0, None, :]
     z = state.z.to(b.dtype) * decay + k_t
 
-    w = aq[:, :, :, 0] + ref[:, :, None]
-    log_scale = w.amax(dim=-1)  # [B, H, G]
-    q_t = torch.exp(w - log_scale[..., None])
-    num = torch.einsum("bhgd,bhde->bhge", q_t, S)
-    den = torch.einsum("bhgd,bhd->bhg", q_t, z)
-    parts = LLNParts(num[:, :, :, None], den[..., None], log_scale[..., None])
+    w = aq[:, :, :, 0] + ref[:, :, None]  # [B, H, G, D]
+    log_scale = w.amax(dim=-1, keepdim=True)  # [B, H, G, 1]
+    q_t = torch.exp(w - log_scale)
+    num = q_t @ S  # [B, H, G, Dv]: the G query heads of a group in one product
+    den = q_t @ z[..., None]  # [B, H, G, 1]
+    parts = LLNParts(num[:, :, :, None], den, log_scale)
     return parts, S, z, m
 
 

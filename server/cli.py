@@ -17,7 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="start the OpenAI-compatible server (not available yet)")
     _add_convert(commands.add_parser("convert", help="convert a softmax checkpoint to LLN"))
     _add_generate(commands.add_parser("generate", help="generate text, streamed to the terminal"))
+    _add_distill(commands.add_parser("distill", help="attention transfer (distillation stage 1)"))
     return parser
+
+
+def _add_distill(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-lln", help="registry name or path")
+    parser.add_argument("--out", type=Path, required=True, help="output (and checkpoint) dir")
+    parser.add_argument("--text", type=Path, help="training text (default: CPython's docs)")
+    parser.add_argument("--tokens", type=_positive_int, default=16384, help="training tokens")
+    parser.add_argument("--seq-len", type=_positive_int, default=1024)
+    parser.add_argument("--steps-per-layer", type=_positive_int, default=60)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def _add_convert(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +130,30 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_distill(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from models.distill import DistillConfig, default_training_text, distill
+    from models.registry import from_checkpoint, resolve
+
+    if args.text is not None and not args.text.is_file():
+        return _fail(f"training text not found: {args.text}")
+    path = resolve(args.model)
+    model = from_checkpoint(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = args.text.read_text(encoding="utf-8") if args.text else default_training_text()
+    ids = torch.tensor(tokenizer(text)["input_ids"][: args.tokens])
+    config = DistillConfig(args.steps_per_layer, args.lr, args.seq_len, args.seed)
+    report = distill(model, ids, config, checkpoint=args.out / "checkpoint")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    for layer in report.layers:
+        print(f"layer {layer.layer:2d}: loss {layer.loss_before:.4f} -> {layer.loss_after:.4f}")
+    print(f"saved the distilled model to {args.out}")
+    return 0
+
+
 def _fail(message: str) -> int:
     print(f"lln-serve: error: {message}", file=sys.stderr)
     return 2
@@ -134,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from models.errors import ConversionError
 
+    run = {"convert": run_convert, "generate": run_generate, "distill": run_distill}
     try:
-        return run_convert(args) if args.command == "convert" else run_generate(args)
+        return run[args.command](args)
     except ConversionError as error:
         print(f"lln-serve {args.command}: error: {error}", file=sys.stderr)
         return 1

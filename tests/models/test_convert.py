@@ -146,3 +146,19 @@ def test_cli_generate_streams_text(llama_dir, tmp_path):
         "--seed", "3", "--kernel", "softmax",
     )  # fmt: skip
     assert sampled.returncode == 0, sampled.stderr
+
+
+def test_cli_distill(llama_dir, tmp_path):
+    path, _ = llama_dir
+    converted, distilled = tmp_path / "lln", tmp_path / "distilled"
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    assert run_cli("convert", str(path), str(converted), "--calib-text", str(text)).returncode == 0
+    result = run_cli(
+        "distill", "--model", str(converted), "--out", str(distilled), "--text", str(text),
+        "--seq-len", "64", "--steps-per-layer", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "layer  1: loss" in result.stdout
+    assert (distilled / "model.safetensors").is_file()
+    assert (distilled / "checkpoint" / "report.json").is_file()

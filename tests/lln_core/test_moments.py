@@ -102,8 +102,11 @@ def test_lln_constants_table() -> None:
 
 def test_refit_is_deterministic() -> None:
     kwargs = {"seq_len": 16, "num_samples": 2, "seed": 3}
-    assert fit_lln_log_variance(8, **kwargs) == fit_lln_log_variance(8, **kwargs)
-    assert fit_lln_log_variance(8, **kwargs) != fit_lln_log_variance(8, seq_len=16, num_samples=2)
+    first, again = fit_lln_log_variance(8, **kwargs), fit_lln_log_variance(8, **kwargs)
+    # same draws; only the order of threaded float reductions may differ (last digits)
+    assert first == pytest.approx(again, rel=1e-9, abs=1e-12)
+    other = fit_lln_log_variance(8, seq_len=16, num_samples=2)
+    assert first != pytest.approx(other, rel=1e-6)
 
 
 def test_refit_at_64_lands_near_the_published_constants() -> None:

@@ -136,7 +136,7 @@ def test_save_and_load_with_auto_classes(tmp_path):
         assert torch.equal(a, b)
     ids = torch.randint(0, 64, (1, 30))
     with torch.no_grad():
-        assert rel_err(loaded(ids).logits, model(ids).logits) == 0.0
+        assert rel_err(loaded(ids).logits, model(ids).logits) < 1e-6
 
 
 def test_config_rejects_unknown_kernel():

@@ -182,7 +182,8 @@ def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
     )
 
 
-def _index(slot: Tensor, buffer: Tensor) -> Tensor:
+def _slot_index(slot: Tensor, buffer: Tensor) -> Tensor:
+    """Gather index of one slot per row of a [B, H, L, D] buffer."""
     return slot[:, None, None, None].expand(-1, buffer.shape[1], 1, buffer.shape[-1])
 
 
@@ -308,11 +309,8 @@ def local_softmax_step(
     slot = torch.where(num_tokens < sinks, num_tokens, sinks + (num_tokens - sinks) % ring)
     # one-hot writes and gathers: much cheaper than advanced indexing for these tiny tensors
     is_slot = torch.arange(cache.pos.shape[1], device=slot.device)[None] == slot[:, None]  # [B, L]
-    index = slot[:, None, None, None].expand(-1, cache.k.shape[1], 1, cache.k.shape[-1])
-    evicted_k = cache.k.gather(2, index)
-    evicted_v = cache.v.gather(
-        2, index if cache.v.shape == cache.k.shape else _index(slot, cache.v)
-    )
+    evicted_k = cache.k.gather(2, _slot_index(slot, cache.k))
+    evicted_v = cache.v.gather(2, _slot_index(slot, cache.v))
     left = num_tokens - ring
     evicted_valid = (cache.pos.gather(1, slot[:, None]) == left[:, None]) & (left >= sinks)[:, None]
     write = is_slot[:, None, :, None]

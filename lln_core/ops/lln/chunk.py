@@ -197,7 +197,8 @@ def _recompute_underflowed_rows(
     S_in: Tensor,
     z_in: Tensor,
 ) -> None:
-    """Redo, in place, rows whose weights underflowed, with each row's own running max."""
+    """Redo rows whose weights underflowed, with each row's own running max (replaces the
+    tensors of `parts`)."""
     has_key = torch.isfinite(b[..., 0]).cumsum(dim=-1) > 0  # [B, H, N, C]
     has_key = has_key | torch.isfinite(m_prev[..., :1])  # the carried state holds keys
     rows = (parts.den < TINY) & has_key[:, :, None]
@@ -215,6 +216,8 @@ def _recompute_underflowed_rows(
     q_inter = torch.exp(aq_r + m_r - log_scale[:, None])
     num = (weights[:, None] @ v[bi, hi, ni])[:, 0] + (q_inter[:, None] @ S_in[bi, hi, ni])[:, 0]
     den = weights.sum(-1) + (q_inter * z_in[bi, hi, ni]).sum(-1)
-    parts.num[bi, hi, gi, ni, ci] = num
-    parts.den[bi, hi, gi, ni, ci] = den
-    parts.log_scale[bi, hi, gi, ni, ci] = log_scale
+    # out of place, so that autograd (distillation) can still differentiate through the rest
+    index = (bi, hi, gi, ni, ci)
+    parts.num = parts.num.index_put(index, num)
+    parts.den = parts.den.index_put(index, den)
+    parts.log_scale = parts.log_scale.index_put(index, log_scale)

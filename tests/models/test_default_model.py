@@ -6,9 +6,10 @@ load the cache ($LLN_SERVE_HOME or ~/.cache/lln-serve).
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from models.evaluate import evaluation_text, perplexity
-from models.registry import DEFAULT_MODEL, load_model, resolve
+from models.registry import DEFAULT_MODEL, WEIGHTS, load_model, resolve
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +43,17 @@ def test_default_model_loads_and_generates(default_model):
     assert "assistant" in chat
 
 
+def test_shipped_distilled_parameters_are_applied(default_model):
+    model, _ = default_model
+    shipped = load_file(WEIGHTS / "smollm2-135m-lln.safetensors")
+    params = dict(model.named_parameters())
+    assert len(shipped) == 90  # alpha, beta, mix of 30 layers
+    for name, value in shipped.items():
+        assert torch.equal(params[name], value), name
+
+
 def test_perplexity_next_to_the_teacher(default_model):
-    """Numbers only (quality recovery is issue 4); the teacher must be in its known range."""
+    """Recorded (README): teacher 19.6, calibrated only 752, distilled (stage 1) 28.7 at 1K."""
     model, tokenizer = default_model
     ids = torch.tensor(tokenizer(evaluation_text())["input_ids"][:2048])
     teacher, _ = load_model(DEFAULT_MODEL, kernel="softmax", progress=False)
@@ -51,7 +61,7 @@ def test_perplexity_next_to_the_teacher(default_model):
     ppl_lln = perplexity(model, ids, window=1024)
     print(f"perplexity teacher {ppl_teacher:.2f}, {DEFAULT_MODEL} {ppl_lln:.2f}")
     assert 10 < ppl_teacher < 40
-    assert ppl_lln > ppl_teacher * 0.9  # a calibrated, undistilled LLN does not beat its teacher
+    assert ppl_teacher < ppl_lln < 1.6 * ppl_teacher
 
 
 def test_state_bytes_match_the_design(default_model):

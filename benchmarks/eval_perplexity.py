@@ -44,7 +44,8 @@ def load_variant(path: Path, overrides: dict) -> LLNForCausalLM:
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
                 for name in ("alpha", "beta", "mix"):
-                    getattr(layer.self_attn, name).copy_(torch.tensor(calibration[name][i]))
+                    if hasattr(layer.self_attn, name):
+                        getattr(layer.self_attn, name).copy_(torch.tensor(calibration[name][i]))
     if mix is not None:
         with torch.no_grad():
             for layer in model.model.layers:

@@ -18,7 +18,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(commands.add_parser("convert", help="convert a softmax checkpoint to LLN"))
     _add_generate(commands.add_parser("generate", help="generate text, streamed to the terminal"))
     _add_distill(commands.add_parser("distill", help="attention transfer (distillation stage 1)"))
+    _add_analyze(commands.add_parser("analyze", help="the paper's instruments, per layer"))
     return parser
+
+
+def _add_analyze(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-lln", help="registry name or path")
+    parser.add_argument("--text", type=Path, help="text file (default: the evaluation text)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for table and plot")
+    parser.add_argument("--tokens", type=_positive_int, default=256, help="window length")
 
 
 def _add_distill(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +162,27 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_analyze(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from models.analyze import analyze
+    from models.evaluate import evaluation_text
+    from models.registry import from_checkpoint, resolve
+
+    if args.text is not None and not args.text.is_file():
+        return _fail(f"text not found: {args.text}")
+    path = resolve(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = args.text.read_text(encoding="utf-8") if args.text else evaluation_text()
+    ids = torch.tensor(tokenizer(text)["input_ids"][: args.tokens])
+    if ids.numel() < 2:
+        return _fail("the text needs at least 2 tokens")
+    rows = analyze(from_checkpoint(path), ids, args.out)
+    print(f"wrote {args.out / 'analysis.md'} and {args.out / 'analysis.png'} ({len(rows)} layers)")
+    return 0
+
+
 def _fail(message: str) -> int:
     print(f"lln-serve: error: {message}", file=sys.stderr)
     return 2
@@ -170,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from models.errors import ConversionError
 
-    run = {"convert": run_convert, "generate": run_generate, "distill": run_distill}
+    run = {
+        "convert": run_convert,
+        "generate": run_generate,
+        "distill": run_distill,
+        "analyze": run_analyze,
+    }
     try:
         return run[args.command](args)
     except ConversionError as error:

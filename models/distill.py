@@ -10,7 +10,6 @@ one at a time and written to a checkpoint after each, so a run resumes where it 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,9 +194,3 @@ def _load_checkpoint(
     saved = json.loads((checkpoint / "report.json").read_text())
     report.layers = [LayerResult(**layer) for layer in saved["layers"]]
     return {layer.layer for layer in report.layers}
-
-
-def relative_improvement(report: DistillReport) -> float:
-    """Geometric mean over layers of loss_after / loss_before."""
-    ratios = [r.loss_after / r.loss_before for r in report.layers if r.loss_before > 0]
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 1.0

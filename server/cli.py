@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-KERNELS = ("softmax", "lln", "lln_diag", "ea")
+from models.configuration_lln import ATTENTION_KERNELS as KERNELS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ from tokenizers import models as token_models
 from transformers import PreTrainedTokenizerFast
 
 from models import LLNConfig, LLNForCausalLM
+from models.configuration_lln import ATTENTION_KERNELS
 
-KERNELS = ("softmax", "lln", "lln_diag", "ea")
+KERNELS = ATTENTION_KERNELS
 
 
 def tiny_config(kernel: str, **overrides) -> LLNConfig:

@@ -14,15 +14,10 @@ import math
 import torch
 from torch import Tensor
 
-from lln_core.ops.common import count_tokens, valid_tokens
+from lln_core.ops.common import compute_dtype, count_tokens, valid_tokens
 from lln_core.state import EAState
 
 DEFAULT_EPS = 1e-6
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 input, else float32 (features and states are never half precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def num_ea_features(head_dim: int) -> int:
@@ -163,7 +158,7 @@ def ea_attention(
     )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    dtype = compute_dtype(q.dtype)
+    dtype = compute_dtype(q)
     start_state = initial_state(state, batch, num_kv_heads, head_dim, v_dim, dtype, q.device)
     S, z = start_state.S, start_state.z
     group = num_q_heads // num_kv_heads

@@ -10,10 +10,10 @@ import math
 import torch
 from torch import Tensor
 
+from lln_core.ops.common import compute_dtype
 from lln_core.ops.ea.chunk import (
     DEFAULT_EPS,
     check_ea_inputs,
-    compute_dtype,
     ea_features,
     initial_state,
     state_readout,
@@ -38,7 +38,7 @@ def naive_ea_attention(
     batch, num_q_heads, num_kv_heads, seq_len, head_dim, v_dim = check_ea_inputs(
         q, k, v, state, eps
     )
-    dtype = compute_dtype(q.dtype)
+    dtype = compute_dtype(q)
     group = num_q_heads // num_kv_heads
     qs = (q.to(dtype) / math.sqrt(head_dim)).reshape(batch, num_kv_heads, group, seq_len, head_dim)
     kf, vf = k.to(dtype), v.to(dtype)

@@ -9,10 +9,10 @@ import math
 
 from torch import Tensor
 
+from lln_core.ops.common import compute_dtype
 from lln_core.ops.ea.chunk import (
     DEFAULT_EPS,
     check_ea_inputs,
-    compute_dtype,
     ea_features,
     initial_state,
     state_readout,
@@ -39,7 +39,7 @@ def ea_step(
     )
     if seq_len != 1:
         raise ValueError(f"ea_step takes one token per sequence (T = 1), got T = {seq_len}")
-    dtype = compute_dtype(q.dtype)
+    dtype = compute_dtype(q)
     start = initial_state(state, batch, num_kv_heads, head_dim, v_dim, dtype, q.device)
     phi_k = ea_features(k.to(dtype))  # [B, Hkv, 1, F]
     S = start.S + phi_k.transpose(-1, -2) @ v.to(dtype)

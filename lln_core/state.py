@@ -7,6 +7,7 @@ keeps one batched state per layer and gathers / scatters rows of it by slot inde
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,15 @@ class BatchedState:
     def nbytes(self) -> int:
         """Bytes held by all tensors of the state (whole batch)."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def flat(self) -> tuple[Tensor, ...]:
+        """All tensors of the state, nested states in place, in field order."""
+        return tuple(self._tensors())
+
+    def unflat(self, tensors: Sequence[Tensor]):
+        """A state of the same structure holding `tensors` (as returned by `flat`)."""
+        rest = iter(tensors)
+        return self._map(lambda _: next(rest))
 
     def clone(self):
         return self._map(torch.clone)

@@ -33,7 +33,12 @@ from lln_core.ops.lln_diag import (
     lln_diag_attention,
     lln_diag_step,
 )
-from lln_core.ops.softmax import LocalSpec, softmax_kv_attention
+from lln_core.ops.softmax import (
+    LocalSpec,
+    LocalStepPlan,
+    local_step_plan,
+    softmax_kv_attention,
+)
 from lln_core.state import BatchedState, EAState, KVState, LLNState
 from models.cache import LLNCache
 from models.configuration_lln import LLNConfig
@@ -88,8 +93,11 @@ class LLNAttention(nn.Module):
         position_embeddings: tuple[Tensor, Tensor],
         state: BatchedState | None,
         lengths: Tensor | None = None,
+        plan: LocalStepPlan | None = None,
     ) -> tuple[Tensor, BatchedState]:
-        """hidden [B, T, hidden] -> output [B, T, hidden] and the state after the T tokens."""
+        """hidden [B, T, hidden] -> output [B, T, hidden] and the state after the T tokens.
+
+        plan: a decode step's local-slot bookkeeping, shared by all layers (`step_plan`)."""
         batch, seq_len, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
@@ -99,12 +107,26 @@ class LLNAttention(nn.Module):
             self.observer(self.layer_idx, q, k)
         if state is None:
             state = self.empty_state(batch, hidden.device)
-        y, state = self.attend(q, k, v, state, lengths)
+        y, state = self.attend(q, k, v, state, lengths, plan)
         y = y.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.o_proj(y.to(hidden.dtype)), state
 
+    def step_plan(
+        self, state: BatchedState | None, seq_len: int, lengths: Tensor | None
+    ) -> LocalStepPlan | None:
+        """For a decode step of LLN+Diag, the slot bookkeeping that every layer shares."""
+        if self.kernel != "lln_diag" or state is None or seq_len != 1 or lengths is not None:
+            return None
+        return local_step_plan(state.local, state.num_tokens, self.local)
+
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, state: BatchedState, lengths: Tensor | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: BatchedState,
+        lengths: Tensor | None,
+        plan: LocalStepPlan | None = None,
     ) -> tuple[Tensor, BatchedState]:
         """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE."""
         decode = q.shape[2] == 1 and lengths is None
@@ -118,7 +140,9 @@ class LLNAttention(nn.Module):
         if self.kernel == "lln_diag":
             kwargs = dict(local=self.local, combine=self.config.combine)
             if decode:
-                return lln_diag_step(q, k, v, self.alpha, self.beta, self.mix, state, **kwargs)
+                return lln_diag_step(
+                    q, k, v, self.alpha, self.beta, self.mix, state, plan=plan, **kwargs
+                )
             return lln_diag_attention(
                 q, k, v, self.alpha, self.beta, self.mix,
                 state=state, chunk_size=chunk, lengths=lengths, **kwargs,
@@ -145,9 +169,10 @@ class LLNDecoderLayer(nn.Module):
         position_embeddings: tuple[Tensor, Tensor],
         state: BatchedState | None,
         lengths: Tensor | None = None,
+        plan: LocalStepPlan | None = None,
     ) -> tuple[Tensor, BatchedState]:
         attn, state = self.self_attn(
-            self.input_layernorm(hidden), position_embeddings, state, lengths
+            self.input_layernorm(hidden), position_embeddings, state, lengths, plan
         )
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -184,7 +209,20 @@ class LLNModel(LLNPreTrainedModel):
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.compiled_decode_layer: Callable | None = None
         self.post_init()
+
+    def compile_decode(self, enabled: bool = True) -> bool:
+        """Run decode steps through torch.compile'd layers (see `compile_decode_layer`).
+
+        Softmax keeps a growing KV cache (new shapes every step): it stays eager. Returns
+        whether decode steps are now compiled."""
+        if not enabled or self.config.attention_kernel == "softmax":
+            self.compiled_decode_layer = None
+        else:
+            template = self.layers[0].self_attn.empty_state(1, self.embed_tokens.weight.device)
+            self.compiled_decode_layer = compile_decode_layer(template)
+        return self.compiled_decode_layer is not None
 
     def forward(
         self,
@@ -203,9 +241,46 @@ class LLNModel(LLNPreTrainedModel):
         if position_ids is None:
             position_ids = _positions(states[0], hidden.shape[0], hidden.shape[1], hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        plan = self.layers[0].self_attn.step_plan(states[0], hidden.shape[1], lengths)
+        if self._use_compiled(states, hidden.shape[1], lengths):
+            plan_tensors = None if plan is None else plan.flat()
+            for i, layer in enumerate(self.layers):
+                hidden, flat = self.compiled_decode_layer(
+                    layer, hidden, *position_embeddings, states[i].flat(), plan_tensors
+                )
+                states[i] = states[i].unflat(flat)
+            return self.norm(hidden), states
         for i, layer in enumerate(self.layers):
-            hidden, states[i] = layer(hidden, position_embeddings, states[i], lengths)
+            hidden, states[i] = layer(hidden, position_embeddings, states[i], lengths, plan)
         return self.norm(hidden), states
+
+    def _use_compiled(self, states: States, seq_len: int, lengths: Tensor | None) -> bool:
+        return (
+            self.compiled_decode_layer is not None
+            and seq_len == 1
+            and lengths is None
+            and all(state is not None for state in states)
+            and not torch.is_grad_enabled()
+        )
+
+
+def compile_decode_layer(template: BatchedState) -> Callable:
+    """One decode step of one decoder layer, compiled; states go in and out as flat tensors.
+
+    Eager, a batch-1 decode step is ~100 tiny ops per layer whose dispatch costs more than their
+    arithmetic; compiled, the elementwise work fuses into a few kernels around the matrix
+    products (measured on SmolLM2-135M, CPU: 30 layers 71 -> 52 ms). Layers share one
+    compilation (parameters are graph inputs); a second batch size adds one with a dynamic
+    batch dimension. `template` gives the state's structure (its tensors are not used).
+    """
+
+    def run(layer, hidden, cos, sin, state_tensors, plan_tensors):
+        state = template.unflat(state_tensors)
+        plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors)
+        hidden, state = layer(hidden, (cos, sin), state, None, plan)
+        return hidden, state.flat()
+
+    return torch.compile(run, dynamic=None)
 
 
 class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
@@ -220,6 +295,10 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward() builds its own LLNCache
+
+    def compile_decode(self, enabled: bool = True) -> bool:
+        """Decode steps through compiled layers (`LLNModel.compile_decode`)."""
+        return self.model.compile_decode(enabled)
 
     def empty_states(self, batch: int) -> States:
         device = self.lm_head.weight.device

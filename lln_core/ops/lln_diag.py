@@ -27,12 +27,20 @@ from lln_core.ops.common import (
     ungroup,
     valid_tokens,
 )
-from lln_core.ops.lln.chunk import SEGMENT_TOKENS, LLNParts, lln_chunk_parts, mask_padding
+from lln_core.ops.lln.chunk import (
+    SEGMENT_TOKENS,
+    TINY,
+    LLNParts,
+    lln_chunk_parts,
+    mask_padding,
+)
 from lln_core.ops.lln.recurrent import lln_step_parts
 from lln_core.ops.softmax import (
     LocalSpec,
+    LocalStepPlan,
     local_softmax_parts,
     local_softmax_step,
+    local_step_plan,
     read_window_tail,
 )
 from lln_core.state import LLNState
@@ -106,23 +114,42 @@ def lln_diag_step(
     local: LocalSpec,
     combine: Combine = "joint",
     scale: float | None = None,
+    plan: LocalStepPlan | None = None,
 ) -> tuple[Tensor, LLNState]:
     """One decode token per sequence (T = 1): the LLN part by its recurrence, the local part by
-    one slot write (rows may sit at different positions)."""
+    one slot write (rows may sit at different positions). `plan`: the step's slot bookkeeping,
+    shared by all layers (`local_step_plan`); built here when not given."""
     if q.shape[2] != 1:
         raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale)
-    num, den, log_scale, cache, evicted = local_softmax_step(
-        p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local, scale=p.scale
+    if plan is None:
+        plan = local_step_plan(p.state.local, p.state.num_tokens, local)
+    logits, cache, old_k, old_v = local_softmax_step(
+        p.qg[:, :, :, 0], p.k, p.v, p.state.local, plan, scale=p.scale
     )
-    if combine == "joint":
-        old_k, old_v, old_valid = evicted
-        b, old_v = mask_padding(p.beta * old_k.to(p.k.dtype), old_v.to(p.v.dtype), old_valid)
-        lln, S, z, m = lln_step_parts(p.aq, b, old_v, p.state)
+    if combine == "joint":  # the LLN state takes the key that left the window, if any
+        b, new_v = p.beta * old_k + plan.evicted_bias, old_v
     else:
-        lln, S, z, m = lln_step_parts(p.aq, p.beta * p.k, p.v, p.state)
-    y = _combine(combine, lln, num, den, log_scale, p.weight)
-    return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, 1, cache)
+        b, new_v = p.beta * p.k, p.v
+    lln, S, z, m = lln_step_parts(p.aq[:, :, :, 0], b[:, :, 0], new_v[:, :, 0], p.state)
+    if combine == "joint":
+        y = _joint_step(lln, logits, cache.v, p.weight[..., 0])
+    else:
+        y_local = torch.softmax(logits, dim=-1) @ cache.v
+        y = p.weight * lln.normalised() + (1 - p.weight) * y_local
+    new_state = _new_state(p.state, S, z, m, 1, cache)
+    new_state.num_tokens = plan.num_tokens
+    return ungroup(y[:, :, :, None]).to(q.dtype), new_state
+
+
+def _joint_step(lln: LLNParts, logits: Tensor, values: Tensor, log_weight: Tensor) -> Tensor:
+    """One softmax over the local slots and one pseudo-slot for the LLN part: its logit is the
+    log of its total (weighted) mass, its value the LLN output. logits [B, Hkv, G, L], values
+    [B, Hkv, L, Dv], log_weight [1, Hkv, G] -> [B, Hkv, G, Dv]."""
+    lln_logit = torch.log(lln.den) + lln.log_scale + log_weight  # -inf when no key is old yet
+    weights = torch.softmax(torch.cat([logits, lln_logit[..., None]], dim=-1), dim=-1)
+    lln_value = lln.num / lln.den.clamp_min(TINY)[..., None]
+    return weights[..., :-1] @ values + weights[..., -1:] * lln_value
 
 
 def naive_lln_diag_attention(

@@ -21,6 +21,8 @@ from lln_core.ops.common import (
     check_qkv,
     compute_dtype,
     count_tokens,
+    exp_ftz,
+    finite_or_zero,
     group_queries,
     ungroup,
     valid_tokens,
@@ -103,58 +105,82 @@ def local_softmax_parts(
     whose keys are neither seen nor stored. Returns num [B, Hkv, G, T, Dv], den and
     log_scale [B, Hkv, G, T] (true sums are exp(log_scale) * num, den) and the new cache.
 
-    No loop over the sequence: queries go in blocks of W = ring_size, each against a band of
-    2W keys (the previous block and its own, the cached tail in front of the first), plus the
-    sink keys. Work per token is O((W + num_sinks) D).
+    No loop over the sequence: queries go in blocks of W = ring_size (the G query heads of a KV
+    head stacked in one block), each against its keys: a band of 2W (the previous block and its
+    own, the cached tail in front of the first) plus the sinks. Work per token O((W + S) D).
     """
-    batch, num_kv, group, seq_len, dim = q.shape
+    batch, num_kv, group, seq_len, _ = q.shape
     ring, sinks = cache.ring_size, cache.num_sinks
     pos_q = num_tokens[:, None] + torch.arange(seq_len, device=q.device)  # [B, T]
     pos_new = pos_q if valid is None else torch.where(valid, pos_q, -1)
-    new_cache = write_local(cache, k, v, pos_new)
+    new_cache = _write_new(cache, k, v, pos_new, valid is None)
 
     num_blocks = -(-seq_len // ring)
     pad = num_blocks * ring - seq_len
     tail_k, tail_v, tail_valid = read_window_tail(cache, num_tokens)  # positions n-W .. n-1
     band_pos = torch.cat([torch.where(tail_valid, pos_q[:, :1] - ring + _arange(ring, q), -1),
                           torch.where(pos_new >= sinks, pos_new, -1)], dim=1)  # fmt: skip
-    band_pos = F.pad(band_pos, (0, pad), value=-1)
-    band_k = _bands(F.pad(torch.cat([tail_k.to(k.dtype), k], dim=2), (0, 0, 0, pad)), ring)
-    band_v = _bands(F.pad(torch.cat([tail_v.to(v.dtype), v], dim=2), (0, 0, 0, pad)), ring)
-    band_pos = band_pos.unfold(1, 2 * ring, ring)  # [B, N, 2W]
-    qb = F.pad(q, (0, 0, 0, pad)).reshape(batch, num_kv, group, num_blocks, ring, dim)
-    pos_qb = F.pad(pos_q, (0, pad)).reshape(batch, num_blocks, ring)
+    band_pos = F.pad(band_pos, (0, pad), value=-1).unfold(1, 2 * ring, ring)  # [B, N, 2W]
+    sink_pos = new_cache.pos[:, None, :sinks].expand(-1, num_blocks, -1)
+    key_pos = torch.cat([band_pos, sink_pos], dim=-1)  # [B, N, L], L = 2W + S
+    pos_qb = F.pad(pos_q, (0, pad)).reshape(batch, num_blocks, 1, ring, 1)
+    bias = _log_mask(spec.visible(pos_qb, key_pos[:, :, None, None]), q.dtype)  # [B,N,1,W,L]
 
-    band_mask = (
-        spec.visible(pos_qb[..., None], band_pos[:, :, None, :]) & (band_pos >= 0)[:, :, None]
-    )  # [B, N, W, 2W]
-    band_logits = torch.einsum("bhgncd,bhnsd->bhgncs", qb, band_k) * scale
-    band_logits = band_logits.masked_fill(~band_mask[:, None, None], float("-inf"))
-    band_logits = band_logits.flatten(3, 4)[:, :, :, :seq_len]  # [B, H, G, T, 2W]
+    keys = _block_keys(tail_k, k, new_cache.k[:, :, :sinks], pad)  # [B, Hkv, N, L, D]
+    values = _block_keys(tail_v, v, new_cache.v[:, :, :sinks], pad)
+    qb = _to_blocks(q * scale, ring, pad)  # [B, Hkv, N, G W, D]
+    logits = qb @ keys.transpose(-1, -2)  # [B, Hkv, N, G W, L]
+    inplace = not logits.requires_grad
+    blocks = logits.view(batch, num_kv, num_blocks, group, ring, -1)
+    blocks = blocks.add_(bias[:, None]) if inplace else blocks + bias[:, None]
+    logits = blocks.view_as(logits)
+    log_scale = finite_or_zero(logits.amax(-1, keepdim=True))  # rows with no key: 0
+    logits = logits.sub_(log_scale) if inplace else logits - log_scale
+    weights = exp_ftz(logits, inplace=inplace)
+    num = _from_blocks(weights @ values, group, seq_len)
+    den = _from_blocks(weights.sum(-1, keepdim=True), group, seq_len)[..., 0]
+    return num, den, _from_blocks(log_scale, group, seq_len)[..., 0], new_cache
 
-    sink_pos = new_cache.pos[:, :sinks]
-    sink_mask = (sink_pos[:, None, :] >= 0) & (sink_pos[:, None, :] <= pos_q[:, :, None])
-    sink_logits = q @ new_cache.k[:, :, :sinks].to(q.dtype).transpose(-1, -2)[:, :, None] * scale
-    sink_logits = sink_logits.masked_fill(~sink_mask[:, None, None], float("-inf"))
 
-    logits = torch.cat([band_logits, sink_logits], dim=-1)
-    log_scale = logits.amax(-1)  # [B, H, G, T]
-    weights = torch.exp(logits - log_scale[..., None])
-    band_w, sink_w = weights[..., : 2 * ring], weights[..., 2 * ring :]
-    band_w = F.pad(band_w, (0, 0, 0, pad)).reshape(batch, num_kv, group, num_blocks, ring, -1)
-    num = torch.einsum("bhgncs,bhnse->bhgnce", band_w, band_v).flatten(3, 4)[:, :, :, :seq_len]
-    num = num + sink_w @ new_cache.v[:, :, :sinks].to(v.dtype)[:, :, None]
-    den = band_w.sum(-1).flatten(3, 4)[:, :, :, :seq_len] + sink_w.sum(-1)
-    return num, den, log_scale, new_cache
+def _write_new(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor, unpadded: bool) -> LocalKV:
+    """Store a chunk's keys in the cache; without padding only the first S and last W tokens of
+    the chunk can survive it, so only those are written."""
+    seq_len = k.shape[2]
+    if unpadded and seq_len > cache.num_sinks + cache.ring_size:
+        keep = torch.cat([_arange(cache.num_sinks, k), _arange(cache.ring_size, k) + seq_len
+                          - cache.ring_size])  # fmt: skip
+        k, v, pos = k[:, :, keep], v[:, :, keep], pos[:, keep]
+    return write_local(cache, k, v, pos)
+
+
+def _to_blocks(q: Tensor, ring: int, pad: int) -> Tensor:
+    """[B, H, G, T, D] -> [B, H, N, G W, D]: each block of W queries, its G heads stacked."""
+    batch, num_kv, group, _, dim = q.shape
+    blocks = F.pad(q, (0, 0, 0, pad)).view(batch, num_kv, group, -1, ring, dim).transpose(2, 3)
+    return blocks.reshape(batch, num_kv, -1, group * ring, dim)
 
 
 def _arange(count: int, like: Tensor) -> Tensor:
     return torch.arange(count, device=like.device)
 
 
-def _bands(x: Tensor, ring: int) -> Tensor:
-    """[B, H, W + N W, D] -> [B, H, N, 2W, D]: block j's keys are positions jW .. jW + 2W - 1."""
-    return x.unfold(2, 2 * ring, ring).transpose(-1, -2)
+def _from_blocks(x: Tensor, group: int, seq_len: int) -> Tensor:
+    """[B, H, N, G W, E] -> [B, H, G, T, E]."""
+    batch, num_kv, num_blocks, rows, last = x.shape
+    x = x.view(batch, num_kv, num_blocks, group, rows // group, last).transpose(2, 3)
+    return x.reshape(batch, num_kv, group, -1, last)[:, :, :, :seq_len]
+
+
+def _block_keys(tail: Tensor, new: Tensor, sinks: Tensor, pad: int) -> Tensor:
+    """Keys (or values) of each query block: the band of 2W, then the S sinks.
+
+    tail [B, H, W, D] (the cached window before the chunk), new [B, H, T, D], sinks [B, H, S, D]
+    -> [B, H, N, 2W + S, D]."""
+    ring = tail.shape[2]
+    stream = F.pad(torch.cat([tail.to(new.dtype), new], dim=2), (0, 0, 0, pad))
+    bands = stream.unfold(2, 2 * ring, ring).transpose(-1, -2)  # [B, H, N, 2W, D]
+    sinks = sinks.to(new.dtype)[:, :, None].expand(-1, -1, bands.shape[2], -1, -1)
+    return torch.cat([bands, sinks], dim=3)
 
 
 def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
@@ -180,11 +206,6 @@ def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
     return LocalKV(
         k=scatter(cache.k, k), v=scatter(cache.v, v), pos=pos_buffer[:, :scratch], num_sinks=sinks
     )
-
-
-def _slot_index(slot: Tensor, buffer: Tensor) -> Tensor:
-    """Gather index of one slot per row of a [B, H, L, D] buffer."""
-    return slot[:, None, None, None].expand(-1, buffer.shape[1], 1, buffer.shape[-1])
 
 
 def read_window_tail(cache: LocalKV, num_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -289,46 +310,70 @@ def _append(cache: KVState, k: Tensor, v: Tensor, added: Tensor | int) -> KVStat
     return KVState(scatter(keys, k), scatter(values, v), total)
 
 
-def local_softmax_step(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cache: LocalKV,
-    num_tokens: Tensor,
-    spec: LocalSpec,
-    *,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor, LocalKV, tuple[Tensor, Tensor, Tensor]]:
-    """Decode: one new token per row (q [B, Hkv, G, 1, D], k, v [B, Hkv, 1, D]).
+@dataclass(frozen=True)
+class LocalStepPlan:
+    """Slot bookkeeping of one decode step. Every layer's local cache holds the same positions,
+    so a model builds this once per step and all its layers share it.
 
-    The token takes its slot in a copy of the cache, then attends over the slots. Also returns
-    what its slot held before: (k, v [B, Hkv, 1, D], valid [B, 1]) where valid means "the token
-    at position n - ring_size, not a sink", i.e. the key that just left a sliding window.
+    write: [B, 1, L, 1] bool, the slot the new token takes; pos: [B, L] slot positions after the
+    write; bias: [B, 1, 1, L] 0 where the new query sees the slot, -inf elsewhere; evicted:
+    [B, 1, 1, L] one-hot of the overwritten slot; evicted_bias: [B, 1, 1, 1] 0 if that slot held
+    the key now leaving the sliding window (not a sink), else -inf; num_tokens: [B] after the step.
     """
+
+    write: Tensor
+    pos: Tensor
+    bias: Tensor
+    evicted: Tensor
+    evicted_bias: Tensor
+    num_tokens: Tensor
+
+    def flat(self) -> tuple[Tensor, ...]:
+        return (self.write, self.pos, self.bias, self.evicted, self.evicted_bias, self.num_tokens)
+
+
+def local_step_plan(cache: LocalKV, num_tokens: Tensor, spec: LocalSpec) -> LocalStepPlan:
+    """The plan for one new token per row at positions num_tokens [B]."""
     sinks, ring = cache.num_sinks, cache.ring_size
     slot = torch.where(num_tokens < sinks, num_tokens, sinks + (num_tokens - sinks) % ring)
-    # one-hot writes and gathers: much cheaper than advanced indexing for these tiny tensors
     is_slot = torch.arange(cache.pos.shape[1], device=slot.device)[None] == slot[:, None]  # [B, L]
-    evicted_k = cache.k.gather(2, _slot_index(slot, cache.k))
-    evicted_v = cache.v.gather(2, _slot_index(slot, cache.v))
+    pos = torch.where(is_slot, num_tokens[:, None], cache.pos)
     left = num_tokens - ring
     evicted_valid = (cache.pos.gather(1, slot[:, None]) == left[:, None]) & (left >= sinks)[:, None]
-    write = is_slot[:, None, :, None]
-    new = LocalKV(
-        torch.where(write, k.to(cache.k.dtype), cache.k),
-        torch.where(write, v.to(cache.v.dtype), cache.v),
-        torch.where(is_slot, num_tokens[:, None], cache.pos),
-        sinks,
+    visible = spec.visible(num_tokens[:, None], pos)
+    dtype = cache.k.dtype
+    return LocalStepPlan(
+        write=is_slot[:, None, :, None],
+        pos=pos,
+        bias=_log_mask(visible, dtype)[:, None, None, :],
+        evicted=is_slot.to(dtype)[:, None, None, :],
+        evicted_bias=_log_mask(evicted_valid, dtype)[:, None, None],
+        num_tokens=num_tokens + 1,
     )
-    if spec.kind == "window":
-        # after the write the ring holds exactly the window (n - W, n]; sinks are always seen
-        mask = new.pos >= 0
-    else:
-        mask = spec.visible(num_tokens[:, None], new.pos)  # [B, L]
-    batch, num_kv, group, _, dim = q.shape
-    logits = q.reshape(batch, num_kv, group, dim) @ new.k.to(q.dtype).transpose(-1, -2) * scale
-    logits = logits.masked_fill(~mask[:, None, None], float("-inf"))  # [B, Hkv, G, L]
-    log_scale = logits.amax(dim=-1, keepdim=True)
-    weights = torch.exp(logits - log_scale)
-    num = (weights @ new.v.to(q.dtype))[:, :, :, None]  # [B, Hkv, G, 1, Dv]
-    return num, weights.sum(-1, keepdim=True), log_scale, new, (evicted_k, evicted_v, evicted_valid)
+
+
+def _log_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """True -> 0, False -> -inf: a mask to add to logits."""
+    return torch.where(mask, 0.0, float("-inf")).to(dtype)
+
+
+def local_softmax_step(
+    q: Tensor, k: Tensor, v: Tensor, cache: LocalKV, plan: LocalStepPlan, *, scale: float
+) -> tuple[Tensor, LocalKV, Tensor, Tensor]:
+    """Decode: one new token per row, q [B, Hkv, G, D] (grouped), k, v [B, Hkv, 1, D].
+
+    The token takes its slot in a copy of the cache. Returns the query's masked logits over the
+    slots [B, Hkv, G, L], the new cache, and the key and value its slot held before
+    ([B, Hkv, 1, D]; `plan.evicted_bias` says whether that is the key leaving the window).
+    """
+    # one-hot products and writes: much cheaper than advanced indexing for these tiny tensors
+    evicted_k = plan.evicted @ cache.k
+    evicted_v = plan.evicted @ cache.v
+    new = LocalKV(
+        torch.where(plan.write, k.to(cache.k.dtype), cache.k),
+        torch.where(plan.write, v.to(cache.v.dtype), cache.v),
+        plan.pos,
+        cache.num_sinks,
+    )
+    logits = (q * scale) @ new.k.to(q.dtype).transpose(-1, -2) + plan.bias
+    return logits, new, evicted_k.to(k.dtype), evicted_v.to(v.dtype)

@@ -144,3 +144,31 @@ def test_config_rejects_unknown_kernel():
         LLNConfig(attention_kernel="flash")
     with pytest.raises(ValueError, match="joint"):
         LLNConfig(attention_kernel="lln_diag", local_kind="block", combine="joint")
+
+
+@pytest.mark.parametrize("kernel", ["lln", "lln_diag", "ea"])
+def test_compiled_decode_equals_eager(kernel):
+    """Compiled decode steps = eager ones, batch 1 then a batch of 3 at different positions
+    (the second batch size recompiles with a dynamic batch dimension)."""
+    eager = tiny_model(kernel, dtype=torch.float32)
+    compiled = tiny_model(kernel, dtype=torch.float32)
+    assert compiled.compile_decode()
+    gen = torch.Generator().manual_seed(4)
+    for batch, prompt_len in ((1, 9), (3, 12)):
+        ids = torch.randint(0, 64, (batch, prompt_len + 8), generator=gen)
+        lengths = torch.tensor([prompt_len - 3 * row for row in range(batch)])
+        with torch.no_grad():
+            _, states = eager.forward_states(ids[:, :prompt_len], lengths=lengths)
+            expected_states, actual_states = states, states
+            for t in range(prompt_len, prompt_len + 8):
+                expected, expected_states = eager.forward_states(ids[:, t : t + 1], expected_states)
+                actual, actual_states = compiled.forward_states(ids[:, t : t + 1], actual_states)
+                assert (actual - expected).abs().max() < 1e-4
+        for want, got in zip(expected_states, actual_states, strict=True):
+            assert type(got) is type(want)
+            for a, b in zip(want.flat(), got.flat(), strict=True):
+                assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_softmax_decode_is_not_compiled():
+    assert not tiny_model("softmax", dtype=torch.float32).compile_decode()

@@ -25,6 +25,7 @@ from lln_core.ops.common import (
     check_qkv,
     compute_dtype,
     count_tokens,
+    exp_ftz,
     finite_or_zero,
     group_queries,
     per_head,
@@ -76,14 +77,14 @@ def lln_chunk_parts(
     running = torch.maximum(b.amax(dim=3), m_in[:, :, None]).cummax(dim=2).values  # [B,H,N,D]
     m_prev = torch.cat([m_in[:, :, None], running[:, :, :-1]], dim=2)
     ref = finite_or_zero(running)
-    k_t = torch.exp(b - ref[:, :, :, None])  # [B, H, N, C, D], <= 1
+    k_t = exp_ftz(b - ref[:, :, :, None])  # [B, H, N, C, D], <= 1
 
     S_in, z_in, S, z = _scan_states(k_t, v, m_prev, ref, state)
 
     w = aq + ref[:, :, None, :, None]
     log_scale = w.amax(dim=-1)  # [B, H, G, N, C]
-    q_intra = torch.exp(w - log_scale[..., None])
-    q_inter = torch.exp(aq + m_prev[:, :, None, :, None] - log_scale[..., None])
+    q_intra = exp_ftz(w - log_scale[..., None])
+    q_inter = exp_ftz(aq + m_prev[:, :, None, :, None] - log_scale[..., None])
 
     causal = torch.ones(chunk_size, chunk_size, dtype=aq.dtype, device=aq.device).tril()
     scores = torch.einsum("bhgncd,bhnsd->bhgncs", q_intra, k_t) * causal

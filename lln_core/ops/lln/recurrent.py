@@ -26,25 +26,25 @@ from lln_core.state import LLNState
 def lln_step_parts(
     aq: Tensor, b: Tensor, v: Tensor, state: LLNState
 ) -> tuple[LLNParts, Tensor, Tensor, Tensor]:
-    """aq = alpha q [B, Hkv, G, 1, D]; b = beta k [B, Hkv, 1, D] (-inf: no key); v [B, Hkv, 1, Dv].
+    """aq = alpha q [B, Hkv, G, D]; b = beta k [B, Hkv, D] (-inf: no key); v [B, Hkv, Dv].
 
-    Returns the unnormalised output and the new (S, z, m).
+    Returns the unnormalised output (num [B, Hkv, G, Dv], den and log_scale [B, Hkv, G]) and the
+    new (S, z, m).
     """
-    b = b[:, :, 0]
-    m = torch.maximum(state.m.to(b.dtype), b)
+    m_old = state.m.to(b.dtype)
+    m = torch.maximum(m_old, b)
     ref = finite_or_zero(m)
-    decay = torch.exp(state.m.to(b.dtype) - ref)
+    decay = torch.exp(m_old - ref)
     k_t = torch.exp(b - ref)
-    S = state.S.to(b.dtype) * decay[..., None] + k_t[..., None] * v[:, :, 0, None, :]
-    z = state.z.to(b.dtype) * decay + k_t
+    S = torch.addcmul(state.S.to(b.dtype) * decay[..., None], k_t[..., None], v[:, :, None, :])
+    z = torch.addcmul(k_t, state.z.to(b.dtype), decay)
 
-    w = aq[:, :, :, 0] + ref[:, :, None]  # [B, H, G, D]
+    w = aq + ref[:, :, None]  # [B, H, G, D]
     log_scale = w.amax(dim=-1, keepdim=True)  # [B, H, G, 1]
     q_t = torch.exp(w - log_scale)
     num = q_t @ S  # [B, H, G, Dv]: the G query heads of a group in one product
     den = q_t @ z[..., None]  # [B, H, G, 1]
-    parts = LLNParts(num[:, :, :, None], den, log_scale)
-    return parts, S, z, m
+    return LLNParts(num, den[..., 0], log_scale[..., 0]), S, z, m
 
 
 def lln_step(
@@ -64,9 +64,9 @@ def lln_step(
         raise ValueError(f"lln_step takes one token per sequence (T = 1), got T = {seq_len}")
     dtype = compute_dtype(q)
     qg = group_queries(q, num_kv_heads, dtype)
-    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg
-    b = per_head(beta, num_kv_heads, group, qg, query_side=False) * k.to(dtype)
-    parts, S, z, m = lln_step_parts(aq, b, v.to(dtype), state)
+    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True)[..., 0] * qg[:, :, :, 0]
+    b = per_head(beta, num_kv_heads, group, qg, query_side=False)[..., 0] * k.to(dtype)[:, :, 0]
+    parts, S, z, m = lln_step_parts(aq, b, v.to(dtype)[:, :, 0], state)
     new_state = LLNState(
         S=S.to(state.S.dtype),
         z=z.to(state.z.dtype),
@@ -74,4 +74,4 @@ def lln_step(
         num_tokens=state.num_tokens + 1,
         local=state.local,
     )
-    return ungroup(parts.normalised()).to(q.dtype), new_state
+    return ungroup(parts.normalised()[:, :, :, None]).to(q.dtype), new_state

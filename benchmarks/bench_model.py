@@ -4,11 +4,13 @@ Llama with a KV cache, all in one run.
 
     .venv/bin/python benchmarks/bench_model.py [--quick] [--out benchmarks/results]
 
-Decode at context L: the state (or KV cache) after a real prefill of L tokens, then single-token
-steps timed round-robin over all models and contexts (machine noise hits all alike); at 1M, a
-synthetic LLN state (a real state relabelled as 1M tokens: the step's cost and the state's size
-do not depend on its content). The floor is one batch-1 pass
-through the model's linear layers alone, i.e. the cost of reading the weights.
+The LLN models decode through compiled layers (`compile_decode`, the server's path); the
+column "lln_diag, eager decode" runs the same steps uncompiled. Decode at context L: the state
+(or KV cache) after a real prefill of L tokens, then single-token steps timed round-robin over
+all models and contexts (machine noise hits all alike); at 1M, a synthetic LLN state (a real
+state relabelled as 1M tokens: the step's cost and the state's size do not depend on its
+content). The floor is one batch-1 pass through the model's linear layers alone, i.e. the cost
+of reading the weights.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ import matplotlib.pyplot as plt
 SYNTHETIC_CONTEXT = 1 << 20
 
 
+EAGER = "lln_diag, eager decode"
+
+
 def load_models(path: Path) -> dict[str, torch.nn.Module]:
+    """The LLN models decode through compiled layers, as the server does (`compile_decode`)."""
     lln_diag = from_checkpoint(path)
     lln = from_checkpoint(path, attention_kernel="lln")
+    lln_diag.compile_decode()
+    lln.compile_decode()
     config = LlamaConfig(**{
         k: v for k, v in lln_diag.config.to_dict().items() if k in LlamaConfig().to_dict()
     })  # fmt: skip
@@ -56,10 +64,17 @@ def floor_step(model: LLNForCausalLM) -> Callable[[], None]:
     return step
 
 
-@torch.no_grad()
 def prefill(model, name: str, context: int) -> tuple[float, int, Callable[[], None]]:
-    """Prefill `context` tokens (timed); returns the time, the state bytes and a decode step
-    on that state that leaves the context at L."""
+    """Prefill `context` tokens (median time of a few runs below 4K tokens, where one run is
+    short and noisy); returns the time, the state bytes and a decode step on that state that
+    leaves the context at L."""
+    runs = [prefill_once(model, name, context) for _ in range(max(1, min(5, 4096 // context)))]
+    seconds = statistics.median(run[0] for run in runs)
+    return seconds, runs[-1][1], runs[-1][2]
+
+
+@torch.no_grad()
+def prefill_once(model, name: str, context: int) -> tuple[float, int, Callable[[], None]]:
     ids = torch.randint(0, 49152, (1, context), generator=torch.Generator().manual_seed(context))
     token = ids[:, -1:]
     start = time.perf_counter()
@@ -82,6 +97,7 @@ def lln_step(model: LLNForCausalLM, states, token) -> Callable[[], None]:
     def step() -> None:
         model.forward_states(token, states)  # states are not mutated: the context stays L
 
+    step.states, step.token = states, token
     return step
 
 
@@ -128,6 +144,12 @@ def run(contexts: list[int], softmax_max: int, rounds: int) -> tuple[dict, float
             seconds, state_bytes, steps[name, context] = prefill(model, name, context)
             results[name][context] = {"prefill": seconds, "bytes": state_bytes}
             print(f"{name:34s} L={context:>7,}: prefill {context / seconds:7.1f} tok/s", flush=True)
+    eager = from_checkpoint(resolve(DEFAULT_MODEL))  # same weights, decode left eager
+    results[EAGER] = {}
+    for context in contexts:
+        diag_step = steps["lln_diag", context]
+        steps[EAGER, context] = lln_step(eager, diag_step.states, diag_step.token)
+        results[EAGER][context] = {"prefill": None, "bytes": results["lln_diag"][context]["bytes"]}
     token = torch.zeros(1, 1, dtype=torch.long)
     for name in ("lln", "lln_diag"):
         model = models[name]
@@ -146,6 +168,7 @@ def run(contexts: list[int], softmax_max: int, rounds: int) -> tuple[dict, float
 
 def report(results: dict, floor: float, contexts: list[int], out: Path) -> str:
     names = list(results)
+    others = [n for n in names if n != EAGER]  # the eager variant has decode columns only
     all_contexts = [*contexts, SYNTHETIC_CONTEXT]
     lines = [
         f"# Default model ({DEFAULT_MODEL}), batch 1, float32, CPU, "
@@ -155,9 +178,9 @@ def report(results: dict, floor: float, contexts: list[int], out: Path) -> str:
         f"Floor (one token through the linear layers alone): {floor * 1e3:.1f} ms.",
         "",
         "| context | " + " | ".join(f"{n}: decode ms (x floor)" for n in names) + " | "
-        + " | ".join(f"{n}: prefill tok/s" for n in names) + " | "
-        + " | ".join(f"{n}: state MiB" for n in names) + " |",
-        "|---" * (1 + 3 * len(names)) + "|",
+        + " | ".join(f"{n}: prefill tok/s" for n in others) + " | "
+        + " | ".join(f"{n}: state MiB" for n in others) + " |",
+        "|---" * (1 + len(names) + 2 * len(others)) + "|",
     ]  # fmt: skip
     for context in all_contexts:
         cells = []
@@ -166,11 +189,11 @@ def report(results: dict, floor: float, contexts: list[int], out: Path) -> str:
             cells.append(
                 "" if r is None else f"{r['decode'] * 1e3:.1f} ({r['decode'] / floor:.2f})"
             )
-        for n in names:
+        for n in others:
             r = results[n].get(context)
             ok = r is not None and r["prefill"] is not None
             cells.append(f"{context / r['prefill']:.0f}" if ok else "")
-        for n in names:
+        for n in others:
             r = results[n].get(context)
             cells.append("" if r is None else f"{r['bytes'] / 2**20:,.2f}")
         label = f"{context:,}" + (" (synthetic)" if context == SYNTHETIC_CONTEXT else "")
@@ -211,7 +234,9 @@ def plot(results: dict, floor: float, path: Path) -> None:
         axes[1].plot(
             with_prefill, [c / by_context[c]["prefill"] for c in with_prefill], "o-", label=name
         )
-        axes[2].plot(contexts, [by_context[c]["bytes"] / 2**20 for c in contexts], "o-", label=name)
+        if name != EAGER:
+            sizes = [by_context[c]["bytes"] / 2**20 for c in contexts]
+            axes[2].plot(contexts, sizes, "o-", label=name)
     axes[0].axhline(floor * 1e3, color="gray", ls=":", label="floor (linear layers)")
     titles = ("decode latency per token", "prefill throughput", "state / KV cache per sequence")
     ylabels = ("ms / token", "tokens / s", "MiB")

@@ -1,0 +1,211 @@
+"""Engine benchmark on the default model: batching, chunked prefill under load, memory.
+
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--out benchmarks/results]
+
+1. Aggregate decode tokens/s with 1, 4, 16, 64 concurrent sequences (short prompts, every
+   sequence generating the same number of tokens; the clock runs from the first to the last
+   decode step, so prefill is not counted).
+2. Inter-token latency of 8 decoding sequences while a long prompt (32K tokens) arrives and is
+   prefilled in chunks beside them: median and p99 of the gaps between their tokens.
+3. Process RSS with 64 live sequences at 1K and at 32K tokens of context: one request with
+   n = 64 whose prompt has that length (the engine prefills it once and forks the state into
+   64 slots), measured while all 64 decode, next to the KV cache a softmax model of the same
+   shape would hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from lln_core.state import kv_cache_bytes
+from models.registry import DEFAULT_MODEL
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.request import SamplingParams
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+GENERATE = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def make_engine(max_num_seqs: int, **overrides) -> LLMEngine:
+    config = EngineConfig(
+        model=DEFAULT_MODEL,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(512, max_num_seqs),
+        prefill_chunk_size=512,
+        prefix_cache_bytes=0,
+        **overrides,
+    )
+    return LLMEngine(config)
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (length,), generator=gen).tolist()
+
+
+def decode_throughput(engine: LLMEngine, concurrency: int) -> float:
+    """Decode tokens/s of `concurrency` sequences stepping together."""
+    for i in range(concurrency):
+        engine.add_request(f"c{concurrency}-{i}", random_prompt(16, i), GENERATE)
+    while any(not r.is_prefill_done for r in engine.scheduler.waiting) or any(
+        not r.is_prefill_done for r in engine.scheduler.running
+    ):
+        engine.step()  # prefill every prompt first
+    start, tokens = time.perf_counter(), 0
+    while engine.has_unfinished():
+        tokens += sum(len(o.token_ids) for o in engine.step())
+    return tokens / (time.perf_counter() - start)
+
+
+def latency_under_long_prefill(engine: LLMEngine, long_prompt: int) -> dict:
+    """Gaps between consecutive tokens of 8 decoding sequences while a long prompt is
+    prefilled in chunks."""
+    params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
+    for i in range(8):
+        engine.add_request(f"d{i}", random_prompt(16, 100 + i), params)
+    for _ in range(4):
+        engine.step()  # all eight are decoding
+    engine.add_request("long", random_prompt(long_prompt, 7), SamplingParams(max_tokens=1))
+    last: dict[str, float] = {}
+    gaps, solo = [], []
+    while engine.scheduler.get("long") is not None:
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.request_id in last:
+                gaps.append(now - last[out.request_id])
+            last[out.request_id] = now
+    for _ in range(20):  # the same sequences once the long prompt is done
+        engine.step()
+        solo.append(time.perf_counter())
+    for i in range(8):
+        engine.abort(f"d{i}")
+    quiet = statistics.median(b - a for a, b in itertools.pairwise(solo))
+    gaps.sort()
+    return {
+        "median": statistics.median(gaps),
+        "p99": gaps[int(0.99 * (len(gaps) - 1))],
+        "max": gaps[-1],
+        "quiet": quiet,
+        "steps": len(gaps) // 8,
+    }
+
+
+def rss_with_live_sequences(context: int, count: int = 64) -> dict:
+    """RSS while `count` forked sequences at `context` tokens decode."""
+    gc.collect()
+    engine = make_engine(count)
+    params = SamplingParams(n=count, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("live", random_prompt(context, 3), params)
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        if engine.pool.num_used == count:
+            peak = max(peak, _rss_bytes())
+    return {
+        "rss": peak,
+        "state_bytes": engine.pool.bytes_per_slot * count,
+        "kv_bytes": count * kv_cache_bytes(context, 30, 3, 64, bytes_per_elem=4),
+    }
+
+
+def report(throughput: dict, latency: dict, memory: dict, long_prompt: int, out: Path) -> str:
+    one = throughput[1]
+    lines = [
+        f"# Engine on {DEFAULT_MODEL}, CPU float32, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "",
+        f"`.venv/bin/python benchmarks/bench_engine.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
+        "",
+        "| concurrent sequences | decode tokens/s | x one sequence |",
+        "|---|---|---|",
+        *[f"| {n} | {tps:.1f} | {tps / one:.2f} |" for n, tps in throughput.items()],
+        "",
+        f"8 sequences decoding while a {long_prompt:,}-token prompt is prefilled in chunks of "
+        f"512 ({latency['steps']} steps): inter-token latency median "
+        f"{latency['median'] * 1e3:.0f} ms, p99 {latency['p99'] * 1e3:.0f} ms "
+        f"(p99 / median = {latency['p99'] / latency['median']:.2f}), max "
+        f"{latency['max'] * 1e3:.0f} ms; without the long prompt {latency['quiet'] * 1e3:.0f} ms.",
+        "",
+        "| 64 live sequences at | process RSS | their states | softmax KV cache, same shape |",
+        "|---|---|---|---|",
+        *[
+            f"| {c:,} tokens | {m['rss'] / 2**30:.2f} GiB | {m['state_bytes'] / 2**20:.0f} MiB "
+            f"| {m['kv_bytes'] / 2**30:.1f} GiB |"
+            for c, m in memory.items()
+        ],
+    ]
+    contexts = sorted(memory)
+    if len(contexts) > 1:
+        ratio = memory[contexts[-1]]["rss"] / memory[contexts[0]]["rss"]
+        lines += ["", f"RSS {contexts[-1]:,} / {contexts[0]:,} = {ratio:.3f} (goal <= 1.2)."]
+    lines += [
+        "",
+        "Goals: 16 sequences >= 6x the tokens/s of one "
+        f"({throughput.get(16, 0) / one:.1f}x); p99 <= 3x median "
+        f"({latency['p99'] / latency['median']:.2f}x).",
+    ]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_engine.md").write_text(text)
+    plot(throughput, memory, out / "bench_engine.png")
+    return text
+
+
+def plot(throughput: dict, memory: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    counts = list(throughput)
+    axes[0].plot(counts, [throughput[n] for n in counts], "o-", label="engine")
+    axes[0].plot(counts, [throughput[1] * n for n in counts], ":", color="gray", label="linear")
+    axes[0].set(xscale="log", yscale="log", xlabel="concurrent sequences", ylabel="tokens / s")
+    axes[0].set_title("aggregate decode throughput")
+    contexts = sorted(memory)
+    axes[1].plot(contexts, [memory[c]["rss"] / 2**30 for c in contexts], "o-", label="RSS")
+    axes[1].plot(contexts, [memory[c]["kv_bytes"] / 2**30 for c in contexts], "s--",
+                 label="softmax KV cache (64 sequences)")  # fmt: skip
+    axes[1].set(xscale="log", yscale="log", xlabel="context per sequence", ylabel="GiB")
+    axes[1].set_title("memory, 64 live sequences")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, smoke test")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    counts = [1, 4] if args.quick else [1, 4, 16, 64]
+    long_prompt = 2048 if args.quick else 32768
+    contexts = [256, 1024] if args.quick else [1024, 32768]
+    engine = make_engine(max(counts))
+    decode_throughput(engine, 1)  # warm-up (compiles the decode layers)
+    throughput = {n: decode_throughput(engine, n) for n in counts}
+    print(throughput, flush=True)
+    latency = latency_under_long_prefill(make_engine(9), long_prompt)
+    print(latency, flush=True)
+    del engine
+    memory = {c: rss_with_live_sequences(c) for c in contexts}
+    print(report(throughput, latency, memory, long_prompt, args.out))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+if __name__ == "__main__":
+    main()

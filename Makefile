@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench-ops clean
+.PHONY: install run test tools lint format bench-ops bench-engine clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,8 +27,18 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# promtool (Debian's prometheus package) checks the /metrics output in the end-to-end tests
+tools:
+	@command -v promtool >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		else echo "promtool missing: install Debian's prometheus package" >&2; fi; }
+
+bench-engine: install
+	$(PY) benchmarks/bench_engine.py
 
 bench-ops: install
 	$(PY) benchmarks/bench_ops.py

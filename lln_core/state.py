@@ -66,6 +66,10 @@ class BatchedState:
         """Rows `index` of the batch, as a new state (a copy)."""
         return self._map(lambda t: t.index_select(0, index))
 
+    def rows(self, start: int, count: int):
+        """Rows [start, start + count) of the batch, as views (no copy)."""
+        return self._map(lambda t: t.narrow(0, start, count))
+
     def index_copy_(self, index: Tensor, source: BatchedState) -> None:
         """Write the rows of `source` into rows `index` of this state, in place."""
         for dst, src in zip(self._tensors(), source._tensors(), strict=True):

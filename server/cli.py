@@ -1,4 +1,4 @@
-"""`lln-serve` command line: serve | convert | generate."""
+"""`lln-serve` command line: serve | convert | generate | distill | analyze."""
 
 from __future__ import annotations
 
@@ -14,12 +14,43 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lln-serve", description="Long-context inference on LLN attention."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="start the OpenAI-compatible server (not available yet)")
+    _add_serve(commands.add_parser("serve", help="start the OpenAI-compatible HTTP server"))
     _add_convert(commands.add_parser("convert", help="convert a softmax checkpoint to LLN"))
     _add_generate(commands.add_parser("generate", help="generate text, streamed to the terminal"))
     _add_distill(commands.add_parser("distill", help="attention transfer (distillation stage 1)"))
     _add_analyze(commands.add_parser("analyze", help="the paper's instruments, per layer"))
     return parser
+
+
+# (flag, type, default, help); each flag also reads LLN_SERVE_<FLAG> from the environment
+SERVE_OPTIONS = [
+    ("--model", str, "smollm2-135m-lln", "registry name, checkpoint directory or hub id"),
+    ("--served-model-name", str, None, "model name in the API (default: --model)"),
+    ("--host", str, "127.0.0.1", "interface to listen on"),
+    ("--port", int, 8000, "TCP port"),
+    ("--api-key", str, None, "require 'Authorization: Bearer KEY' on /v1 routes"),
+    ("--cors-origins", str, "", "comma-separated allowed CORS origins ('*' for any)"),
+    ("--max-body-bytes", int, 4 * 2**20, "largest request body"),
+    ("--max-num-seqs", int, 8, "state slots: sequences running at once"),
+    ("--max-num-batched-tokens", int, 1024, "tokens per engine step"),
+    ("--max-waiting", int, 256, "queued requests beyond the slots (more get 503)"),
+    ("--prefill-chunk-size", int, 512, "longest prefill chunk per sequence and step"),
+    ("--device", str, "cpu", "cpu or cuda[:N]"),
+    ("--dtype", str, "float32", "weights: float32, bfloat16 or float16 (states stay float32)"),
+    ("--prefix-cache-mb", int, 256, "prefix-cache budget, MiB (0 disables)"),
+    ("--session-mb", int, 256, "session-state budget, MiB (0 disables)"),
+    ("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
+    ("--compile", int, 1, "compile decode steps (1) or run them eagerly (0)"),
+]
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    import os
+
+    for flag, kind, default, text in SERVE_OPTIONS:
+        env = "LLN_SERVE_" + flag[2:].upper().replace("-", "_")
+        value = os.environ.get(env, default)
+        parser.add_argument(flag, type=kind, default=value, help=f"{text} [env {env}]")
 
 
 def _add_analyze(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +214,38 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from server.config import EngineConfig, ServerConfig
+    from server.serve import serve
+
+    try:
+        engine_config = EngineConfig(
+            model=args.model,
+            max_num_seqs=int(args.max_num_seqs),
+            max_num_batched_tokens=int(args.max_num_batched_tokens),
+            max_waiting=int(args.max_waiting),
+            prefill_chunk_size=int(args.prefill_chunk_size),
+            device=args.device,
+            dtype=args.dtype,
+            prefix_cache_bytes=int(args.prefix_cache_mb) * 2**20,
+            session_bytes=int(args.session_mb) * 2**20,
+            session_ttl_s=float(args.session_ttl),
+            compile_decode=bool(int(args.compile)),
+        )
+        origins = tuple(o.strip() for o in str(args.cors_origins).split(",") if o.strip())
+        server_config = ServerConfig(
+            host=args.host,
+            port=int(args.port),
+            api_key=args.api_key or None,
+            cors_origins=origins,
+            max_body_bytes=int(args.max_body_bytes),
+            served_model_name=args.served_model_name,
+        )
+    except ValueError as error:
+        return _fail(str(error))
+    return serve(engine_config, server_config)
+
+
 def _fail(message: str) -> int:
     print(f"lln-serve: error: {message}", file=sys.stderr)
     return 2
@@ -191,12 +254,7 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        print(
-            "lln-serve serve: the HTTP server is not built yet (it lands with the server issue). "
-            "Available today: `lln-serve convert` and `lln-serve generate`.",
-            file=sys.stderr,
-        )
-        return 2
+        return run_serve(args)
     from models.errors import ConversionError
 
     run = {

@@ -119,6 +119,15 @@ class Scheduler:
         self.waiting.append(request)
         self._requests[request.request_id] = request
 
+    def add_forked(self, request: Request) -> None:
+        """Queue, first in line and past the max_waiting cap, a choice forked from a running
+        request (its n was counted when the request was accepted)."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        self._requests[request.request_id] = request
+
     def schedule(self) -> ScheduledBatch:
         """Plan one step. Never exceeds max_num_batched_tokens; decodes are never starved."""
         batch = ScheduledBatch(decodes=[r for r in self.running if _is_decoding(r)])

@@ -1,5 +1,8 @@
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as token_models
+from transformers import PreTrainedTokenizerFast
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -26,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not gpu_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer over characters (no hub, no files)."""
+    vocab = {"[UNK]": 0, "</s>": 1, " ": 2, **{chr(97 + i): 3 + i for i in range(26)}}
+    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters back to text without separators
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")

@@ -1,8 +1,4 @@
-import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as token_models
-from transformers import PreTrainedTokenizerFast
 
 from models import LLNConfig, LLNForCausalLM
 from models.configuration_lln import ATTENTION_KERNELS
@@ -42,12 +38,3 @@ def tiny_model(kernel: str, dtype=torch.float64, seed: int = 0, **overrides) -> 
             if hasattr(attn, "mix"):
                 attn.mix.uniform_(-1.0, 1.0)
     return model
-
-
-@pytest.fixture(scope="session")
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """A real fast tokenizer over characters (no hub, no files)."""
-    vocab = {"[UNK]": 0, "</s>": 1, " ": 2, **{chr(97 + i): 3 + i for i in range(26)}}
-    tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>")

@@ -2,13 +2,39 @@ import subprocess
 import sys
 
 
-def test_serve_says_it_is_not_ready_and_fails():
+def test_serve_rejects_bad_settings_with_a_message():
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve"], capture_output=True, text=True, check=False
-    )
+        [sys.executable, "-m", "server.cli", "serve", "--max-num-seqs", "0"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
     assert result.returncode == 2
-    assert "not built yet" in result.stderr
+    assert "max_num_seqs must be an integer >= 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_exits_with_the_reason_when_the_model_cannot_be_loaded(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(missing), "--port", "0"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "lln-serve serve: error:" in result.stderr and "cannot load" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_flags_read_environment_variables():
+    import os
+
+    from server.cli import build_parser
+
+    os.environ["LLN_SERVE_MAX_NUM_SEQS"] = "5"
+    try:
+        args = build_parser().parse_args(["serve"])
+    finally:
+        del os.environ["LLN_SERVE_MAX_NUM_SEQS"]
+    assert args.max_num_seqs == 5 and args.port == 8000
+    assert build_parser().parse_args(["serve", "--max-num-seqs", "7"]).max_num_seqs == 7
 
 
 def test_unknown_command_is_a_usage_error():

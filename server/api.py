@@ -1,0 +1,573 @@
+"""FastAPI app: OpenAI-compatible routes, SSE streaming, API keys, errors, health, metrics.
+
+Every error is `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status; a
+failure after a stream started is sent as an error event, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.async_engine import AsyncEngine, EngineDeadError
+from server.engine import RequestOutput, TokenLogprob
+from server.errors import QueueFullError
+from server.metrics import Metrics
+from server.prefix_cache import SessionError
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+    new_id,
+)
+
+logger = logging.getLogger("lln_serve.api")
+VERSION = "0.1.0"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type_, param, code,
+        )  # fmt: skip
+        self.headers = headers or {}
+
+
+@dataclass
+class ServerState:
+    """What the routes need; `engine` is None while the model loads (health answers 503)."""
+
+    model_names: list[str]
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 2**20
+    engine: AsyncEngine | None = None
+    metrics: Metrics | None = None
+    loading_error: str | None = None
+    tasks: set = field(default_factory=set)
+
+
+def build_app(state: ServerState, cors_origins: list[str] | None = None) -> FastAPI:
+    app = FastAPI(title="lln-serve", version=VERSION)
+    app.state.server = state
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+def _error_body(status: int, message: str, type_: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code or status}}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, error: APIError):
+        body = _error_body(error.status, error.message, error.type, error.param, error.code)
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError):
+        return _invalid(error.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException):
+        type_ = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        body = _error_body(error.status_code, str(error.detail), type_)
+        return JSONResponse(body, status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, error: Exception):
+        logger.exception("unhandled error")
+        body = _error_body(500, f"internal error: {type(error).__name__}", "internal_error")
+        return JSONResponse(body, status_code=500)
+
+
+def _invalid(errors: list) -> JSONResponse:
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    return JSONResponse(_error_body(400, message, "invalid_request_error", param), 400)
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health():
+        if state.engine is not None and state.engine.is_healthy:
+            return {"status": "ok"}
+        status = "loading" if state.engine is None and not state.loading_error else "unhealthy"
+        return JSONResponse({"status": status, "error": state.loading_error}, status_code=503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            return Response(b"", media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(request, state)
+        return ModelList(data=[ModelCard(id=name) for name in state.model_names])
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, state, CompletionRequest)
+        return await _completions(request, state, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _parse(request, state, ChatCompletionRequest)
+        return await _chat(request, state, body)
+
+
+# ---- request parsing ---------------------------------------------------------------------------
+
+
+def _authorize(request: Request, state: ServerState) -> None:
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.encode(), state.api_key.encode()
+    ):
+        raise APIError(
+            401, "invalid or missing API key", "authentication_error", code="invalid_api_key"
+        )
+
+
+async def _parse(request: Request, state: ServerState, schema):
+    _authorize(request, state)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
+        raise _too_large(state)
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > state.max_body_bytes:
+            raise _too_large(state)
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise APIError(400, f"malformed JSON body: {error}", "invalid_request_error") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", "invalid_request_error")
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as error:
+        response = _invalid(error.errors())
+        payload = json.loads(response.body)["error"]
+        raise APIError(400, payload["message"], payload["type"], payload["param"]) from None
+    if body.model not in state.model_names:
+        raise APIError(
+            404, f"The model `{body.model}` does not exist.", "not_found_error", "model",
+            code="model_not_found",
+        )  # fmt: skip
+    if state.engine is None or not state.engine.is_healthy:
+        raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+                       headers={"Retry-After": "5"})  # fmt: skip
+    return body
+
+
+def _too_large(state: ServerState) -> APIError:
+    return APIError(413, f"request body larger than {state.max_body_bytes} bytes",
+                    "invalid_request_error", code="request_too_large")  # fmt: skip
+
+
+def _sampling(build) -> object:
+    try:
+        return build()
+    except ValueError as error:
+        message = str(error)
+        param = message.split(" ", 1)[0]
+        raise APIError(400, message, "invalid_request_error", param) from None
+
+
+# ---- engine calls ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
+
+
+async def _outputs(
+    state: ServerState, request_id: str, prompt_ids: list[int], params, session_id
+) -> AsyncIterator[RequestOutput]:
+    """The engine's stream for one prompt, with metrics and errors mapped to API errors."""
+    engine = state.engine
+    try:
+        async for out in engine.generate(request_id, prompt_ids, params, session_id):
+            if state.metrics is not None:
+                state.metrics.observe(out)
+            yield out
+    except QueueFullError as error:
+        raise APIError(
+            503, str(error), "service_unavailable", headers={"Retry-After": "1"}
+        ) from None
+    except SessionError as error:
+        raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+    except ValueError as error:
+        raise APIError(400, str(error), "invalid_request_error") from None
+    except EngineDeadError as error:
+        raise APIError(503, str(error), "service_unavailable") from None
+
+
+async def _merged(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several prompts as they come: (prompt number, output)."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(number: int, stream):
+        try:
+            async for out in stream:
+                await queue.put((number, out))
+        except BaseException as error:
+            await queue.put((number, error))
+        finally:
+            await queue.put((number, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            number, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield number, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(choices: list[_Choice], prompts: list[_Choice]) -> Usage:
+    prompt_tokens = sum(c.num_prompt_tokens for c in prompts)
+    completion = sum(len(c.token_ids) for c in choices)
+    cached = sum(c.num_cached_tokens for c in prompts)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+async def _until_disconnect(request: Request, work):
+    """Run `work`; if the client goes away first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected", "client_closed_request")
+    return task.result()
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+
+
+async def _completions(request: Request, state: ServerState, body: CompletionRequest):
+    tokenizer = state.engine.engine.tokenizer
+    prompts = [
+        tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p
+        for p in body.prompts()
+    ]
+    if any(not p for p in prompts):
+        raise APIError(
+            400, "prompt must contain at least one token", "invalid_request_error", "prompt"
+        )
+    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
+        raise APIError(
+            400, "logprobs must be between 0 and 20", "invalid_request_error", "logprobs"
+        )
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    params = _sampling(lambda: body.sampling_params(
+        body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
+    ))  # fmt: skip
+    if not state.engine.engine.can_accept(len(prompts) * body.n):
+        raise APIError(503, "the server is overloaded; retry later", "service_unavailable",
+                       headers={"Retry-After": "1"})  # fmt: skip
+    request_id = new_id("cmpl")
+    streams = [
+        _outputs(state, f"{request_id}-{i}", ids, params, body.session_id)
+        for i, ids in enumerate(prompts)
+    ]
+    n = body.n
+    choices = [_Choice(i * n + j) for i in range(len(prompts)) for j in range(n)]
+    echo_texts = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+    if body.stream:
+        first = await _first_or_error(_merged(streams))
+        return _sse(_completion_events(state, body, request_id, first, choices, prompts,
+                                       echo_texts, tokenizer))  # fmt: skip
+    return await _until_disconnect(request, _completion_full(
+        state, body, request_id, _merged(streams), choices, prompts, echo_texts, tokenizer
+    ))  # fmt: skip
+
+
+async def _completion_full(state, body, request_id, merged, choices, prompts, echo, tokenizer):
+    async for number, out in merged:
+        _accumulate(choices[number * body.n + out.index], out)
+    result = []
+    for choice in choices:
+        number = choice.index // body.n
+        text = echo[number] + choice.text
+        result.append(CompletionChoice(
+            index=choice.index, text=text, finish_reason=choice.finish_reason,
+            logprobs=_completion_logprobs(choice, tokenizer, prompts[number], body, echo[number]),
+        ))  # fmt: skip
+    firsts = [choices[i * body.n] for i in range(len(prompts))]
+    return CompletionResponse(
+        id=request_id, model=body.model, choices=result, usage=_usage(choices, firsts)
+    )
+
+
+def _accumulate(choice: _Choice, out: RequestOutput) -> None:
+    choice.text += out.text
+    choice.token_ids += out.token_ids
+    choice.logprobs += out.logprobs or []
+    choice.num_prompt_tokens = out.num_prompt_tokens
+    choice.num_cached_tokens = out.num_cached_tokens
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
+    if out.finished:
+        choice.finish_reason = out.finish_reason
+    if out.error is not None:
+        raise APIError(500, f"generation failed: {out.error}", "internal_error")
+
+
+def _completion_logprobs(
+    choice, tokenizer, prompt_ids, body, echo_text
+) -> CompletionLogprobs | None:
+    if body.logprobs is None:
+        return None
+    entries: list[TokenLogprob | None] = []
+    if body.echo:
+        entries += choice.prompt_logprobs or [None] * len(prompt_ids)
+    entries += choice.logprobs
+    tokens = [tokenizer.decode([t]) for t in (prompt_ids if body.echo else [])]
+    tokens += [tokenizer.decode([e.token_id]) for e in choice.logprobs]
+    result = CompletionLogprobs()
+    offset = 0
+    for token, entry in zip(tokens, entries, strict=True):
+        result.tokens.append(token)
+        result.text_offset.append(offset)
+        offset += len(token)
+        if entry is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            result.token_logprobs.append(entry.logprob)
+            result.top_logprobs.append({tokenizer.decode([t]): lp for t, lp in entry.top})
+    return result
+
+
+async def _completion_events(state, body, request_id, first, choices, prompts, echo, tokenizer):
+    n = body.n
+    merged, pending = first
+    sent_echo = set()
+    try:
+        async for number, out in _chain(pending, merged):
+            choice = choices[number * n + out.index]
+            _accumulate(choice, out)
+            text = out.text
+            if body.echo and choice.index not in sent_echo:
+                sent_echo.add(choice.index)
+                text = echo[number] + text
+            logprobs = None
+            if body.logprobs is not None and out.logprobs:
+                step = _Choice(choice.index, logprobs=out.logprobs)
+                logprobs = _completion_logprobs(
+                    step, tokenizer, [], body.model_copy(update={"echo": False}), ""
+                )
+            chunk = CompletionResponse(id=request_id, model=body.model, choices=[CompletionChoice(
+                index=choice.index, text=text, logprobs=logprobs,
+                finish_reason=out.finish_reason if out.finished else None,
+            )])  # fmt: skip
+            yield _event(chunk.model_dump(exclude_none=False))
+        if body.stream_options and body.stream_options.include_usage:
+            firsts = [choices[i * n] for i in range(len(prompts))]
+            usage = CompletionResponse(id=request_id, model=body.model, choices=[],
+                                       usage=_usage(choices, firsts))  # fmt: skip
+            yield _event(usage.model_dump())
+    except APIError as error:
+        yield _event(_error_body(error.status, error.message, error.type, error.param, error.code))
+    yield "data: [DONE]\n\n"
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------------
+
+
+async def _chat(request: Request, state: ServerState, body: ChatCompletionRequest):
+    tokenizer = state.engine.engine.tokenizer
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as error:  # the template refuses some conversations (e.g. role order)
+        raise APIError(
+            400, f"chat template: {error}", "invalid_request_error", "messages"
+        ) from None
+    if hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= 20:
+        raise APIError(400, "top_logprobs must be between 0 and 20", "invalid_request_error",
+                       "top_logprobs")  # fmt: skip
+    max_tokens = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
+    logprobs = (top or 0) if body.logprobs else None
+    params = _sampling(lambda: body.sampling_params(max_tokens, logprobs=logprobs))
+    if not state.engine.engine.can_accept(body.n):
+        raise APIError(503, "the server is overloaded; retry later", "service_unavailable",
+                       headers={"Retry-After": "1"})  # fmt: skip
+    request_id = new_id("chatcmpl")
+    stream = _outputs(state, request_id, list(ids), params, body.session_id)
+    choices = [_Choice(i) for i in range(body.n)]
+    if body.stream:
+        first = await _first_or_error(_merged([stream]))
+        return _sse(_chat_events(body, request_id, first, choices, tokenizer))
+    return await _until_disconnect(
+        request, _chat_full(body, request_id, stream, choices, tokenizer)
+    )
+
+
+async def _chat_full(body, request_id, stream, choices, tokenizer):
+    async for out in stream:
+        _accumulate(choices[out.index], out)
+    result = [
+        ChatChoice(
+            index=c.index,
+            message=AssistantMessage(content=c.text),
+            logprobs=_chat_logprobs(c.logprobs, tokenizer) if body.logprobs else None,
+            finish_reason=c.finish_reason,
+        )
+        for c in choices
+    ]
+    return ChatCompletionResponse(
+        id=request_id, model=body.model, choices=result, usage=_usage(choices, choices[:1])
+    )
+
+
+def _chat_logprobs(entries: list[TokenLogprob], tokenizer) -> ChatLogprobs:
+    def top_entry(token_id: int, logprob: float) -> TopLogprob:
+        text = tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    content = []
+    for e in entries:
+        head = top_entry(e.token_id, e.logprob)
+        content.append(ChatTokenLogprob(
+            **head.model_dump(), top_logprobs=[top_entry(t, lp) for t, lp in e.top]
+        ))  # fmt: skip
+    return ChatLogprobs(content=content)
+
+
+async def _chat_events(body, request_id, first, choices, tokenizer):
+    merged, pending = first
+    started = set()
+    try:
+        async for _, out in _chain(pending, merged):
+            choice = choices[out.index]
+            _accumulate(choice, out)
+            delta = DeltaMessage(content=out.text)
+            if out.index not in started:
+                started.add(out.index)
+                delta.role = "assistant"
+            logprobs = _chat_logprobs(out.logprobs or [], tokenizer) if body.logprobs else None
+            chunk = ChatCompletionChunk(id=request_id, model=body.model, choices=[ChatChunkChoice(
+                index=out.index, delta=delta, logprobs=logprobs,
+                finish_reason=out.finish_reason if out.finished else None,
+            )])  # fmt: skip
+            yield _event(chunk.model_dump(exclude_none=True))
+        if body.stream_options and body.stream_options.include_usage:
+            usage = ChatCompletionChunk(id=request_id, model=body.model, choices=[],
+                                        usage=_usage(choices, choices[:1]))  # fmt: skip
+            yield _event(usage.model_dump(exclude_none=True))
+    except APIError as error:
+        yield _event(_error_body(error.status, error.message, error.type, error.param, error.code))
+    yield "data: [DONE]\n\n"
+
+
+# ---- SSE helpers ---------------------------------------------------------------------------------
+
+
+async def _first_or_error(merged):
+    """Wait for the first output before answering, so that errors that come before any
+    output (queue full, bad session, bad input) get their HTTP status, not a stream."""
+    try:
+        first = await merged.__anext__()
+    except StopAsyncIteration:
+        return merged, []
+    return merged, [first]
+
+
+async def _chain(pending: list, merged):
+    for item in pending:
+        yield item
+    async for item in merged:
+        yield item
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _sse(events) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -1,0 +1,146 @@
+"""The engine loop on its own thread, feeding one asyncio stream per request.
+
+The event loop never runs model code: requests and aborts go to the loop thread through an
+inbox, outputs come back with `call_soon_threadsafe`. An abort (or a client that goes away)
+is applied before the next step, so its slot is free within one step. If the loop itself
+crashes, the engine is marked unhealthy and every open stream gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine import LLMEngine, RequestOutput
+from server.errors import QueueFullError
+from server.request import SamplingParams
+
+logger = logging.getLogger("lln_serve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an error; the server reports unhealthy."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.error: BaseException | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lln-engine", daemon=True)
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive() and not self._stopping
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        session_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs until all its n choices finish. Raises what
+        `LLMEngine.add_request` raises (before any output), or EngineDeadError."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        if not self.engine.can_accept(params.n):
+            raise QueueFullError(self.engine.config.max_waiting)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        added = loop.create_future()
+        self._streams[request_id] = stream
+        self._send(("add", request_id, prompt_token_ids, params, session_id, added, loop))
+        finished = 0
+        try:
+            await added
+            while finished < params.n:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished += item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if finished < params.n:
+                self.abort(request_id)  # the consumer went away, or an error: free the slots
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if self.engine.has_unfinished():
+                    self._dispatch(self.engine.step())
+                else:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+        except BaseException as error:
+            logger.exception("the engine loop crashed")
+            self.error = error
+            dead = EngineDeadError(f"the engine loop crashed: {type(error).__name__}: {error}")
+            for stream in list(self._streams.values()):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, dead)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "abort":
+                self.engine.abort(message[1])
+                continue
+            _, request_id, prompt, params, session_id, added, loop = message
+            try:
+                self.engine.add_request(request_id, prompt, params, session_id)
+            except Exception as error:  # bad input, queue full, session busy: the caller's
+                loop.call_soon_threadsafe(_settle, added, error)
+            else:
+                loop.call_soon_threadsafe(_settle, added, None)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

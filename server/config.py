@@ -1,0 +1,72 @@
+"""Engine configuration: one frozen dataclass, validated; CLI flags and env vars map 1:1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine serves one model.
+
+    max_num_seqs: state slots (sequences decoding at once), allocated at start.
+    max_num_batched_tokens: tokens per step (decodes first, prefill chunks get the rest).
+    max_waiting: requests queued beyond the slots; more are refused before any work.
+    prefill_chunk_size: longest prefill chunk; prefix-cache snapshots land on its multiples.
+    prefix_cache_bytes / session_bytes: byte budgets of saved states (0 disables).
+    session_ttl_s: idle sessions older than this are evicted.
+    compile_decode: decode steps through torch.compile'd layers (`LLNModel.compile_decode`).
+    """
+
+    model: str = "smollm2-135m-lln"
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 1024
+    max_waiting: int = 256
+    prefill_chunk_size: int = 512
+    device: str = "cpu"
+    dtype: str = "float32"
+    prefix_cache_bytes: int = 256 * 2**20
+    session_bytes: int = 256 * 2**20
+    session_ttl_s: float = 3600.0
+    compile_decode: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes each step"
+            )
+        for name in ("prefix_cache_bytes", "session_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.session_ttl_s <= 0:
+            raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP layer: where it listens, who may call it, how big a request may be."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 2**20
+    served_model_name: str | None = None  # defaults to the engine's model
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")

@@ -1,0 +1,81 @@
+"""ScheduledBatch -> tensors -> model forward with slot states -> logits.
+
+Decodes and prefill chunks run as two forwards: decode rows are one token each (compiled
+layers when enabled), prefill rows are chunks right-padded to the longest. Putting decodes in
+the padded prefill batch would compute every decode row at the chunk's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.modeling_lln import LLNForCausalLM
+from server.scheduler import PrefillChunk, ScheduledBatch
+from server.state_pool import StatePool
+
+
+@dataclass
+class RunnerOutput:
+    """logits [R, V] (float32) for batch.sampling_requests, in that order; prompt_logits maps a
+    prefill chunk's request id to its logits at every chunk position [n, V] (only requests
+    that asked for prompt logprobs)."""
+
+    logits: Tensor
+    prompt_logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: LLNForCausalLM, pool: StatePool) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = model.lm_head.weight.device
+
+    @torch.no_grad()
+    def run(self, batch: ScheduledBatch) -> RunnerOutput:
+        rows: list[Tensor] = []
+        if batch.decodes:
+            rows.append(self._decode(batch))
+        prompt_logits: dict[str, Tensor] = {}
+        if batch.prefills:
+            last, prompt_logits = self._prefill(batch.prefills)
+            finishing = [i for i, c in enumerate(batch.prefills) if c.is_last]
+            rows.append(last[finishing])
+        vocab = self.model.config.vocab_size
+        logits = torch.cat(rows) if rows else torch.empty(0, vocab, device=self.device)
+        return RunnerOutput(logits.float(), prompt_logits)
+
+    def _decode(self, batch: ScheduledBatch) -> Tensor:
+        # in slot order, so that consecutive slots are gathered as views
+        order = sorted(range(len(batch.decodes)), key=lambda i: batch.decodes[i].slot)
+        requests = [batch.decodes[i] for i in order]
+        slots = [r.slot for r in requests]
+        ids = torch.tensor([[r.last_token_id] for r in requests], device=self.device)
+        logits, states = self.model.forward_states(ids, self.pool.gather(slots))
+        self.pool.scatter(slots, states)
+        inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
+        inverse[torch.tensor(order, device=self.device)] = torch.arange(
+            len(order), device=self.device
+        )
+        return logits[inverse, -1]
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Last-position logits of every chunk [C, V], and full logits where asked."""
+        slots = [c.request.slot for c in chunks]
+        lengths = torch.tensor([c.num_tokens for c in chunks], device=self.device)
+        ids = torch.zeros(len(chunks), int(lengths.max()), dtype=torch.long, device=self.device)
+        for row, chunk in enumerate(chunks):
+            ids[row, : chunk.num_tokens] = torch.tensor(chunk.token_ids, device=self.device)
+        padded = None if bool((lengths == ids.shape[1]).all()) else lengths
+        hidden, states = self.model.model(ids, self.pool.gather(slots), padded)
+        self.pool.scatter(slots, states)
+        rows = torch.arange(len(chunks), device=self.device)
+        last = self.model.lm_head(hidden[rows, lengths - 1])
+        prompt_logits = {
+            c.request.request_id: self.model.lm_head(hidden[row, : c.num_tokens]).float()
+            for row, c in enumerate(chunks)
+            if c.request.sampling_params.prompt_logprobs is not None
+        }
+        return last, prompt_logits

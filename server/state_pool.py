@@ -71,6 +71,13 @@ class StatePool:
 
     def scatter(self, slots: list[int], states: States) -> None:
         """Write a batch of states back into `slots`."""
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            for pool_state, new in zip(self.states, states, strict=True):
+                for dst, src in zip(pool_state.rows(first, len(slots)).flat(), new.flat(),
+                                    strict=True):  # fmt: skip
+                    dst.copy_(src)
+            return
         index = self._index(slots)
         for pool_state, new in zip(self.states, states, strict=True):
             pool_state.index_copy_(index, new)

@@ -70,7 +70,6 @@ class ServerState:
     engine: AsyncEngine | None = None
     metrics: Metrics | None = None
     loading_error: str | None = None
-    tasks: set = field(default_factory=set)
 
 
 def build_app(state: ServerState, cors_origins: list[str] | None = None) -> FastAPI:
@@ -445,7 +444,7 @@ async def _completion_events(state, body, request_id, first, choices, prompts, e
                                        usage=_usage(choices, firsts))  # fmt: skip
             yield _event(usage.model_dump())
     except APIError as error:
-        yield _event(_error_body(error.status, error.message, error.type, error.param, error.code))
+        yield _error_event(error)
     yield "data: [DONE]\n\n"
 
 
@@ -539,7 +538,7 @@ async def _chat_events(body, request_id, first, choices, tokenizer):
                                         usage=_usage(choices, choices[:1]))  # fmt: skip
             yield _event(usage.model_dump(exclude_none=True))
     except APIError as error:
-        yield _event(_error_body(error.status, error.message, error.type, error.param, error.code))
+        yield _error_event(error)
     yield "data: [DONE]\n\n"
 
 
@@ -561,6 +560,10 @@ async def _chain(pending: list, merged):
         yield item
     async for item in merged:
         yield item
+
+
+def _error_event(error: APIError) -> str:
+    return _event(_error_body(error.status, error.message, error.type, error.param, error.code))
 
 
 def _event(payload: dict) -> str:

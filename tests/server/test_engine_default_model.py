@@ -1,12 +1,12 @@
 """The engine on the real default model (slow: first use prepares the model)."""
 
 import pytest
-import torch
 
 from models.registry import DEFAULT_MODEL, load_model
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.request import SamplingParams
+from tests.server.test_engine import greedy_alone
 
 pytestmark = pytest.mark.slow
 
@@ -14,16 +14,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     return load_model(DEFAULT_MODEL)
-
-
-@torch.no_grad()
-def greedy_alone(model, prompt: list[int], max_tokens: int) -> list[int]:
-    logits, states = model.forward_states(torch.tensor([prompt]))
-    tokens = []
-    for _ in range(max_tokens):
-        tokens.append(int(logits[0, -1].argmax()))
-        logits, states = model.forward_states(torch.tensor([[tokens[-1]]]), states)
-    return tokens
 
 
 def test_batched_chunked_generation_equals_each_prompt_alone(model_and_tokenizer):

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test tools lint format bench-ops bench-engine clean
+.PHONY: install run test tools lint format bench-ops bench-model bench-engine bench-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,11 +34,18 @@ test: lint tools
 tools:
 	@command -v promtool >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+				|| echo "could not install prometheus (promtool): its tests will say so" >&2; \
 		else echo "promtool missing: install Debian's prometheus package" >&2; fi; }
+
+bench-model: install
+	$(PY) benchmarks/bench_model.py
 
 bench-engine: install
 	$(PY) benchmarks/bench_engine.py
+
+bench-serving: install
+	$(PY) benchmarks/bench_serving.py
 
 bench-ops: install
 	$(PY) benchmarks/bench_ops.py

@@ -1,0 +1,171 @@
+"""Quality of the default model's variants next to the softmax teacher, where it matters for
+long context: perplexity by token position, passkey retrieval, state bytes, chat samples.
+
+    .venv/bin/python benchmarks/bench_quality.py [--quick] [--out benchmarks/results]
+
+- Perplexity by position bucket over 4K-token windows of held-out text (GPL-3, Debian
+  base-files; never trained or calibrated on): a constant-size state earns its keep if the
+  buckets past the local window beat the local window alone.
+- Passkey retrieval: a five-digit number stated once at the start of filler text of about
+  1K / 4K tokens, asked for at the end; greedy answer checked, over several keys and depths.
+- Chat samples: greedy answers to a few chat prompts, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from eval_perplexity import load_variant  # benchmarks/, the script's folder
+
+from lln_core.state import kv_cache_bytes
+from models.evaluate import evaluation_text
+from models.registry import DEFAULT_MODEL, load_model, resolve
+
+VARIANTS = {
+    "softmax teacher": dict(attention_kernel="softmax"),
+    "window 64 + 4 sinks only": dict(mix=float("-inf")),
+    f"{DEFAULT_MODEL} (window 64 + 4 sinks + LLN, distilled)": dict(),
+}
+BUCKETS = [(0, 64), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)]
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+CHATS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "Give me three colours.",
+]
+
+
+@torch.no_grad()
+def position_nll(model, ids: torch.Tensor, window: int = 4096) -> list[float]:
+    """Mean next-token NLL per bucket of positions, over non-overlapping windows."""
+    sums, counts = [0.0] * len(BUCKETS), [0] * len(BUCKETS)
+    for start in range(0, ids.numel() - window + 1, window):
+        chunk = ids[start : start + window][None]
+        logits, _ = model.forward_states(chunk)
+        nll = torch.nn.functional.cross_entropy(
+            logits[0, :-1].float(), chunk[0, 1:], reduction="none"
+        )
+        for b, (lo, hi) in enumerate(BUCKETS):
+            part = nll[lo : hi - 1]
+            sums[b] += part.sum().item()
+            counts[b] += part.numel()
+    return [math.exp(s / max(c, 1)) for s, c in zip(sums, counts, strict=True)]
+
+
+@torch.no_grad()
+def greedy(model, ids: list[int], max_tokens: int) -> list[int]:
+    logits, states = model.forward_states(torch.tensor([ids]), logits_to_keep=1)
+    out = []
+    for _ in range(max_tokens):
+        out.append(int(logits[0, -1].argmax()))
+        logits, states = model.forward_states(torch.tensor([[out[-1]]]), states)
+    return out
+
+
+def passkey_prompt(tokenizer, key: int, length: int, depth: float) -> list[int]:
+    filler = tokenizer(FILLER, add_special_tokens=False).input_ids
+    needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ",
+                       add_special_tokens=False).input_ids  # fmt: skip
+    question = tokenizer(
+        " What is the pass key? The pass key is", add_special_tokens=False
+    ).input_ids
+    body_len = length - len(needle) - len(question)
+    body = (filler * (body_len // len(filler) + 1))[:body_len]
+    at = int(depth * body_len)
+    return body[:at] + needle + body[at:] + question
+
+
+def passkey_accuracy(model, tokenizer, length: int, trials: int) -> float:
+    rng = random.Random(length)
+    hits = 0
+    for t in range(trials):
+        key = rng.randrange(10_000, 100_000)
+        depth = t / max(trials - 1, 1) * 0.9
+        answer = tokenizer.decode(greedy(model, passkey_prompt(tokenizer, key, length, depth), 6))
+        hits += str(key) in answer
+    return hits / trials
+
+
+def chat_samples(model, tokenizer, max_tokens: int) -> list[str]:
+    answers = []
+    for question in CHATS:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+        )
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        text = tokenizer.decode(greedy(model, list(ids), max_tokens), skip_special_tokens=True)
+        answers.append(" ".join(text.split()))
+    return answers
+
+
+def state_size(model) -> int:
+    """Bytes one sequence holds: the constant state, or the softmax KV cache at 4K tokens."""
+    config = model.config
+    if config.attention_kernel == "softmax":
+        shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        return kv_cache_bytes(4096, *shape, bytes_per_elem=4)
+    return sum(s.nbytes for s in model.empty_states(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer trials, shorter samples")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    trials, chat_tokens = (2, 12) if args.quick else (5, 40)
+    path = resolve(DEFAULT_MODEL)
+    _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
+    ids = torch.tensor(tokenizer(evaluation_text())["input_ids"])
+    rows, chats = [], {}
+    for name, overrides in VARIANTS.items():
+        model = load_variant(path, overrides)
+        state_bytes = state_size(model)
+        buckets = position_nll(model, ids)
+        keys = [passkey_accuracy(model, tokenizer, n, trials) for n in (1024, 4096)]
+        chats[name] = chat_samples(model, tokenizer, chat_tokens)
+        rows.append((name, buckets, keys, state_bytes))
+        print(name, buckets, keys, state_bytes, flush=True)
+    print(report(rows, chats, trials, ids.numel(), args.out))
+
+
+def report(rows, chats, trials: int, num_tokens: int, out: Path) -> str:
+    bucket_names = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    lines = [
+        f"# Quality of {DEFAULT_MODEL} variants",
+        "",
+        f"`.venv/bin/python benchmarks/bench_quality.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC, "
+        f"float32, CPU. Perplexity by token position within 4,096-token windows of GPL-3 "
+        f"({num_tokens:,} tokens); passkey: {trials} keys at depths 0..90%, greedy; state bytes "
+        "per sequence (softmax: its float32 KV cache at 4K tokens; LLN variants: at any length).",
+        "",
+        "| variant | " + " | ".join(f"ppl {b}" for b in bucket_names)
+        + " | passkey 1K | passkey 4K | state |",
+        "|---|" + "---|" * (len(BUCKETS) + 3),
+    ]  # fmt: skip
+    for name, buckets, keys, state_bytes in rows:
+        lines.append(
+            f"| {name} | " + " | ".join(f"{p:.1f}" for p in buckets)
+            + f" | {keys[0]:.0%} | {keys[1]:.0%} | {state_bytes / 2**20:.2f} MiB |"
+        )  # fmt: skip
+    lines += ["", "Chat samples (greedy):", ""]
+    for i, question in enumerate(CHATS):
+        lines.append(f"**{question}**")
+        lines.append("")
+        for name, answers in chats.items():
+            lines.append(f"- {name}: {answers[i]}")
+        lines.append("")
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_quality.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

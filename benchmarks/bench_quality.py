@@ -60,12 +60,16 @@ def position_nll(model, ids: torch.Tensor, window: int = 4096) -> list[float]:
 
 
 @torch.no_grad()
-def greedy(model, ids: list[int], max_tokens: int) -> list[int]:
+def greedy(model, ids: list[int], max_tokens: int, stop: int | None = None) -> list[int]:
+    """Greedy continuation, up to max_tokens or the `stop` token (not included)."""
     logits, states = model.forward_states(torch.tensor([ids]), logits_to_keep=1)
     out = []
     for _ in range(max_tokens):
-        out.append(int(logits[0, -1].argmax()))
-        logits, states = model.forward_states(torch.tensor([[out[-1]]]), states)
+        token = int(logits[0, -1].argmax())
+        if token == stop:
+            break
+        out.append(token)
+        logits, states = model.forward_states(torch.tensor([[token]]), states)
     return out
 
 
@@ -100,7 +104,8 @@ def chat_samples(model, tokenizer, max_tokens: int) -> list[str]:
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
         )
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        text = tokenizer.decode(greedy(model, list(ids), max_tokens), skip_special_tokens=True)
+        answer = greedy(model, list(ids), max_tokens, stop=tokenizer.eos_token_id)
+        text = tokenizer.decode(answer, skip_special_tokens=True)
         answers.append(" ".join(text.split()))
     return answers
 

@@ -326,6 +326,9 @@ async def _completions(request: Request, state: ServerState, body: CompletionReq
         tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p
         for p in body.prompts()
     ]
+    if body.session_id is not None and len(prompts) > 1:
+        raise APIError(400, "a request with a session_id takes one prompt", "invalid_request_error",
+                       "session_id")  # fmt: skip
     if any(not p for p in prompts):
         raise APIError(
             400, "prompt must contain at least one token", "invalid_request_error", "prompt"

@@ -137,8 +137,8 @@ def lln_diag_step(
     else:
         y_local = torch.softmax(logits, dim=-1) @ cache.v
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
-    new_state = _new_state(p.state, S, z, m, 1, cache)
-    new_state.num_tokens = plan.num_tokens
+    new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
+                         plan.num_tokens, cache)  # fmt: skip
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
 
 

@@ -144,6 +144,12 @@ def test_max_completion_tokens_wins_over_max_tokens(server):
     assert body["usage"]["completion_tokens"] == 2
 
 
+def test_a_session_takes_one_prompt(server):
+    client, _ = server
+    response = complete(client, prompt=["ab", "cd"], session_id="s2")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "session_id"
+
+
 def test_session_continuation_reports_cached_tokens(server):
     client, _ = server
     first = complete(client, prompt="abcdef", session_id="s1", ignore_eos=True).json()

@@ -289,3 +289,15 @@ def test_metrics_are_valid_exposition_with_the_documented_names(server):
     assert samples["lln:generation_tokens_total"].value == 5
     assert samples["lln:state_slots_allocated"].value == 4
     assert samples["lln:state_slots_allocated"].labels == {"model_name": MODEL}
+
+
+def test_cors_origins_are_honoured():
+    state = ServerState(model_names=[MODEL])
+    with TestClient(build_app(state, cors_origins=["http://app.example"])) as client:
+        preflight = client.options(
+            "/v1/completions",
+            headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        other = client.get("/version", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

@@ -267,8 +267,9 @@ class LLNModel(LLNPreTrainedModel):
 def compile_decode_layer(template: BatchedState) -> Callable:
     """One decode step of one decoder layer, compiled; states go in and out as flat tensors.
 
-    Eager, a batch-1 decode step is ~100 tiny ops per layer whose dispatch costs more than their
-    arithmetic; compiled, the elementwise work fuses into a few kernels around the matrix
+    Eager, a batch-1 decode step is dozens of small ops per layer whose dispatch costs more than
+    their arithmetic (attention step: 417 us eager, 149 us compiled); compiled, the elementwise
+    work fuses into a few kernels around the matrix
     products (measured on SmolLM2-135M, CPU: 30 layers 71 -> 52 ms). Layers share one
     compilation (parameters are graph inputs); a second batch size adds one with a dynamic
     batch dimension. `template` gives the state's structure (its tensors are not used).

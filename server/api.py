@@ -354,14 +354,14 @@ async def _completions(request: Request, state: ServerState, body: CompletionReq
     echo_texts = [tokenizer.decode(ids) if body.echo else "" for ids in prompts]
     if body.stream:
         first = await _first_or_error(_merged(streams))
-        return _sse(_completion_events(state, body, request_id, first, choices, prompts,
+        return _sse(_completion_events(body, request_id, first, choices, prompts,
                                        echo_texts, tokenizer))  # fmt: skip
     return await _until_disconnect(request, _completion_full(
-        state, body, request_id, _merged(streams), choices, prompts, echo_texts, tokenizer
+        body, request_id, _merged(streams), choices, prompts, echo_texts, tokenizer
     ))  # fmt: skip
 
 
-async def _completion_full(state, body, request_id, merged, choices, prompts, echo, tokenizer):
+async def _completion_full(body, request_id, merged, choices, prompts, echo, tokenizer):
     async for number, out in merged:
         _accumulate(choices[number * body.n + out.index], out)
     result = []
@@ -370,7 +370,9 @@ async def _completion_full(state, body, request_id, merged, choices, prompts, ec
         text = echo[number] + choice.text
         result.append(CompletionChoice(
             index=choice.index, text=text, finish_reason=choice.finish_reason,
-            logprobs=_completion_logprobs(choice, tokenizer, prompts[number], body, echo[number]),
+            logprobs=None if body.logprobs is None else _completion_logprobs(
+                choice, tokenizer, prompts[number], body.echo
+            ),
         ))  # fmt: skip
     firsts = [choices[i * body.n] for i in range(len(prompts))]
     return CompletionResponse(
@@ -392,16 +394,13 @@ def _accumulate(choice: _Choice, out: RequestOutput) -> None:
         raise APIError(500, f"generation failed: {out.error}", "internal_error")
 
 
-def _completion_logprobs(
-    choice, tokenizer, prompt_ids, body, echo_text
-) -> CompletionLogprobs | None:
-    if body.logprobs is None:
-        return None
+def _completion_logprobs(choice: _Choice, tokenizer, prompt_ids: list[int], echo: bool):
+    """OpenAI's completion logprobs of the choice's tokens, after the prompt's when echoed."""
     entries: list[TokenLogprob | None] = []
-    if body.echo:
+    if echo:
         entries += choice.prompt_logprobs or [None] * len(prompt_ids)
     entries += choice.logprobs
-    tokens = [tokenizer.decode([t]) for t in (prompt_ids if body.echo else [])]
+    tokens = [tokenizer.decode([t]) for t in (prompt_ids if echo else [])]
     tokens += [tokenizer.decode([e.token_id]) for e in choice.logprobs]
     result = CompletionLogprobs()
     offset = 0
@@ -418,7 +417,7 @@ def _completion_logprobs(
     return result
 
 
-async def _completion_events(state, body, request_id, first, choices, prompts, echo, tokenizer):
+async def _completion_events(body, request_id, first, choices, prompts, echo, tokenizer):
     n = body.n
     merged, pending = first
     sent_echo = set()
@@ -433,9 +432,7 @@ async def _completion_events(state, body, request_id, first, choices, prompts, e
             logprobs = None
             if body.logprobs is not None and out.logprobs:
                 step = _Choice(choice.index, logprobs=out.logprobs)
-                logprobs = _completion_logprobs(
-                    step, tokenizer, [], body.model_copy(update={"echo": False}), ""
-                )
+                logprobs = _completion_logprobs(step, tokenizer, [], echo=False)
             chunk = CompletionResponse(id=request_id, model=body.model, choices=[CompletionChoice(
                 index=choice.index, text=text, logprobs=logprobs,
                 finish_reason=out.finish_reason if out.finished else None,

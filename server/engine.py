@@ -433,8 +433,10 @@ class LLMEngine:
         return self.scheduler.num_waiting
 
     def live_context_lengths(self) -> list[int]:
-        """Tokens held by each running sequence's state."""
-        return [r.num_computed_tokens for r in self.scheduler.running]
+        """Tokens held by each running sequence's state (read from the state itself, so a
+        restored session or prefix counts in full)."""
+        slots = [r.slot for r in list(self.scheduler.running) if r.slot is not None]
+        return self.pool.context_lengths(slots)
 
 
 def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase]:

@@ -63,16 +63,16 @@ class StatePool:
     def gather(self, slots: list[int]) -> States:
         """The states of `slots` as a batch: views when the slots are consecutive and in
         order (no copy; the model never writes its input states), else a copy."""
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
+        first = _first_if_consecutive(slots)
+        if first is not None:
             return [s.rows(first, len(slots)) for s in self.states]
         index = self._index(slots)
         return [s.index_select(index) for s in self.states]
 
     def scatter(self, slots: list[int], states: States) -> None:
         """Write a batch of states back into `slots`."""
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
+        first = _first_if_consecutive(slots)
+        if first is not None:
             for pool_state, new in zip(self.states, states, strict=True):
                 for dst, src in zip(pool_state.rows(first, len(slots)).flat(), new.flat(),
                                     strict=True):  # fmt: skip
@@ -81,6 +81,12 @@ class StatePool:
         index = self._index(slots)
         for pool_state, new in zip(self.states, states, strict=True):
             pool_state.index_copy_(index, new)
+
+    def context_lengths(self, slots: list[int]) -> list[int]:
+        """Tokens seen by each slot's state (a session's history included)."""
+        if not slots:
+            return []
+        return self.states[0].num_tokens[self._index(slots)].tolist()
 
     def snapshot(self, slot: int) -> States:
         """A copy of one slot's state (batch of 1), e.g. for the prefix cache or a session."""
@@ -91,6 +97,12 @@ class StatePool:
 
     def _index(self, slots: list[int]) -> Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.states[0].num_tokens.device)
+
+
+def _first_if_consecutive(slots: list[int]) -> int | None:
+    """slots[0] if the slots are consecutive and increasing (a narrow view covers them)."""
+    first = slots[0]
+    return first if slots == list(range(first, first + len(slots))) else None
 
 
 def snapshot_bytes(snapshot: States) -> int:

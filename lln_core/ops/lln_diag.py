@@ -249,8 +249,9 @@ def _forward(
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale)
     batch, seq_len = q.shape[0], q.shape[2]
     valid = valid_tokens(lengths, batch, seq_len, q.device)
+    tail = read_window_tail(p.state.local, p.state.num_tokens)  # keys n-W .. n-1, read once
     if combine == "joint":
-        old_k, old_v, old_valid = _delayed_keys(p.state, p.k, p.v)
+        old_k, old_v, old_valid = _delayed_keys(p.state, tail, p.k, p.v)
         if valid is not None:
             old_valid = old_valid & valid
         b, old_v = mask_padding(p.beta * old_k, old_v, old_valid)
@@ -261,7 +262,7 @@ def _forward(
     lln, S, z, m = lln_chunk_parts(p.aq, b, old_v, p.state, chunk_size)
     num, den, log_scale, cache = local_softmax_parts(
         p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local,
-        scale=p.scale, valid=valid,
+        scale=p.scale, valid=valid, tail=tail,
     )  # fmt: skip
     y = _combine(combine, lln, num, den, log_scale, p.weight)
     return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, count_tokens(valid, seq_len), cache)
@@ -293,13 +294,16 @@ def _check_joint(local: LocalSpec) -> None:
         raise ValueError("combine='joint' needs a sliding window (local kind 'window')")
 
 
-def _delayed_keys(state: LLNState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _delayed_keys(
+    state: LLNState, tail: tuple[Tensor, Tensor, Tensor], k: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """The key stream delayed by the window: entry i is the key at position n + i - W.
 
     Query n + i sees, through LLN, exactly the keys up to that position (sinks excluded).
+    tail: `read_window_tail` of the state.
     """
     seq_len = k.shape[2]
-    tail_k, tail_v, tail_valid = read_window_tail(state.local, state.num_tokens)
+    tail_k, tail_v, tail_valid = tail
     pos = state.num_tokens[:, None] + torch.arange(seq_len, device=k.device)
     valid = torch.cat([tail_valid, pos >= state.local.num_sinks], dim=1)[:, :seq_len]
     old_k = torch.cat([tail_k.to(k.dtype), k], dim=2)[:, :, :seq_len]

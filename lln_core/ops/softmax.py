@@ -97,12 +97,14 @@ def local_softmax_parts(
     *,
     scale: float,
     valid: Tensor | None = None,
+    tail: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, LocalKV]:
     """Unnormalised local softmax over T new tokens, then the cache after them.
 
     q: [B, Hkv, G, T, D] (grouped), k: [B, Hkv, T, D], v: [B, Hkv, T, Dv]; num_tokens [B] gives
     each sequence's position of its first new token; valid [B, T] (optional) marks right padding,
-    whose keys are neither seen nor stored. Returns num [B, Hkv, G, T, Dv], den and
+    whose keys are neither seen nor stored; tail: `read_window_tail(cache, num_tokens)` if the
+    caller already has it. Returns num [B, Hkv, G, T, Dv], den and
     log_scale [B, Hkv, G, T] (true sums are exp(log_scale) * num, den) and the new cache.
 
     No loop over the sequence: queries go in blocks of W = ring_size (the G query heads of a KV
@@ -117,7 +119,7 @@ def local_softmax_parts(
 
     num_blocks = -(-seq_len // ring)
     pad = num_blocks * ring - seq_len
-    tail_k, tail_v, tail_valid = read_window_tail(cache, num_tokens)  # positions n-W .. n-1
+    tail_k, tail_v, tail_valid = tail or read_window_tail(cache, num_tokens)  # n-W .. n-1
     band_pos = torch.cat([torch.where(tail_valid, pos_q[:, :1] - ring + _arange(ring, q), -1),
                           torch.where(pos_new >= sinks, pos_new, -1)], dim=1)  # fmt: skip
     band_pos = F.pad(band_pos, (0, pad), value=-1).unfold(1, 2 * ring, ring)  # [B, N, 2W]

@@ -127,6 +127,14 @@ def test_session_continuation_equals_a_cold_run(model, char_tokenizer):
     assert result["outputs"]["t2", 0][-1].num_cached_tokens == len(first) + len(out1) - 1
 
 
+def test_live_context_lengths_count_a_sessions_history(model, char_tokenizer):
+    engine = make_engine(model, char_tokenizer)
+    run_all(engine, {0: [("t1", [3, 9, 4, 12, 7], greedy(4), "s")]})
+    engine.add_request("t2", [8, 8], greedy(5), "s")
+    engine.step()  # prefills the pending token + 2 new ones on top of the restored state
+    assert engine.live_context_lengths() == [5 + 4 + 2]
+
+
 def test_session_errors_are_reported_not_silent(model, char_tokenizer):
     engine = make_engine(model, char_tokenizer, session_bytes=1)  # too small for one state
     run_all(engine, {0: [("t1", [3, 4], greedy(2), "s")]})

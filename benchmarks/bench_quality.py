@@ -1,11 +1,12 @@
 """Quality of the default model's variants next to the softmax teacher, where it matters for
-long context: perplexity by token position, passkey retrieval, state bytes, chat samples.
+long context: perplexity at 1K and 4K and by token position, passkey retrieval, state bytes,
+chat samples, and the issue's bars checked on the numbers.
 
     .venv/bin/python benchmarks/bench_quality.py [--quick] [--out benchmarks/results]
 
-- Perplexity by position bucket over 4K-token windows of held-out text (GPL-3, Debian
-  base-files; never trained or calibrated on): a constant-size state earns its keep if the
-  buckets past the local window beat the local window alone.
+- Perplexity over 1K- and 4K-token windows, and by position bucket within 4K-token windows, of
+  held-out text (GPL-3, Debian base-files; never trained or calibrated on): a constant-size
+  state earns its keep if the buckets past the local window beat the local window alone.
 - Passkey retrieval: a five-digit number stated once at the start of filler text of about
   1K / 4K tokens, asked for at the end; greedy answer checked, over several keys and depths.
 - Chat samples: greedy answers to a few chat prompts, side by side.
@@ -23,15 +24,20 @@ import torch
 from eval_perplexity import load_variant  # benchmarks/, the script's folder
 
 from lln_core.state import kv_cache_bytes
-from models.evaluate import evaluation_text
-from models.registry import DEFAULT_MODEL, load_model, resolve
+from models.evaluate import evaluation_text, perplexity
+from models.registry import DEFAULT_MODEL, REGISTRY, load_model, resolve
 
+_LOCAL = REGISTRY[DEFAULT_MODEL].config
+WINDOW = f"window {_LOCAL['local_size']} + {_LOCAL['num_sinks']} sinks"
+TEACHER, LOCAL_ONLY, DEFAULT = "softmax teacher", f"{WINDOW} only (LLN removed)", DEFAULT_MODEL
 VARIANTS = {
-    "softmax teacher": dict(attention_kernel="softmax"),
-    "window 64 + 4 sinks only": dict(mix=float("-inf")),
-    f"{DEFAULT_MODEL} (window 64 + 4 sinks + LLN, distilled)": dict(),
+    TEACHER: dict(attention_kernel="softmax"),
+    LOCAL_ONLY: dict(mix=float("-inf")),
+    f"{WINDOW} + LLN, calibrated (before distillation)": dict(calibrated=True),
+    DEFAULT: dict(),
 }
-BUCKETS = [(0, 64), (64, 256), (256, 1024), (1024, 2048), (2048, 4096)]
+BUCKETS = [(0, 256), (256, 1024), (1024, 4096), (1024, 2048), (2048, 4096)]
+STATE_BAR = 24 * 2**20
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
@@ -128,37 +134,57 @@ def main() -> None:
     path = resolve(DEFAULT_MODEL)
     _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
     ids = torch.tensor(tokenizer(evaluation_text())["input_ids"])
-    rows, chats = [], {}
+    rows, chats = {}, {}
     for name, overrides in VARIANTS.items():
         model = load_variant(path, overrides)
-        state_bytes = state_size(model)
+        ppl = [perplexity(model, ids, window=n) for n in (1024, 4096)]
         buckets = position_nll(model, ids)
         keys = [passkey_accuracy(model, tokenizer, n, trials) for n in (1024, 4096)]
         chats[name] = chat_samples(model, tokenizer, chat_tokens)
-        rows.append((name, buckets, keys, state_bytes))
-        print(name, buckets, keys, state_bytes, flush=True)
+        rows[name] = (ppl, buckets, keys, state_size(model))
+        print(name, rows[name], flush=True)
     print(report(rows, chats, trials, ids.numel(), args.out))
 
 
-def report(rows, chats, trials: int, num_tokens: int, out: Path) -> str:
+def bars(rows: dict) -> list[str]:
+    """The issue's bars for the shipped default, checked on this run's numbers."""
+    (ppl, buckets, _, state), (ppl_t, _, _, _) = rows[DEFAULT], rows[TEACHER]
+    local = rows[LOCAL_ONLY][1]
+    reach = _LOCAL["local_size"] + _LOCAL["num_sinks"]  # positions before it see no old key
+    past = [i for i, (_, hi) in enumerate(BUCKETS) if hi > reach]
+    checks = [
+        (f"perplexity at 1K <= 1.15x the teacher's: {ppl[0] / ppl_t[0]:.3f}x",
+         ppl[0] <= 1.15 * ppl_t[0]),
+        (f"perplexity at 4K <= 1.3x the teacher's: {ppl[1] / ppl_t[1]:.3f}x",
+         ppl[1] <= 1.3 * ppl_t[1]),
+        *((f"bucket {BUCKETS[i][0]}-{BUCKETS[i][1]} below the local branch alone: "
+           f"{buckets[i]:.2f} vs {local[i]:.2f}", buckets[i] < local[i]) for i in past),
+        (f"state <= 24 MiB per sequence: {state / 2**20:.2f} MiB", state <= STATE_BAR),
+    ]  # fmt: skip
+    return [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
+
+
+def report(rows: dict, chats, trials: int, num_tokens: int, out: Path) -> str:
     bucket_names = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     lines = [
         f"# Quality of {DEFAULT_MODEL} variants",
         "",
         f"`.venv/bin/python benchmarks/bench_quality.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC, "
-        f"float32, CPU. Perplexity by token position within 4,096-token windows of GPL-3 "
-        f"({num_tokens:,} tokens); passkey: {trials} keys at depths 0..90%, greedy; state bytes "
-        "per sequence (softmax: its float32 KV cache at 4K tokens; LLN variants: at any length).",
+        f"float32, CPU. Held-out text: GPL-3 ({num_tokens:,} tokens). Perplexity over "
+        "non-overlapping 1K- and 4K-token windows, and by token position within 4K-token "
+        f"windows; passkey: {trials} keys at depths 0..90%, greedy; state bytes per sequence "
+        "(softmax: its float32 KV cache at 4K tokens; LLN variants: at any length).",
         "",
-        "| variant | " + " | ".join(f"ppl {b}" for b in bucket_names)
+        "| variant | ppl 1K | ppl 4K | " + " | ".join(f"ppl {b}" for b in bucket_names)
         + " | passkey 1K | passkey 4K | state |",
-        "|---|" + "---|" * (len(BUCKETS) + 3),
+        "|---|" + "---|" * (len(BUCKETS) + 5),
     ]  # fmt: skip
-    for name, buckets, keys, state_bytes in rows:
+    for name, (ppl, buckets, keys, state_bytes) in rows.items():
         lines.append(
-            f"| {name} | " + " | ".join(f"{p:.1f}" for p in buckets)
+            f"| {name} | " + " | ".join(f"{p:.2f}" for p in (*ppl, *buckets))
             + f" | {keys[0]:.0%} | {keys[1]:.0%} | {state_bytes / 2**20:.2f} MiB |"
         )  # fmt: skip
+    lines += ["", f"Bars for {DEFAULT_MODEL}:", "", *bars(rows)]
     lines += ["", "Chat samples (greedy):", ""]
     for i, question in enumerate(CHATS):
         lines.append(f"**{question}**")

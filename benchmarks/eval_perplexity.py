@@ -17,24 +17,32 @@ import torch
 
 from models.evaluate import EVALUATION_FILE, evaluation_text, perplexity
 from models.modeling_lln import LLNForCausalLM
-from models.registry import DEFAULT_MODEL, from_checkpoint, load_model, resolve
+from models.registry import DEFAULT_MODEL, REGISTRY, from_checkpoint, load_model, resolve
 
+_LOCAL = REGISTRY[DEFAULT_MODEL].config
+WINDOW = f"window {_LOCAL['local_size']} + {_LOCAL['num_sinks']} sinks"
 VARIANTS = {
     "softmax teacher": dict(attention_kernel="softmax"),
     "LLN (alpha/beta moment-matched)": dict(attention_kernel="lln", calibrated=True),
     "LLN+Diag paper form (blocks of 64, average 0.5)": dict(
-        attention_kernel="lln_diag", local_kind="block", combine="average", calibrated=True, mix=0.5
+        attention_kernel="lln_diag",
+        local_kind="block",
+        local_size=64,
+        combine="average",
+        calibrated=True,
+        mix=0.5,
     ),
-    "window 64 + 4 sinks only (LLN weight 0)": dict(mix=float("-inf")),
-    "window 64 + 4 sinks + LLN, mix uncalibrated (log-weight 0)": dict(calibrated=True, mix=0.0),
-    "window 64 + 4 sinks + LLN, calibrated mix (before distillation)": dict(calibrated=True),
-    f"{DEFAULT_MODEL} (the same after distillation stage 1)": dict(),
+    f"{WINDOW} only (LLN weight 0)": dict(mix=float("-inf")),
+    f"{WINDOW} + LLN, mix uncalibrated (log-weight 0)": dict(calibrated=True, mix=0.0),
+    f"{WINDOW} + LLN, calibrated mix (before distillation)": dict(calibrated=True),
+    f"{DEFAULT_MODEL} (the same after distillation)": dict(),
 }
 
 
 def load_variant(path: Path, overrides: dict) -> LLNForCausalLM:
-    """The default checkpoint with overrides; every variant keeps the distilled alpha/beta
-    except `calibrated=True`, which restores the conversion's calibrated alpha/beta/mix."""
+    """The default checkpoint with overrides; every variant keeps the distilled parameters
+    except `calibrated=True`, which restores the conversion's calibrated alpha/beta/mix (and a
+    count_power of 0)."""
     overrides = dict(overrides)
     mix = overrides.pop("mix", None)
     calibrated = overrides.pop("calibrated", False)
@@ -46,6 +54,8 @@ def load_variant(path: Path, overrides: dict) -> LLNForCausalLM:
                 for name in ("alpha", "beta", "mix"):
                     if hasattr(layer.self_attn, name):
                         getattr(layer.self_attn, name).copy_(torch.tensor(calibration[name][i]))
+                if hasattr(layer.self_attn, "count_power"):  # not calibrated: distillation's
+                    layer.self_attn.count_power.zero_()
     if mix is not None:
         with torch.no_grad():
             for layer in model.model.layers:

@@ -1,9 +1,10 @@
 """Softmax checkpoint (HF directory, .gguf file or hub id) -> LLN checkpoint.
 
 Weights map 1:1 (the LLN model names its parameters as transformers' Llama does); the only new
-parameters are alpha/beta per layer and KV head (and the lln_diag mix). alpha/beta come from
-calibration: run the softmax model on text, measure the std of q and k after RoPE per layer and
-KV head, and moment-match (lln_core.moments). The tokenizer and its chat template are saved too.
+parameters are alpha/beta per layer and KV head (and lln_diag's per-head mix and count_power).
+alpha/beta come from calibration: run the softmax model on text, measure the std of q and k
+after RoPE per layer and KV head, and moment-match (lln_core.moments). The tokenizer and its
+chat template are saved too.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def build_lln_model(source: PreTrainedModel, config: LLNConfig) -> LLNForCausalL
     """An LLN model holding the source's weights; alpha/beta/mix at their defaults."""
     model = LLNForCausalLM(config).to(source.dtype)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    new = {"alpha", "beta", "mix"}
+    new = {"alpha", "beta", "mix", "count_power"}
     missing = [name for name in missing if name.rsplit(".", 1)[-1] not in new]
     missing = [
         name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings

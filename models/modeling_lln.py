@@ -2,7 +2,8 @@
 
 Weights are named as in transformers' Llama, so softmax checkpoints map 1:1. Norms, MLP and RoPE
 are transformers' own Llama modules (identical numerics to the teacher); the attention module
-adds per-KV-head alpha/beta (and a per-head mix for lln_diag) and keeps a recurrent state.
+adds per-KV-head alpha/beta (and, for lln_diag, a per-head mix and, when the window and LLN share
+one normalisation, a per-head count_power) and keeps a recurrent state.
 
 Two ways in:
 - `forward()` (transformers API): `from_pretrained`, `generate()`, with `LLNCache`;
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -68,6 +70,8 @@ class LLNAttention(nn.Module):
         if self.kernel == "lln_diag":
             self.local = LocalSpec(config.local_kind, config.local_size, config.num_sinks)
             self.mix = nn.Parameter(torch.full((self.num_heads,), self.default_mix))
+            if config.combine == "joint":
+                self.count_power = nn.Parameter(torch.zeros(self.num_heads))
 
     @property
     def default_mix(self) -> float:
@@ -139,6 +143,8 @@ class LLNAttention(nn.Module):
             )
         if self.kernel == "lln_diag":
             kwargs = dict(local=self.local, combine=self.config.combine)
+            if hasattr(self, "count_power"):
+                kwargs["count_power"] = self.count_power
             if decode:
                 return lln_diag_step(
                     q, k, v, self.alpha, self.beta, self.mix, state, plan=plan, **kwargs
@@ -193,11 +199,12 @@ class LLNPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, LLNAttention) and hasattr(module, "alpha"):
-            module.alpha.fill_(1.0)
-            module.beta.fill_(1.0)
-            if hasattr(module, "mix"):
-                module.mix.fill_(module.default_mix)
+        if not isinstance(module, LLNAttention):
+            return
+        defaults = {"alpha": 1.0, "beta": 1.0, "mix": module.default_mix, "count_power": 0.0}
+        for name, value in defaults.items():
+            if hasattr(module, name):  # parameters loaded from a checkpoint are left alone
+                init.constant_(getattr(module, name), value)
 
 
 class LLNModel(LLNPreTrainedModel):

@@ -48,11 +48,11 @@ class ModelSpec:
 
 REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
-        "SmolLM2-135M-Instruct, LLN + sliding window (64) + 4 sink tokens, distilled (stage 1)",
+        "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens, distilled",
         kernel="lln_diag",
-        config={"local_kind": "window", "local_size": 64, "num_sinks": 4, "combine": "joint"},
+        config={"local_kind": "window", "local_size": 448, "num_sinks": 4, "combine": "joint"},
         params="smollm2-135m-lln.safetensors",
-        revision="2",
+        revision="3",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",
@@ -110,7 +110,7 @@ def load_model(
 def from_checkpoint(path: str | Path, **overrides) -> LLNForCausalLM:
     """Load an LLN checkpoint, possibly with config overrides (another kernel, local branch).
 
-    Parameters the overridden kernel does not use (alpha/beta/mix) are skipped quietly.
+    Parameters the overridden kernel does not use (alpha/beta/mix/count_power) are skipped quietly.
     """
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -121,7 +121,7 @@ def from_checkpoint(path: str | Path, **overrides) -> LLNForCausalLM:
 
 
 def apply_params(checkpoint: Path, params_file: Path) -> None:
-    """Overwrite a checkpoint's LLN parameters (alpha/beta/mix) with the shipped ones."""
+    """Overwrite a checkpoint's LLN parameters (alpha, beta, mix, ...) with the shipped ones."""
     model = from_checkpoint(checkpoint)
     params = load_file(params_file)
     missing = set(params) - set(dict(model.named_parameters()))

@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands.add_parser("serve", help="start the OpenAI-compatible HTTP server"))
     _add_convert(commands.add_parser("convert", help="convert a softmax checkpoint to LLN"))
     _add_generate(commands.add_parser("generate", help="generate text, streamed to the terminal"))
-    _add_distill(commands.add_parser("distill", help="attention transfer (distillation stage 1)"))
+    _add_distill(commands.add_parser("distill", help="distil the LLN parameters from softmax"))
     _add_analyze(commands.add_parser("analyze", help="the paper's instruments, per layer"))
     return parser
 
@@ -65,9 +65,15 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output (and checkpoint) dir")
     parser.add_argument("--text", type=Path, help="training text (default: CPython's docs)")
     parser.add_argument("--tokens", type=_positive_int, default=16384, help="training tokens")
-    parser.add_argument("--seq-len", type=_positive_int, default=1024)
-    parser.add_argument("--steps-per-layer", type=_positive_int, default=60)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--stage", choices=("1", "select", "2"), default="1",
+        help="1: attention transfer, layer by layer; select: keep each layer's LLN part only "
+        "where it lowers the KL to the teacher; 2: KL to the teacher's next-token logits",
+    )  # fmt: skip
+    parser.add_argument("--seq-len", type=_positive_int, default=4096, help="training sequences")
+    parser.add_argument("--steps-per-layer", type=_positive_int, default=60, help="stage 1")
+    parser.add_argument("--steps", type=_positive_int, default=40, help="stage 2")
+    parser.add_argument("--lr", type=float, default=None, help="default 0.05 (1), 0.01 (2)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -170,10 +176,21 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_distill(args: argparse.Namespace) -> int:
+    import json
+
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from models.distill import DistillConfig, default_training_text, distill
+    from models.distill import (
+        DistillConfig,
+        LogitConfig,
+        default_training_text,
+        distill,
+        distill_logits,
+        lln_parameters,
+        select_layers,
+    )
     from models.registry import from_checkpoint, resolve
 
     if args.text is not None and not args.text.is_file():
@@ -183,12 +200,34 @@ def run_distill(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = args.text.read_text(encoding="utf-8") if args.text else default_training_text()
     ids = torch.tensor(tokenizer(text)["input_ids"][: args.tokens])
-    config = DistillConfig(args.steps_per_layer, args.lr, args.seq_len, args.seed)
-    report = distill(model, ids, config, checkpoint=args.out / "checkpoint")
+    checkpoint = args.out / "checkpoint"
+    try:
+        if args.stage == "1":
+            lr = 0.05 if args.lr is None else args.lr
+            config = DistillConfig(args.steps_per_layer, lr, args.seq_len, args.seed)
+            report = distill(model, ids, config, checkpoint=checkpoint)
+        elif args.stage == "select":
+            report = select_layers(model, ids, seq_len=args.seq_len)
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            (checkpoint / "select.json").write_text(json.dumps(report.to_json(), indent=1))
+        else:
+            lr = 0.01 if args.lr is None else args.lr
+            config = LogitConfig(args.steps, lr, args.seq_len, args.seed)
+            report = distill_logits(model, ids, config, checkpoint=checkpoint)
+    except ValueError as error:
+        return _fail(str(error))
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    for layer in report.layers:
-        print(f"layer {layer.layer:2d}: loss {layer.loss_before:.4f} -> {layer.loss_after:.4f}")
+    save_file(lln_parameters(model), args.out / "lln_params.safetensors")  # what ships
+    if args.stage == "1":
+        for layer in report.layers:
+            print(f"layer {layer.layer:2d}: loss {layer.loss_before:.4f} -> {layer.loss_after:.4f}")
+    elif args.stage == "select":
+        print(f"LLN part switched off in layers {report.disabled}")
+        print(f"KL to the teacher: sinks + window alone {report.kl_local:.4f}, every layer's LLN "
+              f"{report.kl_all:.4f}, selected {report.kl_selected:.4f}")  # fmt: skip
+    else:
+        print(f"KL to the teacher: {report.kl_before:.4f} -> {report.kl_after:.4f}")
     print(f"saved the distilled model to {args.out}")
     return 0
 

@@ -7,6 +7,10 @@ Two ways to combine, both with constant memory per sequence:
   over the local keys (exp(q.k * scale)) and the older keys (LLN weights times exp(mix)), with a
   shared log-space max. `mix` is the log-weight of the LLN part. The LLN state then holds only
   keys that left the window (sinks excluded): it is fed the key stream delayed by the window.
+  `count_power` makes that weight length-aware: the LLN part's log-weight is
+  mix - count_power * log(n_old), n_old the number of old keys the query sees. LLN's total mass
+  grows with n_old, and not as softmax's does; a power fitted on long text keeps the balance
+  between window and state at lengths the mix alone was not fitted for.
 """
 
 from __future__ import annotations
@@ -78,9 +82,10 @@ def lln_diag_attention(
     chunk_size: int = 64,
     scale: float | None = None,
     lengths: Tensor | None = None,
+    count_power: float | Tensor = 0.0,
 ) -> tuple[Tensor, LLNState]:
-    """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix: scalar,
-    [Hkv] or [Hq]."""
+    """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix and
+    count_power (joint only): scalar, [Hkv] or [Hq]."""
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -88,15 +93,16 @@ def lln_diag_attention(
     segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
     if seq_len <= segment:
         return _forward(
-            q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, lengths
-        )
+            q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, lengths,
+            count_power,
+        )  # fmt: skip
     outputs = []
     for start in range(0, seq_len, segment):
         piece = slice(start, start + segment)
         piece_lengths = None if lengths is None else (lengths - start).clamp(0, segment)
         y, state = _forward(
             q[:, :, piece], k[:, :, piece], v[:, :, piece], alpha, beta, mix, local, combine,
-            state, scale, chunk_size, piece_lengths,
+            state, scale, chunk_size, piece_lengths, count_power,
         )  # fmt: skip
         outputs.append(y)
     return torch.cat(outputs, dim=2), state
@@ -115,13 +121,14 @@ def lln_diag_step(
     combine: Combine = "joint",
     scale: float | None = None,
     plan: LocalStepPlan | None = None,
+    count_power: float | Tensor = 0.0,
 ) -> tuple[Tensor, LLNState]:
     """One decode token per sequence (T = 1): the LLN part by its recurrence, the local part by
     one slot write (rows may sit at different positions). `plan`: the step's slot bookkeeping,
     shared by all layers (`local_step_plan`); built here when not given."""
     if q.shape[2] != 1:
         raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
-    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale)
+    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
     if plan is None:
         plan = local_step_plan(p.state.local, p.state.num_tokens, local)
     logits, cache, old_k, old_v = local_softmax_step(
@@ -133,7 +140,8 @@ def lln_diag_step(
         b, new_v = p.beta * p.k, p.v
     lln, S, z, m = lln_step_parts(p.aq[:, :, :, 0], b[:, :, 0], new_v[:, :, 0], p.state)
     if combine == "joint":
-        y = _joint_step(lln, logits, cache.v, p.weight[..., 0])
+        log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
+        y = _joint_step(lln, logits, cache.v, log_weight)
     else:
         y_local = torch.softmax(logits, dim=-1) @ cache.v
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
@@ -163,6 +171,7 @@ def naive_lln_diag_attention(
     local: LocalSpec,
     combine: Combine = "joint",
     scale: float | None = None,
+    count_power: float | Tensor = 0.0,
 ) -> Tensor:
     """Quadratic reference from position 0: full T x T weights, float64-capable."""
     _batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
@@ -186,7 +195,10 @@ def naive_lln_diag_attention(
     else:
         _check_joint(local)
         old = causal & ~near
-        logits = torch.where(near, log_sm, torch.where(old, log_lln + w, ninf))
+        power = per_head(count_power, num_kv_heads, group, qg, query_side=True)
+        n_old = old.sum(dim=-1, keepdim=True).clamp_min(1).to(dtype)  # per query
+        log_weight = w - power * torch.log(n_old)
+        logits = torch.where(near, log_sm, torch.where(old, log_lln + log_weight, ninf))
         y = torch.softmax(logits, dim=-1) @ vv
     return ungroup(y).to(q.dtype)
 
@@ -201,11 +213,12 @@ class _Prepared:
     aq: Tensor  # alpha q
     beta: Tensor  # [1, Hkv, 1, 1]
     weight: Tensor  # mix, [1, Hkv, G, 1]
+    power: Tensor  # count_power, [1, Hkv, G, 1]
     state: LLNState
     scale: float
 
 
-def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale) -> _Prepared:
+def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power) -> _Prepared:
     batch, num_kv_heads, group, _ = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     if combine not in ("average", "joint"):
@@ -226,6 +239,7 @@ def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale) -> _Prepar
         aq=per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg,
         beta=per_head(beta, num_kv_heads, group, qg, query_side=False),
         weight=per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0],
+        power=per_head(count_power, num_kv_heads, group, qg, query_side=True)[..., 0],
         state=state,
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
     )
@@ -244,9 +258,10 @@ def _forward(
     scale: float | None,
     chunk_size: int,
     lengths: Tensor | None = None,
+    count_power: float | Tensor = 0.0,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T tokens (prefill)."""
-    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale)
+    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
     batch, seq_len = q.shape[0], q.shape[2]
     valid = valid_tokens(lengths, batch, seq_len, q.device)
     tail = read_window_tail(p.state.local, p.state.num_tokens)  # keys n-W .. n-1, read once
@@ -264,17 +279,19 @@ def _forward(
         p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local,
         scale=p.scale, valid=valid, tail=tail,
     )  # fmt: skip
-    y = _combine(combine, lln, num, den, log_scale, p.weight)
+    if combine == "joint":
+        positions = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
+        y = _joint(lln, num, den, log_scale, _log_weight(p, positions, local))
+    else:
+        w = p.weight[..., None]
+        y = w * lln.normalised() + (1 - w) * num / den[..., None]
     return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, count_tokens(valid, seq_len), cache)
 
 
-def _combine(
-    combine: Combine, lln: LLNParts, num: Tensor, den: Tensor, log_scale: Tensor, weight: Tensor
-) -> Tensor:
-    if combine == "average":
-        w = weight[..., None]
-        return w * lln.normalised() + (1 - w) * num / den[..., None]
-    return _joint(lln, num, den, log_scale, weight)
+def _log_weight(p: _Prepared, positions: Tensor, local: LocalSpec) -> Tensor:
+    """The LLN part's log-weight for queries at `positions` [B, T]: [B, Hkv, G, T]."""
+    n_old = (positions - (local.size + local.num_sinks - 1)).clamp_min(1).to(p.weight.dtype)
+    return p.weight - p.power * torch.log(n_old)[:, None, None, :]
 
 
 def _new_state(

@@ -36,7 +36,14 @@ def mix_for(combine, num_q_heads, dtype=torch.float64):
     return torch.linspace(-2.0, 1.0, num_q_heads, dtype=dtype)  # log-weight of the LLN part
 
 
-def run_steps(q, k, v, alpha, beta, mix, spec, combine, state):
+def power_for(combine, num_q_heads, dtype=torch.float64):
+    """count_power, the length-aware part of the joint log-weight (joint only)."""
+    if combine == "average":
+        return 0.0
+    return torch.linspace(0.0, 0.9, num_q_heads, dtype=dtype)
+
+
+def run_steps(q, k, v, alpha, beta, mix, spec, combine, state, count_power=0.0):
     outputs = []
     for t in range(q.shape[2]):
         y, state = lln_diag_step(
@@ -49,6 +56,7 @@ def run_steps(q, k, v, alpha, beta, mix, spec, combine, state):
             state,
             local=spec,
             combine=combine,
+            count_power=count_power,
         )
         outputs.append(y)
     return torch.cat(outputs, dim=2), state
@@ -59,14 +67,14 @@ def run_steps(q, k, v, alpha, beta, mix, spec, combine, state):
 @pytest.mark.parametrize("chunk_size", [4, 16])
 def test_forms_agree(gen, spec, combine, heads, chunk_size):
     q, k, v, alpha, beta = make_inputs(gen, 2, *heads, 45)
-    mix = mix_for(combine, heads[0])
-    kwargs = dict(local=spec, combine=combine)
+    mix, power = mix_for(combine, heads[0]), power_for(combine, heads[0])
+    kwargs = dict(local=spec, combine=combine, count_power=power)
     y_ref = naive_lln_diag_attention(q, k, v, alpha, beta, mix, **kwargs)
     y_chunk, s_chunk = lln_diag_attention(
         q, k, v, alpha, beta, mix, chunk_size=chunk_size, **kwargs
     )
     empty = empty_lln_diag_state(2, heads[1], 8, spec, dtype=torch.float64)
-    y_rec, s_rec = run_steps(q, k, v, alpha, beta, mix, spec, combine, empty)
+    y_rec, s_rec = run_steps(q, k, v, alpha, beta, mix, spec, combine, empty, power)
     assert rel_err(y_chunk, y_ref) < 1e-10
     assert rel_err(y_rec, y_ref) < 1e-10
     for a, b in ((s_chunk.S, s_rec.S), (s_chunk.z, s_rec.z), (s_chunk.local.k, s_rec.local.k)):
@@ -78,8 +86,8 @@ def test_forms_agree(gen, spec, combine, heads, chunk_size):
 @pytest.mark.parametrize(("spec", "combine"), VARIANTS)
 def test_prefill_split_then_decode(gen, spec, combine):
     q, k, v, alpha, beta = make_inputs(gen, 2, 4, 2, 60)
-    mix = mix_for(combine, 4)
-    kwargs = dict(local=spec, combine=combine)
+    mix, power = mix_for(combine, 4), power_for(combine, 4)
+    kwargs = dict(local=spec, combine=combine, count_power=power)
     y_ref = naive_lln_diag_attention(q, k, v, alpha, beta, mix, **kwargs)
     outputs, state = [], None
     for start, end in ((0, 3), (3, 20), (20, 41)):
@@ -96,7 +104,7 @@ def test_prefill_split_then_decode(gen, spec, combine):
         )
         outputs.append(y)
     y, state = run_steps(
-        q[:, :, 41:], k[:, :, 41:], v[:, :, 41:], alpha, beta, mix, spec, combine, state
+        q[:, :, 41:], k[:, :, 41:], v[:, :, 41:], alpha, beta, mix, spec, combine, state, power
     )
     outputs.append(y)
     assert rel_err(torch.cat(outputs, dim=2), y_ref) < 1e-10
@@ -106,7 +114,7 @@ def test_sequences_at_different_lengths_in_one_batch(gen):
     """Slot states of sequences at different positions, gathered into one batch, step together."""
     spec, combine = LocalSpec("window", 6, num_sinks=2), "joint"
     q, k, v, alpha, beta = make_inputs(gen, 2, 4, 2, 40)
-    mix = mix_for(combine, 4)
+    mix, power = mix_for(combine, 4), power_for(combine, 4)
     lengths = (9, 23)  # sequence 0 has 9 tokens of prefill, sequence 1 has 23
     batch_state = empty_lln_diag_state(2, 2, 8, spec, dtype=torch.float64)
     for row, length in enumerate(lengths):
@@ -120,13 +128,15 @@ def test_sequences_at_different_lengths_in_one_batch(gen):
             mix,
             local=spec,
             combine=combine,
+            count_power=power,
         )
         batch_state.index_copy_(torch.tensor([row]), s)
     # next token of each sequence: position 9 for row 0, 23 for row 1
     pick = lambda x: torch.stack([x[0, :, lengths[0]], x[1, :, lengths[1]]])[:, :, None]  # noqa: E731
     y, _ = lln_diag_step(
-        pick(q), pick(k), pick(v), alpha, beta, mix, batch_state, local=spec, combine=combine
-    )
+        pick(q), pick(k), pick(v), alpha, beta, mix, batch_state, local=spec, combine=combine,
+        count_power=power,
+    )  # fmt: skip
     for row, length in enumerate(lengths):
         sl = slice(row, row + 1)
         y_ref = naive_lln_diag_attention(
@@ -138,6 +148,7 @@ def test_sequences_at_different_lengths_in_one_batch(gen):
             mix,
             local=spec,
             combine=combine,
+            count_power=power,
         )
         assert rel_err(y[row, :, 0], y_ref[0, :, -1]) < 1e-10
 
@@ -226,3 +237,19 @@ def test_long_inputs_go_through_in_segments(gen, monkeypatch):
     assert rel_err(y_seg[1, :, :23], y_whole[1, :, :23]) < 1e-12
     assert rel_err(s_seg.S, s_whole.S) < 1e-12
     assert torch.equal(s_seg.num_tokens, s_whole.num_tokens)
+
+
+def test_count_power_lowers_the_lln_weight_as_old_keys_accumulate(gen):
+    """Joint form: the LLN part's log-weight is mix - count_power * log(n_old); a power of 1
+    on a long sequence must equal the same mix shifted by -log(n_old) query by query."""
+    spec = LocalSpec("window", 4, num_sinks=1)
+    q, k, v, alpha, beta = make_inputs(gen, 1, 2, 2, 30)
+    with_power = naive_lln_diag_attention(q, k, v, alpha, beta, 0.5, local=spec, count_power=1.0)
+    for t in (4, 5, 12, 29):  # n_old = t - 4 - 1 + 1 old keys (at least one)
+        shifted = naive_lln_diag_attention(
+            q[:, :, : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], alpha, beta,
+            0.5 - torch.log(torch.tensor(max(t - 4, 1.0), dtype=torch.float64)), local=spec,
+        )  # fmt: skip
+        assert rel_err(with_power[:, :, t], shifted[:, :, t]) < 1e-12
+    plain = naive_lln_diag_attention(q, k, v, alpha, beta, 0.5, local=spec)
+    assert rel_err(with_power[:, :, 6:], plain[:, :, 6:]) > 1e-3

@@ -37,4 +37,6 @@ def tiny_model(kernel: str, dtype=torch.float64, seed: int = 0, **overrides) -> 
                 attn.beta.uniform_(0.5, 2.0)
             if hasattr(attn, "mix"):
                 attn.mix.uniform_(-1.0, 1.0)
+            if hasattr(attn, "count_power"):
+                attn.count_power.uniform_(0.0, 0.5)
     return model

@@ -162,3 +162,26 @@ def test_cli_distill(llama_dir, tmp_path):
     assert "layer  1: loss" in result.stdout
     assert (distilled / "model.safetensors").is_file()
     assert (distilled / "checkpoint" / "report.json").is_file()
+    selected = tmp_path / "selected"
+    result = run_cli(
+        "distill", "--stage", "select", "--model", str(distilled), "--out", str(selected),
+        "--text", str(text), "--seq-len", "96",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "LLN part switched off in layers" in result.stdout
+    assert (selected / "lln_params.safetensors").is_file()
+    assert (selected / "checkpoint" / "select.json").is_file()
+    stage2 = tmp_path / "stage2"
+    result = run_cli(
+        "distill", "--stage", "2", "--model", str(distilled), "--out", str(stage2),
+        "--text", str(text), "--seq-len", "96", "--steps", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "KL to the teacher:" in result.stdout
+    assert (stage2 / "checkpoint" / "stage2.json").is_file()
+    too_short = run_cli(
+        "distill", "--stage", "2", "--model", str(distilled), "--out", str(tmp_path / "x"),
+        "--text", str(text), "--seq-len", "4", "--steps", "1",
+    )  # fmt: skip
+    assert too_short.returncode != 0 and "past the local window" in too_short.stderr
+    assert "Traceback" not in too_short.stderr

@@ -47,13 +47,13 @@ def test_shipped_distilled_parameters_are_applied(default_model):
     model, _ = default_model
     shipped = load_file(WEIGHTS / "smollm2-135m-lln.safetensors")
     params = dict(model.named_parameters())
-    assert len(shipped) == 90  # alpha, beta, mix of 30 layers
+    assert len(shipped) == 120  # alpha, beta, mix, count_power of 30 layers
     for name, value in shipped.items():
         assert torch.equal(params[name], value), name
 
 
 def test_perplexity_next_to_the_teacher(default_model):
-    """Recorded (README): teacher 19.6, calibrated only 752, distilled (stage 1) 28.6 at 1K."""
+    """The issue's bar at 1K: at most 1.15x the teacher (README: the full text's numbers)."""
     model, tokenizer = default_model
     ids = torch.tensor(tokenizer(evaluation_text())["input_ids"][:2048])
     teacher, _ = load_model(DEFAULT_MODEL, kernel="softmax", progress=False)
@@ -61,7 +61,7 @@ def test_perplexity_next_to_the_teacher(default_model):
     ppl_lln = perplexity(model, ids, window=1024)
     print(f"perplexity teacher {ppl_teacher:.2f}, {DEFAULT_MODEL} {ppl_lln:.2f}")
     assert 10 < ppl_teacher < 40
-    assert ppl_teacher < ppl_lln < 1.6 * ppl_teacher
+    assert ppl_teacher < ppl_lln < 1.15 * ppl_teacher
 
 
 def test_state_bytes_match_the_design(default_model):
@@ -70,6 +70,8 @@ def test_state_bytes_match_the_design(default_model):
         out = model(torch.zeros(1, 100, dtype=torch.long))
     lln_bytes = sum(s.nbytes - s.local.nbytes - 8 for s in out.past_key_values.states)
     assert abs(lln_bytes / 2**20 - 1.45) < 0.01  # DESIGN.md: about 1.45 MiB per sequence
+    window = sum(s.local.nbytes for s in out.past_key_values.states)
+    assert window / 2**20 < 24 - 1.45  # the issue's bar: <= 24 MiB per sequence in all
 
 
 def test_softmax_kernel_reproduces_transformers_on_the_gguf_weights():

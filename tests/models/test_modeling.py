@@ -139,6 +139,24 @@ def test_save_and_load_with_auto_classes(tmp_path):
         assert rel_err(loaded(ids).logits, model(ids).logits) < 1e-6
 
 
+def test_checkpoint_without_count_power_loads_with_power_zero(tmp_path):
+    """Checkpoints saved before count_power existed: it starts at 0 (no length term) and the
+    saved alpha/beta/mix are kept, not reset by weight initialisation."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("lln_diag", dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    old = {name: w for name, w in weights.items() if not name.endswith("count_power")}
+    assert len(old) < len(weights)
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = LLNForCausalLM.from_pretrained(tmp_path)
+    for layer, ours in zip(loaded.model.layers, model.model.layers, strict=True):
+        assert torch.equal(layer.self_attn.count_power, torch.zeros(4))
+        for name in ("alpha", "beta", "mix"):
+            assert torch.equal(getattr(layer.self_attn, name), getattr(ours.self_attn, name))
+
+
 def test_config_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="attention_kernel"):
         LLNConfig(attention_kernel="flash")

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test tools lint format bench-ops bench-model bench-engine bench-serving clean
+.PHONY: install run test tools lint format bench-ops bench-model bench-engine bench-serving bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-serving: install
 
 bench-ops: install
 	$(PY) benchmarks/bench_ops.py
+
+bench-quality: install
+	$(PY) benchmarks/eval_perplexity.py
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -158,7 +158,7 @@ def bars(rows: dict) -> list[str]:
         (f"perplexity at 4K <= 1.3x the teacher's: {ppl[1] / ppl_t[1]:.3f}x",
          ppl[1] <= 1.3 * ppl_t[1]),
         *((f"bucket {BUCKETS[i][0]}-{BUCKETS[i][1]} below the local branch alone: "
-           f"{buckets[i]:.2f} vs {local[i]:.2f}", buckets[i] < local[i]) for i in past),
+           f"{buckets[i]:.3f} vs {local[i]:.3f}", buckets[i] < local[i]) for i in past),
         (f"state <= 24 MiB per sequence: {state / 2**20:.2f} MiB", state <= STATE_BAR),
     ]  # fmt: skip
     return [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]

@@ -132,9 +132,7 @@ def train_layer(attn: LLNAttention, data: LayerData, config: DistillConfig) -> t
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        with torch.no_grad():  # feature scales must stay positive
-            for name in ("alpha", "beta"):
-                getattr(attn, name).clamp_(min=1e-3)
+        _keep_feature_scales_positive(attn)
     return before, _mean_loss(attn, data)
 
 
@@ -231,12 +229,9 @@ def select_layers(
     config = model.config
     if config.attention_kernel != "lln_diag" or config.combine != "joint":
         raise ValueError("layer selection needs lln_diag with combine='joint'")
-    count = token_ids.numel() // seq_len
     first = first_differing_position(config)
-    if count == 0 or first >= seq_len - 1:
-        raise ValueError(f"need at least {seq_len} tokens and seq_len past the local window")
+    sequences = _training_sequences(token_ids, seq_len, first)
     start = time.perf_counter()
-    sequences = token_ids[: count * seq_len].view(count, seq_len)
     targets = teacher_log_probs(model, sequences, first)
     mixes = [layer.self_attn.mix for layer in model.model.layers]
     saved = [m.clone() for m in mixes]
@@ -322,13 +317,9 @@ def distill_logits(
     progress: bool = True,
 ) -> LogitReport:
     """Stage 2 over sequences of config.seq_len cut from token_ids; resumes from `checkpoint`."""
-    count = token_ids.numel() // config.seq_len
-    if count == 0:
-        raise ValueError(f"need at least {config.seq_len} tokens of training text")
     first = first_differing_position(model.config)
-    if first >= config.seq_len - 1:
-        raise ValueError(f"seq_len {config.seq_len} leaves no position past the local window")
-    sequences = token_ids[: count * config.seq_len].view(count, config.seq_len)
+    sequences = _training_sequences(token_ids, config.seq_len, first)
+    count = len(sequences)
     params = _trainable(model)
     optimizer = torch.optim.Adam(params, lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
@@ -371,12 +362,23 @@ def _trainable(model: LLNForCausalLM) -> list[Tensor]:
     return params
 
 
+def _training_sequences(token_ids: Tensor, seq_len: int, first: int) -> Tensor:
+    """token_ids cut into [N, seq_len]; each must reach past `first` (the local window)."""
+    count = token_ids.numel() // seq_len
+    if count == 0:
+        raise ValueError(f"need at least {seq_len} tokens of training text")
+    if first >= seq_len - 1:
+        raise ValueError(f"seq_len {seq_len} leaves no position past the local window")
+    return token_ids[: count * seq_len].view(count, seq_len)
+
+
 @torch.no_grad()
-def _keep_feature_scales_positive(model: LLNForCausalLM) -> None:
-    for layer in model.model.layers:
-        for name in ("alpha", "beta"):
-            if hasattr(layer.self_attn, name):
-                getattr(layer.self_attn, name).clamp_(min=1e-3)
+def _keep_feature_scales_positive(module: torch.nn.Module) -> None:
+    """alpha/beta of every LLN attention in `module` stay positive (they scale exponents)."""
+    for attn in module.modules():
+        if isinstance(attn, LLNAttention) and hasattr(attn, "alpha"):
+            attn.alpha.clamp_(min=1e-3)
+            attn.beta.clamp_(min=1e-3)
 
 
 @torch.no_grad()

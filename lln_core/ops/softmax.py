@@ -29,6 +29,11 @@ from lln_core.ops.common import (
 )
 from lln_core.state import KVState, LocalKV
 
+# Queries per block of the local branch's prefill. Each block scores W + C keys, so a block as
+# wide as a wide window (C = W) doubles the work per query; small blocks trade that for more,
+# smaller matrix products.
+QUERY_BLOCK = 64
+
 
 def softmax_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = True
@@ -107,9 +112,10 @@ def local_softmax_parts(
     caller already has it. Returns num [B, Hkv, G, T, Dv], den and
     log_scale [B, Hkv, G, T] (true sums are exp(log_scale) * num, den) and the new cache.
 
-    No loop over the sequence: queries go in blocks of W = ring_size (the G query heads of a KV
-    head stacked in one block), each against its keys: a band of 2W (the previous block and its
-    own, the cached tail in front of the first) plus the sinks. Work per token O((W + S) D).
+    No loop over the sequence: queries go in blocks of C = min(W, QUERY_BLOCK) (the G query
+    heads of a KV head stacked in one block), each against its keys: a band of W + C (the W
+    keys before the block and its own, the cached tail in front of the first) plus the sinks.
+    Work per token O((W + C + S) D).
     """
     batch, num_kv, group, seq_len, _ = q.shape
     ring, sinks = cache.ring_size, cache.num_sinks
@@ -117,23 +123,24 @@ def local_softmax_parts(
     pos_new = pos_q if valid is None else torch.where(valid, pos_q, -1)
     new_cache = _write_new(cache, k, v, pos_new, valid is None)
 
-    num_blocks = -(-seq_len // ring)
-    pad = num_blocks * ring - seq_len
+    block = min(ring, QUERY_BLOCK)
+    num_blocks = -(-seq_len // block)
+    pad = num_blocks * block - seq_len
     tail_k, tail_v, tail_valid = tail or read_window_tail(cache, num_tokens)  # n-W .. n-1
     band_pos = torch.cat([torch.where(tail_valid, pos_q[:, :1] - ring + _arange(ring, q), -1),
                           torch.where(pos_new >= sinks, pos_new, -1)], dim=1)  # fmt: skip
-    band_pos = F.pad(band_pos, (0, pad), value=-1).unfold(1, 2 * ring, ring)  # [B, N, 2W]
+    band_pos = F.pad(band_pos, (0, pad), value=-1).unfold(1, ring + block, block)  # [B,N,W+C]
     sink_pos = new_cache.pos[:, None, :sinks].expand(-1, num_blocks, -1)
-    key_pos = torch.cat([band_pos, sink_pos], dim=-1)  # [B, N, L], L = 2W + S
-    pos_qb = F.pad(pos_q, (0, pad)).reshape(batch, num_blocks, 1, ring, 1)
-    bias = _log_mask(spec.visible(pos_qb, key_pos[:, :, None, None]), q.dtype)  # [B,N,1,W,L]
+    key_pos = torch.cat([band_pos, sink_pos], dim=-1)  # [B, N, L], L = W + C + S
+    pos_qb = F.pad(pos_q, (0, pad)).reshape(batch, num_blocks, 1, block, 1)
+    bias = _log_mask(spec.visible(pos_qb, key_pos[:, :, None, None]), q.dtype)  # [B,N,1,C,L]
 
-    keys = _block_keys(tail_k, k, new_cache.k[:, :, :sinks], pad)  # [B, Hkv, N, L, D]
-    values = _block_keys(tail_v, v, new_cache.v[:, :, :sinks], pad)
-    qb = _to_blocks(q * scale, ring, pad)  # [B, Hkv, N, G W, D]
-    logits = qb @ keys.transpose(-1, -2)  # [B, Hkv, N, G W, L]
+    keys = _block_keys(tail_k, k, new_cache.k[:, :, :sinks], block, pad)  # [B, Hkv, N, L, D]
+    values = _block_keys(tail_v, v, new_cache.v[:, :, :sinks], block, pad)
+    qb = _to_blocks(q * scale, block, pad)  # [B, Hkv, N, G C, D]
+    logits = qb @ keys.transpose(-1, -2)  # [B, Hkv, N, G C, L]
     inplace = not logits.requires_grad
-    blocks = logits.view(batch, num_kv, num_blocks, group, ring, -1)
+    blocks = logits.view(batch, num_kv, num_blocks, group, block, -1)
     blocks = blocks.add_(bias[:, None]) if inplace else blocks + bias[:, None]
     logits = blocks.view_as(logits)
     log_scale = finite_or_zero(logits.amax(-1, keepdim=True))  # rows with no key: 0
@@ -155,11 +162,11 @@ def _write_new(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor, unpadded: bool
     return write_local(cache, k, v, pos)
 
 
-def _to_blocks(q: Tensor, ring: int, pad: int) -> Tensor:
-    """[B, H, G, T, D] -> [B, H, N, G W, D]: each block of W queries, its G heads stacked."""
+def _to_blocks(q: Tensor, block: int, pad: int) -> Tensor:
+    """[B, H, G, T, D] -> [B, H, N, G C, D]: each block of C queries, its G heads stacked."""
     batch, num_kv, group, _, dim = q.shape
-    blocks = F.pad(q, (0, 0, 0, pad)).view(batch, num_kv, group, -1, ring, dim).transpose(2, 3)
-    return blocks.reshape(batch, num_kv, -1, group * ring, dim)
+    blocks = F.pad(q, (0, 0, 0, pad)).view(batch, num_kv, group, -1, block, dim).transpose(2, 3)
+    return blocks.reshape(batch, num_kv, -1, group * block, dim)
 
 
 def _arange(count: int, like: Tensor) -> Tensor:
@@ -167,20 +174,20 @@ def _arange(count: int, like: Tensor) -> Tensor:
 
 
 def _from_blocks(x: Tensor, group: int, seq_len: int) -> Tensor:
-    """[B, H, N, G W, E] -> [B, H, G, T, E]."""
+    """[B, H, N, G C, E] -> [B, H, G, T, E]."""
     batch, num_kv, num_blocks, rows, last = x.shape
     x = x.view(batch, num_kv, num_blocks, group, rows // group, last).transpose(2, 3)
     return x.reshape(batch, num_kv, group, -1, last)[:, :, :, :seq_len]
 
 
-def _block_keys(tail: Tensor, new: Tensor, sinks: Tensor, pad: int) -> Tensor:
-    """Keys (or values) of each query block: the band of 2W, then the S sinks.
+def _block_keys(tail: Tensor, new: Tensor, sinks: Tensor, block: int, pad: int) -> Tensor:
+    """Keys (or values) of each block of C queries: the band of W + C, then the S sinks.
 
     tail [B, H, W, D] (the cached window before the chunk), new [B, H, T, D], sinks [B, H, S, D]
-    -> [B, H, N, 2W + S, D]."""
+    -> [B, H, N, W + C + S, D]."""
     ring = tail.shape[2]
     stream = F.pad(torch.cat([tail.to(new.dtype), new], dim=2), (0, 0, 0, pad))
-    bands = stream.unfold(2, 2 * ring, ring).transpose(-1, -2)  # [B, H, N, 2W, D]
+    bands = stream.unfold(2, ring + block, block).transpose(-1, -2)  # [B, H, N, W + C, D]
     sinks = sinks.to(new.dtype)[:, :, None].expand(-1, -1, bands.shape[2], -1, -1)
     return torch.cat([bands, sinks], dim=3)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import lln_core.ops.softmax as softmax_module
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
     lln_diag_attention,
@@ -19,6 +20,14 @@ VARIANTS = [
     (LocalSpec("block", 8), "average"),
     (LocalSpec("block", 6, num_sinks=1), "average"),
 ]
+
+
+@pytest.fixture(params=["window", 3], ids=["query-block=window", "query-block=3"])
+def query_block(request, monkeypatch):
+    """The local branch's prefill scores queries in blocks of min(W, QUERY_BLOCK): as wide as
+    the test windows (the default here) or narrower than all of them."""
+    if request.param != "window":
+        monkeypatch.setattr(softmax_module, "QUERY_BLOCK", request.param)
 
 
 def make_inputs(gen, batch, num_q_heads, num_kv_heads, seq_len, head_dim=8, dtype=torch.float64):
@@ -65,7 +74,7 @@ def run_steps(q, k, v, alpha, beta, mix, spec, combine, state, count_power=0.0):
 @pytest.mark.parametrize(("spec", "combine"), VARIANTS)
 @pytest.mark.parametrize("heads", [(2, 2), (6, 2)])
 @pytest.mark.parametrize("chunk_size", [4, 16])
-def test_forms_agree(gen, spec, combine, heads, chunk_size):
+def test_forms_agree(gen, spec, combine, heads, chunk_size, query_block):
     q, k, v, alpha, beta = make_inputs(gen, 2, *heads, 45)
     mix, power = mix_for(combine, heads[0]), power_for(combine, heads[0])
     kwargs = dict(local=spec, combine=combine, count_power=power)
@@ -84,7 +93,7 @@ def test_forms_agree(gen, spec, combine, heads, chunk_size):
 
 
 @pytest.mark.parametrize(("spec", "combine"), VARIANTS)
-def test_prefill_split_then_decode(gen, spec, combine):
+def test_prefill_split_then_decode(gen, spec, combine, query_block):
     q, k, v, alpha, beta = make_inputs(gen, 2, 4, 2, 60)
     mix, power = mix_for(combine, 4), power_for(combine, 4)
     kwargs = dict(local=spec, combine=combine, count_power=power)
@@ -184,7 +193,7 @@ def test_joint_needs_a_window():
 
 
 @pytest.mark.parametrize(("spec", "combine"), VARIANTS)
-def test_right_padded_batch_equals_each_row_alone(gen, spec, combine):
+def test_right_padded_batch_equals_each_row_alone(gen, spec, combine, query_block):
     q, k, v, alpha, beta = make_inputs(gen, 3, 4, 2, 51)
     mix = mix_for(combine, 4)
     kwargs = dict(local=spec, combine=combine)
@@ -221,7 +230,7 @@ def test_right_padded_batch_equals_each_row_alone(gen, spec, combine):
     assert s.num_tokens.tolist() == [50, 13, 11]
 
 
-def test_long_inputs_go_through_in_segments(gen, monkeypatch):
+def test_long_inputs_go_through_in_segments(gen, monkeypatch, query_block):
     """Splitting into segments (with padding that ends mid-way) changes nothing."""
     import lln_core.ops.lln_diag as lln_diag_module
 

@@ -75,6 +75,11 @@ class BatchedState:
         for dst, src in zip(self._tensors(), source._tensors(), strict=True):
             dst.index_copy_(0, index, src.to(dst.dtype))
 
+    def write_step_(self, index: Tensor, source: BatchedState) -> None:
+        """`index_copy_` for the states after one decode token (T = 1) of rows `index`: what
+        a token cannot have changed is not copied (see `LLNState`)."""
+        self.index_copy_(index, source)
+
 
 @dataclass
 class LocalKV(BatchedState):
@@ -93,6 +98,21 @@ class LocalKV(BatchedState):
     @property
     def ring_size(self) -> int:
         return self.k.shape[2] - self.num_sinks
+
+    def slot_of(self, pos: Tensor) -> Tensor:
+        """The slot that holds (or will hold) the token at position pos (>= 0)."""
+        ring_slot = self.num_sinks + (pos - self.num_sinks) % self.ring_size
+        return torch.where(pos < self.num_sinks, pos, ring_slot)
+
+    def write_token_(self, index: Tensor, source: LocalKV, pos: Tensor) -> None:
+        """Rows `index` take `source`'s rows after one token at positions pos [n]: only that
+        token's slot of k and v can differ, so only it is copied (a wide window's K/V is most
+        of a state's bytes)."""
+        self.pos.index_copy_(0, index, source.pos)
+        slot = self.slot_of(pos)
+        rows = torch.arange(len(index), device=index.device)
+        self.k[index, :, slot] = source.k[rows, :, slot].to(self.k.dtype)
+        self.v[index, :, slot] = source.v[rows, :, slot].to(self.v.dtype)
 
     @classmethod
     def empty(
@@ -153,6 +173,14 @@ class LLNState(BatchedState):
             num_tokens=torch.zeros(batch, dtype=torch.int64, device=device),
             local=local,
         )
+
+    def write_step_(self, index: Tensor, source: BatchedState) -> None:
+        if self.local is None:
+            return self.index_copy_(index, source)
+        for name in ("S", "z", "m", "num_tokens"):
+            dst, src = getattr(self, name), getattr(source, name)
+            dst.index_copy_(0, index, src.to(dst.dtype))
+        self.local.write_token_(index, source.local, source.num_tokens - 1)
 
 
 @dataclass

@@ -54,7 +54,7 @@ class ModelRunner:
         slots = [r.slot for r in requests]
         ids = torch.tensor([[r.last_token_id] for r in requests], device=self.device)
         logits, states = self.model.forward_states(ids, self.pool.gather(slots))
-        self.pool.scatter(slots, states)
+        self.pool.scatter(slots, states, one_token=True)
         inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
         inverse[torch.tensor(order, device=self.device)] = torch.arange(
             len(order), device=self.device

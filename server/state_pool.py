@@ -69,8 +69,14 @@ class StatePool:
         index = self._index(slots)
         return [s.index_select(index) for s in self.states]
 
-    def scatter(self, slots: list[int], states: States) -> None:
-        """Write a batch of states back into `slots`."""
+    def scatter(self, slots: list[int], states: States, *, one_token: bool = False) -> None:
+        """Write a batch of states back into `slots`. one_token: the states are those after
+        one decode token from these slots, so parts a token cannot change are not copied."""
+        if one_token:
+            index = self._index(slots)
+            for pool_state, new in zip(self.states, states, strict=True):
+                pool_state.write_step_(index, new)
+            return
         first = _first_if_consecutive(slots)
         if first is not None:
             for pool_state, new in zip(self.states, states, strict=True):

@@ -116,12 +116,16 @@ class LLNAttention(nn.Module):
         return self.o_proj(y.to(hidden.dtype)), state
 
     def step_plan(
-        self, state: BatchedState | None, seq_len: int, lengths: Tensor | None
+        self,
+        state: BatchedState | None,
+        seq_len: int,
+        lengths: Tensor | None,
+        in_place: bool = False,
     ) -> LocalStepPlan | None:
         """For a decode step of LLN+Diag, the slot bookkeeping that every layer shares."""
         if self.kernel != "lln_diag" or state is None or seq_len != 1 or lengths is not None:
             return None
-        return local_step_plan(state.local, state.num_tokens, self.local)
+        return local_step_plan(state.local, state.num_tokens, self.local, in_place=in_place)
 
     def attend(
         self,
@@ -238,22 +242,25 @@ class LLNModel(LLNPreTrainedModel):
         lengths: Tensor | None = None,
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
+        in_place: bool = False,
     ) -> tuple[Tensor, States]:
         """input_ids [B, T] -> last hidden states [B, T, hidden] and the new per-layer states.
 
-        Positions default to each row's tokens seen so far plus 0..T-1.
+        Positions default to each row's tokens seen so far plus 0..T-1. in_place: a decode
+        step (T = 1) of LLN+Diag writes the new token into the given states' windows instead
+        of copies (the caller gives those states up; the server's slot pool does).
         """
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         states = list(states) if states is not None else [None] * len(self.layers)
         if position_ids is None:
             position_ids = _positions(states[0], hidden.shape[0], hidden.shape[1], hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        plan = self.layers[0].self_attn.step_plan(states[0], hidden.shape[1], lengths)
+        plan = self.layers[0].self_attn.step_plan(states[0], hidden.shape[1], lengths, in_place)
         if self._use_compiled(states, hidden.shape[1], lengths):
             plan_tensors = None if plan is None else plan.flat()
             for i, layer in enumerate(self.layers):
                 hidden, flat = self.compiled_decode_layer(
-                    layer, hidden, *position_embeddings, states[i].flat(), plan_tensors
+                    layer, hidden, *position_embeddings, states[i].flat(), plan_tensors, in_place
                 )
                 states[i] = states[i].unflat(flat)
             return self.norm(hidden), states
@@ -282,9 +289,9 @@ def compile_decode_layer(template: BatchedState) -> Callable:
     batch dimension. `template` gives the state's structure (its tensors are not used).
     """
 
-    def run(layer, hidden, cos, sin, state_tensors, plan_tensors):
+    def run(layer, hidden, cos, sin, state_tensors, plan_tensors, in_place):
         state = template.unflat(state_tensors)
-        plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors)
+        plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors, in_place=in_place)
         hidden, state = layer(hidden, (cos, sin), state, None, plan)
         return hidden, state.flat()
 
@@ -318,13 +325,15 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         states: States | None = None,
         lengths: Tensor | None = None,
         logits_to_keep: int = 0,
+        in_place: bool = False,
     ) -> tuple[Tensor, States]:
         """The server's batched step: input_ids [B, T] (right-padded to lengths [B] if given;
         T = 1 is a decode step) with each row's states -> logits [B, T', V] and new states.
 
         logits_to_keep = k > 0 keeps only the last k positions (with lengths, use 0 and pick).
+        in_place: decode steps may write into the given states (`LLNModel.forward`).
         """
-        hidden, states = self.model(input_ids, states, lengths)
+        hidden, states = self.model(input_ids, states, lengths, in_place=in_place)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden), states

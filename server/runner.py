@@ -53,7 +53,9 @@ class ModelRunner:
         requests = [batch.decodes[i] for i in order]
         slots = [r.slot for r in requests]
         ids = torch.tensor([[r.last_token_id] for r in requests], device=self.device)
-        logits, states = self.model.forward_states(ids, self.pool.gather(slots))
+        # the gathered states are views of the pool's rows or copies of them: the step may
+        # write its token into them, and the write-back copies only that slot
+        logits, states = self.model.forward_states(ids, self.pool.gather(slots), in_place=True)
         self.pool.scatter(slots, states, one_token=True)
         inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
         inverse[torch.tensor(order, device=self.device)] = torch.arange(

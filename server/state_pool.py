@@ -62,7 +62,8 @@ class StatePool:
 
     def gather(self, slots: list[int]) -> States:
         """The states of `slots` as a batch: views when the slots are consecutive and in
-        order (no copy; the model never writes its input states), else a copy."""
+        order (no copy), else a copy. The model writes into them only when asked to
+        (`forward_states(in_place=True)`, a decode step's one slot)."""
         first = _first_if_consecutive(slots)
         if first is not None:
             return [s.rows(first, len(slots)) for s in self.states]

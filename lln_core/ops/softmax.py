@@ -327,7 +327,9 @@ class LocalStepPlan:
     write: [B, 1, L, 1] bool, the slot the new token takes; pos: [B, L] slot positions after the
     write; bias: [B, 1, 1, L] 0 where the new query sees the slot, -inf elsewhere; evicted:
     [B, 1, 1, L] one-hot of the overwritten slot; evicted_bias: [B, 1, 1, 1] 0 if that slot held
-    the key now leaving the sliding window (not a sink), else -inf; num_tokens: [B] after the step.
+    the key now leaving the sliding window (not a sink), else -inf; num_tokens: [B] after the step;
+    slot: [B] the written slot's index. in_place: the step writes the new key and value into the
+    given cache itself (the caller gives that cache up) instead of into a copy.
     """
 
     write: Tensor
@@ -336,15 +338,21 @@ class LocalStepPlan:
     evicted: Tensor
     evicted_bias: Tensor
     num_tokens: Tensor
+    slot: Tensor
+    in_place: bool = False
 
     def flat(self) -> tuple[Tensor, ...]:
-        return (self.write, self.pos, self.bias, self.evicted, self.evicted_bias, self.num_tokens)
+        """The tensors, in field order (`LocalStepPlan(*flat, in_place=...)` rebuilds it)."""
+        return (self.write, self.pos, self.bias, self.evicted, self.evicted_bias, self.num_tokens,
+                self.slot)  # fmt: skip
 
 
-def local_step_plan(cache: LocalKV, num_tokens: Tensor, spec: LocalSpec) -> LocalStepPlan:
+def local_step_plan(
+    cache: LocalKV, num_tokens: Tensor, spec: LocalSpec, *, in_place: bool = False
+) -> LocalStepPlan:
     """The plan for one new token per row at positions num_tokens [B]."""
     sinks, ring = cache.num_sinks, cache.ring_size
-    slot = torch.where(num_tokens < sinks, num_tokens, sinks + (num_tokens - sinks) % ring)
+    slot = cache.slot_of(num_tokens)
     is_slot = torch.arange(cache.pos.shape[1], device=slot.device)[None] == slot[:, None]  # [B, L]
     pos = torch.where(is_slot, num_tokens[:, None], cache.pos)
     left = num_tokens - ring
@@ -358,6 +366,8 @@ def local_step_plan(cache: LocalKV, num_tokens: Tensor, spec: LocalSpec) -> Loca
         evicted=is_slot.to(dtype)[:, None, None, :],
         evicted_bias=_log_mask(evicted_valid, dtype)[:, None, None],
         num_tokens=num_tokens + 1,
+        slot=slot,
+        in_place=in_place,
     )
 
 
@@ -371,11 +381,22 @@ def local_softmax_step(
 ) -> tuple[Tensor, LocalKV, Tensor, Tensor]:
     """Decode: one new token per row, q [B, Hkv, G, D] (grouped), k, v [B, Hkv, 1, D].
 
-    The token takes its slot in a copy of the cache. Returns the query's masked logits over the
-    slots [B, Hkv, G, L], the new cache, and the key and value its slot held before
-    ([B, Hkv, 1, D]; `plan.evicted_bias` says whether that is the key leaving the window).
+    The token takes its slot in a copy of the cache (in the cache itself with `plan.in_place`).
+    Returns the query's masked logits over the slots [B, Hkv, G, L], the new cache, and the key
+    and value its slot held before ([B, Hkv, 1, D]; `plan.evicted_bias` says whether that is the
+    key leaving the window).
     """
-    # one-hot products and writes: much cheaper than advanced indexing for these tiny tensors
+    write = _write_slot_in_place if plan.in_place else _write_slot_in_copy
+    new, evicted_k, evicted_v = write(cache, k, v, plan)
+    logits = (q * scale) @ new.k.to(q.dtype).transpose(-1, -2) + plan.bias
+    return logits, new, evicted_k.to(k.dtype), evicted_v.to(v.dtype)
+
+
+def _write_slot_in_copy(
+    cache: LocalKV, k: Tensor, v: Tensor, plan: LocalStepPlan
+) -> tuple[LocalKV, Tensor, Tensor]:
+    """The cache with the new token in its slot (a copy), and what that slot held."""
+    # one-hot products and writes: much cheaper than advanced indexing for small windows
     evicted_k = plan.evicted @ cache.k
     evicted_v = plan.evicted @ cache.v
     new = LocalKV(
@@ -384,5 +405,17 @@ def local_softmax_step(
         plan.pos,
         cache.num_sinks,
     )
-    logits = (q * scale) @ new.k.to(q.dtype).transpose(-1, -2) + plan.bias
-    return logits, new, evicted_k.to(k.dtype), evicted_v.to(v.dtype)
+    return new, evicted_k, evicted_v
+
+
+def _write_slot_in_place(
+    cache: LocalKV, k: Tensor, v: Tensor, plan: LocalStepPlan
+) -> tuple[LocalKV, Tensor, Tensor]:
+    """`_write_slot_in_copy` touching one slot per row: a wide window is read once per step
+    (by the attention) instead of also being copied."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    evicted_k = cache.k[rows, :, plan.slot][:, :, None]  # advanced indexing: copies
+    evicted_v = cache.v[rows, :, plan.slot][:, :, None]
+    cache.k[rows, :, plan.slot] = k[:, :, 0].to(cache.k.dtype)
+    cache.v[rows, :, plan.slot] = v[:, :, 0].to(cache.v.dtype)
+    return LocalKV(cache.k, cache.v, plan.pos, cache.num_sinks), evicted_k, evicted_v

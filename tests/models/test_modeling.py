@@ -188,5 +188,33 @@ def test_compiled_decode_equals_eager(kernel):
                 assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_in_place_decode_equals_copying_decode(compiled):
+    """in_place=True (the slot pool's decode) gives the same logits and states as the default
+    copy, rows at different positions (inside the sinks, in the ring, wrapped); the given
+    windows are written, the copying step leaves its input alone."""
+    model = tiny_model("lln_diag", dtype=torch.float32, local_size=4, num_sinks=2)
+    if compiled:
+        assert model.compile_decode()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 64, (3, 20), generator=gen)
+    with torch.no_grad():
+        _, states = model.forward_states(ids[:, :9], lengths=torch.tensor([1, 5, 9]))
+        copying = states
+        in_place = [s.clone() for s in states]
+        for t in range(9, 17):
+            inputs, before = copying, [s.clone() for s in copying]
+            expected, copying = model.forward_states(ids[:, t : t + 1], inputs)
+            for old, kept in zip(before, inputs, strict=True):
+                assert all(torch.equal(a, b) for a, b in zip(old.flat(), kept.flat(), strict=True))
+            given = in_place
+            actual, in_place = model.forward_states(ids[:, t : t + 1], in_place, in_place=True)
+            assert (actual - expected).abs().max() < 1e-5
+            assert in_place[0].local.k.data_ptr() == given[0].local.k.data_ptr()  # written
+            for want, got in zip(copying, in_place, strict=True):
+                for a, b in zip(want.flat(), got.flat(), strict=True):
+                    assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_softmax_decode_is_not_compiled():
     assert not tiny_model("softmax", dtype=torch.float32).compile_decode()

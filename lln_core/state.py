@@ -100,7 +100,7 @@ class LocalKV(BatchedState):
         return self.k.shape[2] - self.num_sinks
 
     def slot_of(self, pos: Tensor) -> Tensor:
-        """The slot that holds (or will hold) the token at position pos (>= 0)."""
+        """The slot that holds (or will hold) the token at position pos."""
         ring_slot = self.num_sinks + (pos - self.num_sinks) % self.ring_size
         return torch.where(pos < self.num_sinks, pos, ring_slot)
 

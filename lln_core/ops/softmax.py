@@ -201,7 +201,7 @@ def write_local(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor) -> LocalKV:
     """
     sinks, ring = cache.num_sinks, cache.ring_size
     is_recent = pos > pos.amax(dim=1, keepdim=True) - ring
-    slot = torch.where(pos < sinks, pos, sinks + (pos - sinks) % ring)
+    slot = cache.slot_of(pos)  # padding (-1) is sent to the scratch slot below
     scratch = sinks + ring
     keep = (pos >= 0) & ((pos < sinks) | is_recent)
     slot = torch.where(keep, slot, torch.full_like(slot, scratch))

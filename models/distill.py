@@ -174,7 +174,7 @@ def distill(
 def lln_parameters(model: LLNForCausalLM) -> dict[str, Tensor]:
     """What distillation changes: the LLN parameters of every layer (small)."""
     return {
-        name: p.detach().clone()
+        name: p.detach().cpu().clone()
         for name, p in model.named_parameters()
         if name.rsplit(".", 1)[-1] in TRAINABLE
     }
@@ -262,6 +262,7 @@ class LogitConfig:
     seq_len: int = 2048
     seed: int = 0
     checkpoint_every: int = 5
+    max_seconds: float | None = None  # a wall-time budget: stop early once it is spent
 
 
 @dataclass
@@ -343,11 +344,18 @@ def distill_logits(
         report.losses.append(loss.item())
         report.seconds = time.perf_counter() - start
         bar.set_postfix(kl=f"{loss.item():.4f}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            if step + 1 == config.steps:
+        last = step + 1 == config.steps or _out_of_time(config, report.seconds)
+        if (step + 1) % config.checkpoint_every == 0 or last:
+            if last:
                 report.kl_after = _mean_kl(model, sequences, targets)
             _save_logit_checkpoint(model, optimizer, generator, checkpoint, report)
+        if last:
+            break
     return report
+
+
+def _out_of_time(config: LogitConfig, seconds: float) -> bool:
+    return config.max_seconds is not None and seconds >= config.max_seconds
 
 
 def _trainable(model: LLNForCausalLM) -> list[Tensor]:

@@ -74,7 +74,9 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-layer", type=_positive_int, default=60, help="stage 1")
     parser.add_argument("--steps", type=_positive_int, default=40, help="stage 2")
     parser.add_argument("--lr", type=float, default=None, help="default 0.05 (1), 0.01 (2)")
+    parser.add_argument("--max-minutes", type=float, help="stage 2: stop early after this long")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
 def _add_convert(parser: argparse.ArgumentParser) -> None:
@@ -195,8 +197,12 @@ def run_distill(args: argparse.Namespace) -> int:
 
     if args.text is not None and not args.text.is_file():
         return _fail(f"training text not found: {args.text}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return _fail(f"--device {args.device}: no CUDA device is available")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        return _fail("--max-minutes must be positive")
     path = resolve(args.model)
-    model = from_checkpoint(path)
+    model = from_checkpoint(path).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = args.text.read_text(encoding="utf-8") if args.text else default_training_text()
     ids = torch.tensor(tokenizer(text)["input_ids"][: args.tokens])
@@ -212,7 +218,8 @@ def run_distill(args: argparse.Namespace) -> int:
             (checkpoint / "select.json").write_text(json.dumps(report.to_json(), indent=1))
         else:
             lr = 0.01 if args.lr is None else args.lr
-            config = LogitConfig(args.steps, lr, args.seq_len, args.seed)
+            budget = None if args.max_minutes is None else args.max_minutes * 60
+            config = LogitConfig(args.steps, lr, args.seq_len, args.seed, max_seconds=budget)
             report = distill_logits(model, ids, config, checkpoint=checkpoint)
     except ValueError as error:
         return _fail(str(error))
@@ -227,7 +234,8 @@ def run_distill(args: argparse.Namespace) -> int:
         print(f"KL to the teacher: sinks + window alone {report.kl_local:.4f}, every layer's LLN "
               f"{report.kl_all:.4f}, selected {report.kl_selected:.4f}")  # fmt: skip
     else:
-        print(f"KL to the teacher: {report.kl_before:.4f} -> {report.kl_after:.4f}")
+        print(f"KL to the teacher: {report.kl_before:.4f} -> {report.kl_after:.4f} "
+              f"({len(report.losses)} steps, {report.seconds:.0f} s)")  # fmt: skip
     print(f"saved the distilled model to {args.out}")
     return 0
 

@@ -185,3 +185,13 @@ def test_cli_distill(llama_dir, tmp_path):
     )  # fmt: skip
     assert too_short.returncode != 0 and "past the local window" in too_short.stderr
     assert "Traceback" not in too_short.stderr
+    bad_budget = run_cli(
+        "distill", "--stage", "2", "--model", str(distilled), "--out", str(tmp_path / "y"),
+        "--max-minutes", "0",
+    )  # fmt: skip
+    assert bad_budget.returncode == 2 and "--max-minutes must be positive" in bad_budget.stderr
+    if not torch.cuda.is_available():
+        no_gpu = run_cli(
+            "distill", "--model", str(distilled), "--out", str(tmp_path / "z"), "--device", "cuda"
+        )
+        assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr

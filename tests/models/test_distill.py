@@ -121,6 +121,13 @@ def test_logit_distillation_resumes_to_the_same_result(tmp_path):
         assert torch.allclose(lln_parameters(fresh)[name], value, atol=1e-6), name
 
 
+def test_logit_distillation_stops_when_its_time_budget_is_spent(tmp_path):
+    config = LogitConfig(steps=1000, seq_len=48, max_seconds=1e-9)
+    report = distill_logits(student(), LONG_TOKENS, config, checkpoint=tmp_path, progress=False)
+    assert len(report.losses) == 1 and report.kl_after is not None
+    assert (tmp_path / "stage2.pt").is_file()  # the stopped run is saved, so it can resume
+
+
 def test_logit_distillation_needs_positions_past_the_window():
     with pytest.raises(ValueError, match="past the local window"):
         distill_logits(student(), LONG_TOKENS, LogitConfig(steps=1, seq_len=6), progress=False)

@@ -49,16 +49,18 @@ CHATS = [
 
 
 @torch.no_grad()
-def position_nll(model, ids: torch.Tensor, window: int = 4096) -> list[float]:
-    """Mean next-token NLL per bucket of positions, over non-overlapping windows."""
-    sums, counts = [0.0] * len(BUCKETS), [0] * len(BUCKETS)
+def position_nll(
+    model, ids: torch.Tensor, window: int = 4096, buckets: list[tuple[int, int]] = BUCKETS
+) -> list[float]:
+    """Perplexity per bucket of positions, over non-overlapping windows."""
+    sums, counts = [0.0] * len(buckets), [0] * len(buckets)
     for start in range(0, ids.numel() - window + 1, window):
-        chunk = ids[start : start + window][None]
+        chunk = ids[start : start + window][None].to(model.device)
         logits, _ = model.forward_states(chunk)
         nll = torch.nn.functional.cross_entropy(
             logits[0, :-1].float(), chunk[0, 1:], reduction="none"
         )
-        for b, (lo, hi) in enumerate(BUCKETS):
+        for b, (lo, hi) in enumerate(buckets):
             part = nll[lo : hi - 1]
             sums[b] += part.sum().item()
             counts[b] += part.numel()

@@ -11,14 +11,15 @@ LLN parameters and training reports are in benchmarks/stage2_runs/ (see its READ
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
+from bench_quality import position_nll  # benchmarks/, the script's folder
+from eval_perplexity import load_variant
 from safetensors.torch import load_file
 
-from models.evaluate import EVALUATION_FILE
-from models.registry import DEFAULT_MODEL, REGISTRY, from_checkpoint, load_model, resolve
+from models.evaluate import evaluation_text
+from models.registry import DEFAULT_MODEL, REGISTRY, load_model, resolve
 
 RUNS = Path(__file__).parent / "stage2_runs"
 VALIDATION_FILES = ("/usr/share/common-licenses/GFDL-1.3", "/usr/share/common-licenses/LGPL-2.1")
@@ -33,36 +34,17 @@ VARIANTS = {
 }
 
 
-def windows(tokenizer, files: list[str], whole: bool) -> list[torch.Tensor]:
-    """4K-token windows: every one of each file (whole) or each file's first."""
-    out = []
-    for file in files:
-        ids = torch.tensor(tokenizer(Path(file).read_text())["input_ids"])
-        count = ids.numel() // WINDOW if whole else 1
-        out += [ids[i * WINDOW : (i + 1) * WINDOW] for i in range(count)]
-    return out
-
-
-@torch.no_grad()
-def bucket_ppl(model, chunks: list[torch.Tensor]) -> list[float]:
-    sums, counts = [0.0] * len(BUCKETS), [0] * len(BUCKETS)
-    for ids in chunks:
-        logits, _ = model.forward_states(ids[None])
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="none")
-        for b, (lo, hi) in enumerate(BUCKETS):
-            sums[b] += nll[lo : hi - 1].sum().item()
-            counts[b] += nll[lo : hi - 1].numel()
-    return [math.exp(s / c) for s, c in zip(sums, counts, strict=True)]
+def first_windows(tokenizer, files: list[str]) -> torch.Tensor:
+    """The first 4K tokens of each file, end to end (one scoring window each)."""
+    ids = [tokenizer(Path(file).read_text())["input_ids"][:WINDOW] for file in files]
+    return torch.tensor([token for part in ids for token in part])
 
 
 def variant(path: Path, params: str | None):
-    model = from_checkpoint(path)
-    with torch.no_grad():
-        if params is None:
-            for layer in model.model.layers:
-                layer.self_attn.mix.fill_(float("-inf"))
-        else:
-            model.load_state_dict(load_file(RUNS / f"{params}.safetensors"), strict=False)
+    if params is None:
+        return load_variant(path, dict(mix=float("-inf")))
+    model = load_variant(path, {})
+    model.load_state_dict(load_file(RUNS / f"{params}.safetensors"), strict=False)
     return model
 
 
@@ -84,14 +66,14 @@ def main() -> None:
     path = resolve(DEFAULT_MODEL)
     _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
     texts = {
-        "test: GPL-3": windows(tokenizer, [EVALUATION_FILE], whole=True),
-        "validation: GFDL-1.3 + LGPL-2.1": windows(tokenizer, list(VALIDATION_FILES), whole=False),
+        "test: GPL-3": torch.tensor(tokenizer(evaluation_text())["input_ids"]),
+        "validation: GFDL-1.3 + LGPL-2.1": first_windows(tokenizer, list(VALIDATION_FILES)),
     }
     rows = {title: {} for title in texts}
     for name, params in VARIANTS.items():
         model = variant(path, params)
-        for title, chunks in texts.items():
-            rows[title][name] = bucket_ppl(model, chunks)
+        for title, ids in texts.items():
+            rows[title][name] = position_nll(model, ids, WINDOW, BUCKETS)
         print(name, {t: [round(p, 3) for p in r[name]] for t, r in rows.items()}, flush=True)
     lines = ["Perplexity by position bucket (4,096-token windows); * = below the window alone.", ""]
     for title in texts:

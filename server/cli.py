@@ -197,12 +197,18 @@ def run_distill(args: argparse.Namespace) -> int:
 
     if args.text is not None and not args.text.is_file():
         return _fail(f"training text not found: {args.text}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        return _fail(f"--device {args.device}: {error}")
+    if device.type not in ("cpu", "cuda"):
+        return _fail(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         return _fail(f"--device {args.device}: no CUDA device is available")
     if args.max_minutes is not None and args.max_minutes <= 0:
         return _fail("--max-minutes must be positive")
     path = resolve(args.model)
-    model = from_checkpoint(path).to(args.device)
+    model = from_checkpoint(path).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = args.text.read_text(encoding="utf-8") if args.text else default_training_text()
     ids = torch.tensor(tokenizer(text)["input_ids"][: args.tokens])

@@ -190,6 +190,12 @@ def test_cli_distill(llama_dir, tmp_path):
         "--max-minutes", "0",
     )  # fmt: skip
     assert bad_budget.returncode == 2 and "--max-minutes must be positive" in bad_budget.stderr
+    for device in ("foo", "cuda:x", "mps"):
+        bad_device = run_cli(
+            "distill", "--model", str(distilled), "--out", str(tmp_path / "w"), "--device", device
+        )
+        assert bad_device.returncode == 2 and "--device" in bad_device.stderr, device
+        assert "Traceback" not in bad_device.stderr
     if not torch.cuda.is_available():
         no_gpu = run_cli(
             "distill", "--model", str(distilled), "--out", str(tmp_path / "z"), "--device", "cuda"

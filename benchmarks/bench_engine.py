@@ -1,6 +1,6 @@
 """Engine benchmark on the default model: batching, chunked prefill under load, memory.
 
-    .venv/bin/python benchmarks/bench_engine.py [--quick] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_engine.py [--quick] [--device cuda] [--out benchmarks/results]
 
 1. Aggregate decode tokens/s with 1, 4, 16, 64 concurrent sequences (short prompts, every
    sequence generating the same number of tokens; the clock runs from the first to the last
@@ -10,7 +10,8 @@
 3. Process RSS with 64 live sequences at 1K and at 32K tokens of context: one request with
    n = 64 whose prompt has that length (the engine prefills it once and forks the state into
    64 slots), measured while all 64 decode, next to the KV cache a softmax model of the same
-   shape would hold.
+   shape would hold. On CUDA: the GPU memory allocated by torch (peak) instead of RSS, and
+   results in bench_engine_cuda.md / .png.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ import matplotlib.pyplot as plt
 GENERATE = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
+DEVICE = "cpu"  # --device
+
+
 def make_engine(max_num_seqs: int, **overrides) -> LLMEngine:
     config = EngineConfig(
         model=DEFAULT_MODEL,
+        device=DEVICE,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=512 + max_num_seqs,  # every decode plus one full chunk
         prefill_chunk_size=512,
@@ -103,16 +108,19 @@ def latency_under_long_prefill(engine: LLMEngine, long_prompt: int) -> dict:
 
 
 def rss_with_live_sequences(context: int, count: int = 64) -> dict:
-    """RSS while `count` forked sequences at `context` tokens decode."""
+    """RSS (GPU memory on CUDA) while `count` forked sequences at `context` tokens decode."""
     gc.collect()
     engine = make_engine(count)
+    if DEVICE.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     params = SamplingParams(n=count, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
     engine.add_request("live", random_prompt(context, 3), params)
     peak = 0
     while engine.has_unfinished():
         engine.step()
         if engine.pool.num_used == count:
-            peak = max(peak, _rss_bytes())
+            peak = max(peak, _memory_bytes())
     return {
         "rss": peak,
         "state_bytes": engine.pool.bytes_per_slot * count,
@@ -122,11 +130,18 @@ def rss_with_live_sequences(context: int, count: int = 64) -> dict:
 
 def report(throughput: dict, latency: dict, memory: dict, long_prompt: int, out: Path) -> str:
     one = throughput[1]
+    cuda = DEVICE.startswith("cuda")
+    where = (
+        f"{torch.cuda.get_device_name()} float32"
+        if cuda
+        else f"CPU float32, {torch.get_num_threads()} threads"
+    )
+    flag = f" --device {DEVICE}" if cuda else ""
     lines = [
-        f"# Engine on {DEFAULT_MODEL}, CPU float32, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        f"# Engine on {DEFAULT_MODEL}, {where}, torch {torch.__version__}",
         "",
-        f"`.venv/bin/python benchmarks/bench_engine.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC.",
+        f"`.venv/bin/python benchmarks/bench_engine.py{flag}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
         "| concurrent sequences | decode tokens/s | x one sequence |",
         "|---|---|---|",
@@ -138,7 +153,8 @@ def report(throughput: dict, latency: dict, memory: dict, long_prompt: int, out:
         f"(p99 / median = {latency['p99'] / latency['median']:.2f}), max "
         f"{latency['max'] * 1e3:.0f} ms; without the long prompt {latency['quiet'] * 1e3:.0f} ms.",
         "",
-        "| 64 live sequences at | process RSS | their states | softmax KV cache, same shape |",
+        f"| 64 live sequences at | {'GPU memory' if cuda else 'process RSS'} | their states "
+        "| softmax KV cache, same shape |",
         "|---|---|---|---|",
         *[
             f"| {c:,} tokens | {m['rss'] / 2**30:.2f} GiB | {m['state_bytes'] / 2**20:.0f} MiB "
@@ -149,7 +165,11 @@ def report(throughput: dict, latency: dict, memory: dict, long_prompt: int, out:
     contexts = sorted(memory)
     if len(contexts) > 1:
         ratio = memory[contexts[-1]]["rss"] / memory[contexts[0]]["rss"]
-        lines += ["", f"RSS {contexts[-1]:,} / {contexts[0]:,} = {ratio:.3f} (goal <= 1.2)."]
+        measure = "GPU memory" if cuda else "RSS"
+        lines += [
+            "",
+            f"{measure} {contexts[-1]:,} / {contexts[0]:,} = {ratio:.3f} (goal <= 1.2).",
+        ]
     lines += [
         "",
         "Goals: 16 sequences >= 6x the tokens/s of one "
@@ -158,8 +178,9 @@ def report(throughput: dict, latency: dict, memory: dict, long_prompt: int, out:
     ]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_engine.md").write_text(text)
-    plot(throughput, memory, out / "bench_engine.png")
+    name = "bench_engine_cuda" if cuda else "bench_engine"
+    (out / f"{name}.md").write_text(text)
+    plot(throughput, memory, out / f"{name}.png")
     return text
 
 
@@ -186,9 +207,14 @@ def plot(throughput: dict, memory: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, smoke test")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     counts = [1, 4] if args.quick else [1, 4, 16, 64]
+    if args.device.startswith("cuda") and not args.quick:
+        counts.append(256)
     long_prompt = 2048 if args.quick else 32768
     contexts = [256, 1024] if args.quick else [1024, 32768]
     engine = make_engine(max(counts))
@@ -203,7 +229,9 @@ def main() -> None:
     print(report(throughput, latency, memory, long_prompt, args.out))
 
 
-def _rss_bytes() -> int:
+def _memory_bytes() -> int:
+    if DEVICE.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 

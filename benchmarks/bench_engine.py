@@ -38,13 +38,10 @@ import matplotlib.pyplot as plt
 GENERATE = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-DEVICE = "cpu"  # --device
-
-
-def make_engine(max_num_seqs: int, **overrides) -> LLMEngine:
+def make_engine(max_num_seqs: int, device: str, **overrides) -> LLMEngine:
     config = EngineConfig(
         model=DEFAULT_MODEL,
-        device=DEVICE,
+        device=device,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=512 + max_num_seqs,  # every decode plus one full chunk
         prefill_chunk_size=512,
@@ -107,11 +104,11 @@ def latency_under_long_prefill(engine: LLMEngine, long_prompt: int) -> dict:
     }
 
 
-def rss_with_live_sequences(context: int, count: int = 64) -> dict:
+def rss_with_live_sequences(context: int, device: str, count: int = 64) -> dict:
     """RSS (GPU memory on CUDA) while `count` forked sequences at `context` tokens decode."""
     gc.collect()
-    engine = make_engine(count)
-    if DEVICE.startswith("cuda"):
+    engine = make_engine(count, device)
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     params = SamplingParams(n=count, temperature=1.0, seed=0, max_tokens=8, ignore_eos=True)
@@ -120,7 +117,7 @@ def rss_with_live_sequences(context: int, count: int = 64) -> dict:
     while engine.has_unfinished():
         engine.step()
         if engine.pool.num_used == count:
-            peak = max(peak, _memory_bytes())
+            peak = max(peak, _memory_bytes(device))
     return {
         "rss": peak,
         "state_bytes": engine.pool.bytes_per_slot * count,
@@ -128,15 +125,17 @@ def rss_with_live_sequences(context: int, count: int = 64) -> dict:
     }
 
 
-def report(throughput: dict, latency: dict, memory: dict, long_prompt: int, out: Path) -> str:
+def report(
+    throughput: dict, latency: dict, memory: dict, long_prompt: int, device: str, out: Path
+) -> str:
     one = throughput[1]
-    cuda = DEVICE.startswith("cuda")
+    cuda = device.startswith("cuda")
     where = (
         f"{torch.cuda.get_device_name()} float32"
         if cuda
         else f"CPU float32, {torch.get_num_threads()} threads"
     )
-    flag = f" --device {DEVICE}" if cuda else ""
+    flag = f" --device {device}" if cuda else ""
     lines = [
         f"# Engine on {DEFAULT_MODEL}, {where}, torch {torch.__version__}",
         "",
@@ -210,27 +209,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
     counts = [1, 4] if args.quick else [1, 4, 16, 64]
     if args.device.startswith("cuda") and not args.quick:
         counts.append(256)
     long_prompt = 2048 if args.quick else 32768
     contexts = [256, 1024] if args.quick else [1024, 32768]
-    engine = make_engine(max(counts))
+    engine = make_engine(max(counts), args.device)
     for n in (1, 2):  # warm-up: compiles the decode layers (batch 1, then a dynamic batch)
         decode_throughput(engine, n, "-warm-up")
     throughput = {n: decode_throughput(engine, n) for n in counts}
     print(throughput, flush=True)
-    latency = latency_under_long_prefill(make_engine(9), long_prompt)
+    latency = latency_under_long_prefill(make_engine(9, args.device), long_prompt)
     print(latency, flush=True)
     del engine
-    memory = {c: rss_with_live_sequences(c) for c in contexts}
-    print(report(throughput, latency, memory, long_prompt, args.out))
+    memory = {c: rss_with_live_sequences(c, args.device) for c in contexts}
+    print(report(throughput, latency, memory, long_prompt, args.device, args.out))
 
 
-def _memory_bytes() -> int:
-    if DEVICE.startswith("cuda"):
+def _memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

@@ -188,18 +188,20 @@ def test_compiled_decode_equals_eager(kernel):
                 assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_in_place_decode_equals_copying_decode(compiled):
+def test_in_place_decode_equals_copying_decode(compiled, device):
     """in_place=True (the slot pool's decode) gives the same logits and states as the default
     copy, rows at different positions (inside the sinks, in the ring, wrapped); the given
     windows are written, the copying step leaves its input alone."""
-    model = tiny_model("lln_diag", dtype=torch.float32, local_size=4, num_sinks=2)
+    model = tiny_model("lln_diag", dtype=torch.float32, local_size=4, num_sinks=2).to(device)
     if compiled:
         assert model.compile_decode()
     gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 64, (3, 20), generator=gen)
+    ids = torch.randint(0, 64, (3, 20), generator=gen).to(device)
     with torch.no_grad():
-        _, states = model.forward_states(ids[:, :9], lengths=torch.tensor([1, 5, 9]))
+        lengths = torch.tensor([1, 5, 9], device=device)
+        _, states = model.forward_states(ids[:, :9], lengths=lengths)
         copying = states
         in_place = [s.clone() for s in states]
         for t in range(9, 17):

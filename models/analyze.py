@@ -51,10 +51,22 @@ def capture_qk(model: LLNForCausalLM, token_ids: Tensor) -> list[tuple[Tensor, T
 
 
 def layer_matrices(
-    q: Tensor, k: Tensor, alpha: Tensor, beta: Tensor, block: int, eps: float = 1e-6
+    q: Tensor,
+    k: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    block: int,
+    eps: float = 1e-6,
+    maps: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Bidirectional attention matrices [H, N, N] of every variant for one layer."""
+    """Bidirectional attention matrices [H, N, N] of every variant for one layer.
+
+    maps: the model's learned feature maps per query head (W_q, W_k [H, D, D]), applied to q
+    and k before alpha/beta in the LLN matrix (feature_map "linear")."""
     p_sa, p_lln = attention_matrices(q, k, alpha, beta)
+    if maps is not None:
+        mapped_q, mapped_k = q @ maps[0].transpose(-1, -2), k @ maps[1].transpose(-1, -2)
+        p_lln = attention_matrices(mapped_q, mapped_k, alpha, beta)[1]
     _, p_unmatched = attention_matrices(q, k, 1.0, 1.0)
     n = q.shape[1]
     blocks = torch.arange(n) // block
@@ -83,7 +95,7 @@ def analyze(model: LLNForCausalLM, token_ids: Tensor, out: Path) -> list[dict]:
     for index, (q, k) in enumerate(capture_qk(model, token_ids)):
         attn = model.model.layers[index].self_attn
         alpha, beta = _per_query_head(attn, "alpha", config), _per_query_head(attn, "beta", config)
-        matrices = layer_matrices(q, k, alpha, beta, block=config.head_dim)
+        matrices = layer_matrices(q, k, alpha, beta, block=config.head_dim, maps=_maps(attn))
         row = {"layer": index}
         for name, p in matrices.items():
             row[f"entropy_{name}"] = attention_entropy(p).mean().item()
@@ -104,6 +116,14 @@ def _per_query_head(attn, name: str, config) -> Tensor:
     if not hasattr(attn, name):
         return torch.ones(config.num_attention_heads, dtype=torch.float64)
     return getattr(attn, name).detach().double().repeat_interleave(group)
+
+
+def _maps(attn) -> tuple[Tensor, Tensor] | None:
+    """The learned feature maps per query head ([Hq, D, D] each), or None."""
+    if not hasattr(attn, "q_map"):
+        return None
+    group = attn.num_heads // attn.num_kv_heads
+    return attn.q_map.detach().double(), attn.k_map.detach().double().repeat_interleave(group, 0)
 
 
 def _table(rows: list[dict], num_tokens: int) -> str:

@@ -6,6 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 ATTENTION_KERNELS = ("softmax", "lln", "lln_diag", "ea")
+FEATURE_MAPS = ("scale", "linear")
 
 
 @strict
@@ -15,8 +16,10 @@ class LLNConfig(LlamaConfig):
     attention_kernel: "softmax" (reference, KV cache), "lln", "lln_diag" (LLN + local softmax),
     "ea" (expressive attention). For lln_diag: local_kind "window" | "block", local_size (window
     or block length), num_sinks (first tokens kept), combine "joint" | "average". chunk_size:
-    prefill chunk of the LLN kernels. alpha/beta (and the mix) are per-layer, per-head
-    parameters stored in the checkpoint, not config fields.
+    prefill chunk of the LLN kernels. feature_map (lln, lln_diag): "scale" (the paper:
+    exp(alpha q), exp(beta k)) or "linear" (a learned per-head D x D map before the scale:
+    exp(alpha W_q q), exp(beta W_k k), W at identity until distilled). alpha/beta (and the mix,
+    the maps) are per-layer, per-head parameters stored in the checkpoint, not config fields.
     """
 
     model_type = "lln_llama"
@@ -26,6 +29,7 @@ class LLNConfig(LlamaConfig):
     local_size: int = 64
     num_sinks: int = 4
     combine: str = "joint"
+    feature_map: str = "scale"
     chunk_size: int = 64
     ea_eps: float = 1e-6
     # Qwen2 has biases on q/k/v but not on o; None means "as attention_bias" (Llama).
@@ -42,6 +46,8 @@ class LLNConfig(LlamaConfig):
             raise ValueError(f"local_kind must be 'window' or 'block', got {self.local_kind!r}")
         if self.combine not in ("joint", "average"):
             raise ValueError(f"combine must be 'joint' or 'average', got {self.combine!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
         if self.combine == "joint" and self.local_kind != "window":
             raise ValueError("combine='joint' needs local_kind='window'")
         if self.local_size < 1 or self.num_sinks < 0 or self.chunk_size < 1:

@@ -91,7 +91,7 @@ def build_lln_model(source: PreTrainedModel, config: LLNConfig) -> LLNForCausalL
     """An LLN model holding the source's weights; alpha/beta/mix at their defaults."""
     model = LLNForCausalLM(config).to(source.dtype)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    new = {"alpha", "beta", "mix", "count_power"}
+    new = {"alpha", "beta", "mix", "count_power", "q_map", "k_map"}
     missing = [name for name in missing if name.rsplit(".", 1)[-1] not in new]
     missing = [
         name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings

@@ -1,7 +1,8 @@
 """Distillation of a converted model from its own softmax weights (the teacher).
 
-Every weight of the teacher stays frozen; only the parameters the LLN kernel adds (alpha, beta
-and, for lln_diag, the mix and count_power) are trained.
+Every weight of the teacher stays frozen; only the parameters the LLN kernel adds (alpha, beta,
+the feature maps q_map/k_map where the config has feature_map "linear" and, for lln_diag, the
+mix and count_power) are trained.
 - Stage 1, attention transfer (`distill`): layer by layer, the LLN attention's output is fitted
   to the softmax attention's output on the same inputs (relative MSE on the teacher's hidden
   states). A checkpoint is written after each layer, so a run resumes where it stopped.
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from models.calibrate import softmax_twin
 from models.modeling_lln import LLNAttention, LLNForCausalLM
 
-TRAINABLE = ("alpha", "beta", "mix", "count_power")
+TRAINABLE = ("alpha", "beta", "mix", "count_power", "q_map", "k_map")
 
 
 def default_training_text() -> str:

@@ -2,8 +2,9 @@
 
 Weights are named as in transformers' Llama, so softmax checkpoints map 1:1. Norms, MLP and RoPE
 are transformers' own Llama modules (identical numerics to the teacher); the attention module
-adds per-KV-head alpha/beta (and, for lln_diag, a per-head mix and, when the window and LLN share
-one normalisation, a per-head count_power) and keeps a recurrent state.
+adds per-KV-head alpha/beta (with feature_map "linear", per-head D x D maps q_map/k_map before
+them; for lln_diag, a per-head mix and, when the window and LLN share one normalisation, a
+per-head count_power) and keeps a recurrent state.
 
 Two ways in:
 - `forward()` (transformers API): `from_pretrained`, `generate()`, with `LLNCache`;
@@ -67,6 +68,10 @@ class LLNAttention(nn.Module):
         if self.kernel in ("lln", "lln_diag"):
             self.alpha = nn.Parameter(torch.ones(self.num_kv_heads))
             self.beta = nn.Parameter(torch.ones(self.num_kv_heads))
+            if config.feature_map == "linear":
+                eye = torch.eye(self.head_dim)
+                self.q_map = nn.Parameter(eye.repeat(self.num_heads, 1, 1))
+                self.k_map = nn.Parameter(eye.repeat(self.num_kv_heads, 1, 1))
         if self.kernel == "lln_diag":
             self.local = LocalSpec(config.local_kind, config.local_size, config.num_sinks)
             self.mix = nn.Parameter(torch.full((self.num_heads,), self.default_mix))
@@ -77,6 +82,15 @@ class LLNAttention(nn.Module):
     def default_mix(self) -> float:
         """LLN weight: 0.5 when averaged (the paper), log-weight 0 in the joint normalisation."""
         return 0.5 if self.config.combine == "average" else 0.0
+
+    def feature_scales(self) -> tuple[Tensor, Tensor]:
+        """What the kernels take as alpha/beta: per-KV-head scales, or with linear feature maps
+        alpha W_q [Hq, D, D] and beta W_k [Hkv, D, D]."""
+        if not hasattr(self, "q_map"):
+            return self.alpha, self.beta
+        group = self.num_heads // self.num_kv_heads
+        alpha = self.alpha.repeat_interleave(group)[:, None, None] * self.q_map
+        return alpha, self.beta[:, None, None] * self.k_map
 
     def empty_state(self, batch: int, device: torch.device | str) -> BatchedState:
         """Float32 recurrent states whatever the weights' dtype (float64 for float64 weights)."""
@@ -139,22 +153,22 @@ class LLNAttention(nn.Module):
         """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE."""
         decode = q.shape[2] == 1 and lengths is None
         chunk = self.config.chunk_size
+        if self.kernel in ("lln", "lln_diag"):
+            alpha, beta = self.feature_scales()
         if self.kernel == "lln":
             if decode:
-                return lln_step(q, k, v, self.alpha, self.beta, state)
+                return lln_step(q, k, v, alpha, beta, state)
             return lln_attention(
-                q, k, v, self.alpha, self.beta, state=state, chunk_size=chunk, lengths=lengths
+                q, k, v, alpha, beta, state=state, chunk_size=chunk, lengths=lengths
             )
         if self.kernel == "lln_diag":
             kwargs = dict(local=self.local, combine=self.config.combine)
             if hasattr(self, "count_power"):
                 kwargs["count_power"] = self.count_power
             if decode:
-                return lln_diag_step(
-                    q, k, v, self.alpha, self.beta, self.mix, state, plan=plan, **kwargs
-                )
+                return lln_diag_step(q, k, v, alpha, beta, self.mix, state, plan=plan, **kwargs)
             return lln_diag_attention(
-                q, k, v, self.alpha, self.beta, self.mix,
+                q, k, v, alpha, beta, self.mix,
                 state=state, chunk_size=chunk, lengths=lengths, **kwargs,
             )  # fmt: skip
         if self.kernel == "ea":
@@ -209,6 +223,10 @@ class LLNPreTrainedModel(PreTrainedModel):
         for name, value in defaults.items():
             if hasattr(module, name):  # parameters loaded from a checkpoint are left alone
                 init.constant_(getattr(module, name), value)
+        for name in ("q_map", "k_map"):
+            if hasattr(module, name):
+                param = getattr(module, name)
+                init.copy_(param, torch.eye(param.shape[-1]).expand_as(param))
 
 
 class LLNModel(LLNPreTrainedModel):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from models.configuration_lln import ATTENTION_KERNELS as KERNELS
+from models.configuration_lln import FEATURE_MAPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,11 @@ def _add_distill(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, help="stage 2: stop early after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--feature-map", choices=FEATURE_MAPS,
+        help="switch the model's LLN features first: linear adds a per-head D x D map before the "
+        "exponential (at identity, so the model is unchanged until trained) [default: keep]",
+    )  # fmt: skip
 
 
 def _add_convert(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +214,8 @@ def run_distill(args: argparse.Namespace) -> int:
     if args.max_minutes is not None and args.max_minutes <= 0:
         return _fail("--max-minutes must be positive")
     path = resolve(args.model)
-    model = from_checkpoint(path).to(device)
+    overrides = {} if args.feature_map is None else {"feature_map": args.feature_map}
+    model = from_checkpoint(path, **overrides).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = args.text.read_text(encoding="utf-8") if args.text else default_training_text()
     ids = torch.tensor(tokenizer(text)["input_ids"][: args.tokens])

@@ -20,6 +20,19 @@ def randn(gen: torch.Generator, *shape: int, dtype=torch.float64, scale: float =
     return torch.randn(*shape, generator=gen, dtype=dtype) * scale
 
 
+def feature_maps(gen, num_q_heads, num_kv_heads, head_dim=8, dtype=torch.float64):
+    """Linear feature maps: scale times (identity + a random perturbation), per head."""
+    eye = torch.eye(head_dim, dtype=dtype)
+    noise = lambda heads: randn(gen, heads, head_dim, head_dim, dtype=dtype, scale=0.4)  # noqa: E731
+    w_q = torch.linspace(0.8, 1.5, num_q_heads, dtype=dtype)[:, None, None] * (
+        eye + noise(num_q_heads)
+    )
+    w_k = torch.linspace(1.2, 0.6, num_kv_heads, dtype=dtype)[:, None, None] * (
+        eye + noise(num_kv_heads)
+    )
+    return w_q, w_k
+
+
 def gpu_available() -> bool:
     return torch.cuda.is_available()
 

@@ -13,7 +13,7 @@ from lln_core.ops.lln import lln_attention, lln_step, naive_lln_attention
 from lln_core.ops.lln_diag import empty_lln_diag_state, lln_diag_attention, naive_lln_diag_attention
 from lln_core.ops.softmax import LocalSpec
 from lln_core.state import LLNState
-from tests.conftest import randn, rel_err
+from tests.conftest import feature_maps, randn, rel_err
 from tests.lln_core.test_lln_diag import mix_for, power_for, run_steps
 from tests.models.conftest import tiny_model
 from tests.server.test_engine import VOCAB, greedy, make_engine, prompts, run_all
@@ -55,12 +55,15 @@ def test_lln_chunked_and_recurrent_on_cuda_match_cpu_float64(gen, dtype):
     assert rel_err(state.S.cpu(), state_ref.S) < tol
 
 
+@pytest.mark.parametrize("features", ["scale", "linear"])
 @pytest.mark.parametrize("combine", ["joint", "average"])
-def test_lln_diag_forms_on_cuda_match_cpu_float64(gen, combine):
+def test_lln_diag_forms_on_cuda_match_cpu_float64(gen, combine, features):
     spec = LocalSpec("window", 64, num_sinks=4) if combine == "joint" else LocalSpec("block", 32)
     q, k, v = qkv(gen)
     alpha = torch.linspace(0.8, 1.5, 2, dtype=torch.float64)
     beta = torch.linspace(1.2, 0.6, 2, dtype=torch.float64)
+    if features == "linear":
+        alpha, beta = feature_maps(gen, 6, 2, head_dim=16)
     mix, power = mix_for(combine, 6), power_for(combine, 6)
     kwargs = dict(local=spec, combine=combine, count_power=power)
     y_ref = naive_lln_diag_attention(q, k, v, alpha, beta, mix, **kwargs)

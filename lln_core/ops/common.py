@@ -74,6 +74,31 @@ def per_head(
     return t.reshape(1, num_kv_heads, 1, 1)
 
 
+def feature_logits(
+    scale: float | Tensor, x: Tensor, num_kv_heads: int, group: int, *, query_side: bool
+) -> Tensor:
+    """The exponent of LLN's features: alpha q (query side) or beta k (key side).
+
+    `scale` is what `per_head` takes (the paper's scalar per head), or a per-head linear map
+    `[Hq, D, D]` (query side) / `[Hkv, D, D]` (key side) applied as x @ W^T: the learned feature
+    transform before the exponential. x: grouped queries `[B, Hkv, G, T, D]` or keys
+    `[B, Hkv, T, D]`.
+    """
+    if not isinstance(scale, Tensor) or scale.dim() < 3:
+        return per_head(scale, num_kv_heads, group, x, query_side=query_side) * x
+    heads = num_kv_heads * group if query_side else num_kv_heads
+    dim = x.shape[-1]
+    if scale.shape != (heads, dim, dim):
+        side = "query" if query_side else "key"
+        raise ValueError(
+            f"{side}-side feature map must be [{heads}, {dim}, {dim}], got {tuple(scale.shape)}"
+        )
+    w = scale.to(x.dtype)
+    if query_side:
+        return torch.einsum("bhgtd,hged->bhgte", x, w.view(num_kv_heads, group, dim, dim))
+    return torch.einsum("bhtd,hed->bhte", x, w)
+
+
 def finite_or_zero(x: Tensor) -> Tensor:
     """Replace -inf (no key seen yet) by 0 so that differences with it stay defined."""
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)

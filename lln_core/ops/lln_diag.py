@@ -26,6 +26,7 @@ from lln_core.ops.common import (
     check_qkv,
     compute_dtype,
     count_tokens,
+    feature_logits,
     group_queries,
     per_head,
     ungroup,
@@ -135,9 +136,9 @@ def lln_diag_step(
         p.qg[:, :, :, 0], p.k, p.v, p.state.local, plan, scale=p.scale
     )
     if combine == "joint":  # the LLN state takes the key that left the window, if any
-        b, new_v = p.beta * old_k + plan.evicted_bias, old_v
+        b, new_v = p.key_logits(old_k) + plan.evicted_bias, old_v
     else:
-        b, new_v = p.beta * p.k, p.v
+        b, new_v = p.key_logits(p.k), p.v
     lln, S, z, m = lln_step_parts(p.aq[:, :, :, 0], b[:, :, 0], new_v[:, :, 0], p.state)
     if combine == "joint":
         log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
@@ -179,9 +180,9 @@ def naive_lln_diag_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qg = group_queries(q, num_kv_heads, dtype)
     kk, vv = k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]
-    a = per_head(alpha, num_kv_heads, group, qg, query_side=True)
-    b = per_head(beta, num_kv_heads, group, qg, query_side=False)[:, :, None]
-    log_lln = torch.logsumexp((a * qg)[..., :, None, :] + (b * kk)[..., None, :, :], dim=-1)
+    aq = feature_logits(alpha, qg, num_kv_heads, group, query_side=True)
+    bk = feature_logits(beta, k.to(dtype), num_kv_heads, group, query_side=False)[:, :, None]
+    log_lln = torch.logsumexp(aq[..., :, None, :] + bk[..., None, :, :], dim=-1)
     log_sm = qg @ kk.transpose(-1, -2) * scale
     pos = torch.arange(seq_len, device=q.device)
     causal = pos[None] <= pos[:, None]
@@ -210,12 +211,17 @@ class _Prepared:
     qg: Tensor  # [B, Hkv, G, T, D]
     k: Tensor
     v: Tensor
-    aq: Tensor  # alpha q
-    beta: Tensor  # [1, Hkv, 1, 1]
+    aq: Tensor  # alpha q (or q through the query feature map)
+    beta: float | Tensor  # as given: per-head scale or key feature map
     weight: Tensor  # mix, [1, Hkv, G, 1]
     power: Tensor  # count_power, [1, Hkv, G, 1]
     state: LLNState
     scale: float
+
+    def key_logits(self, k: Tensor) -> Tensor:
+        """beta k for keys [B, Hkv, T, D] (also keys read back from the window)."""
+        num_kv_heads, group = self.qg.shape[1], self.qg.shape[2]
+        return feature_logits(self.beta, k, num_kv_heads, group, query_side=False)
 
 
 def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power) -> _Prepared:
@@ -236,8 +242,8 @@ def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_powe
         qg=qg,
         k=k.to(dtype),
         v=v.to(dtype),
-        aq=per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg,
-        beta=per_head(beta, num_kv_heads, group, qg, query_side=False),
+        aq=feature_logits(alpha, qg, num_kv_heads, group, query_side=True),
+        beta=beta,
         weight=per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0],
         power=per_head(count_power, num_kv_heads, group, qg, query_side=True)[..., 0],
         state=state,
@@ -269,11 +275,11 @@ def _forward(
         old_k, old_v, old_valid = _delayed_keys(p.state, tail, p.k, p.v)
         if valid is not None:
             old_valid = old_valid & valid
-        b, old_v = mask_padding(p.beta * old_k, old_v, old_valid)
+        b, old_v = mask_padding(p.key_logits(old_k), old_v, old_valid)
     elif valid is not None:
-        b, old_v = mask_padding(p.beta * p.k, p.v, valid)
+        b, old_v = mask_padding(p.key_logits(p.k), p.v, valid)
     else:
-        b, old_v = p.beta * p.k, p.v
+        b, old_v = p.key_logits(p.k), p.v
     lln, S, z, m = lln_chunk_parts(p.aq, b, old_v, p.state, chunk_size)
     num, den, log_scale, cache = local_softmax_parts(
         p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local,

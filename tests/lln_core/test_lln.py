@@ -5,7 +5,7 @@ import torch
 
 from lln_core.ops.lln import lln_attention, lln_step, naive_lln_attention
 from lln_core.state import LLNState
-from tests.conftest import randn, rel_err
+from tests.conftest import feature_maps, randn, rel_err
 
 ALPHA = (1.3, 0.7, 2.0)  # per KV head, cut to Hkv
 BETA = (0.9, 1.6, 0.5)
@@ -182,3 +182,46 @@ def test_bad_lengths_raise():
     for lengths in (torch.tensor([6, 1]), torch.tensor([1]), torch.tensor([-1, 2])):
         with pytest.raises(ValueError):
             lln_attention(q, k, v, 1.0, 1.0, lengths=lengths)
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_linear_feature_maps_forms_agree(gen, heads, with_state):
+    q, k, v, alpha, beta = make_inputs(gen, 2, *heads, 45)
+    w_q, w_k = feature_maps(gen, *heads)
+    state = prefix_state(gen, 2, heads[1], alpha, beta) if with_state else None
+    y_ref, s_ref = naive_lln_attention(q, k, v, w_q, w_k, state=state)
+    y_chunk, s_chunk = lln_attention(q, k, v, w_q, w_k, state=state, chunk_size=8)
+    start = state or LLNState.empty(2, heads[1], 8, 10, torch.float64)
+    y_rec, s_rec = run_recurrent(q, k, v, w_q, w_k, start)
+    assert rel_err(y_chunk, y_ref) < 1e-10
+    assert rel_err(y_rec, y_ref) < 1e-10
+    assert_states_close(s_chunk, s_ref, 1e-10)
+    assert_states_close(s_rec, s_ref, 1e-10)
+
+
+def test_linear_feature_map_is_a_map_of_q_and_k(gen):
+    """exp(W_q q) . exp(W_k k): the same as unit scales on q @ W_q^T and k @ W_k^T, and a map
+    that is a multiple of the identity is the scalar scale."""
+    q, k, v, alpha, beta = make_inputs(gen, 1, 6, 2, 30)
+    w_q, w_k = feature_maps(gen, 6, 2)
+    y, _ = naive_lln_attention(q, k, v, w_q, w_k)
+    q_mapped = torch.einsum("bhtd,hed->bhte", q, w_q)
+    k_mapped = torch.einsum("bhtd,hed->bhte", k, w_k)
+    y_mapped, _ = naive_lln_attention(q_mapped, k_mapped, v, 1.0, 1.0)
+    assert rel_err(y, y_mapped) < 1e-12
+    eye = torch.eye(8, dtype=torch.float64)
+    y_scale, _ = lln_attention(q, k, v, alpha, beta)
+    y_eye, _ = lln_attention(
+        q, k, v, alpha.repeat_interleave(3)[:, None, None] * eye, beta[:, None, None] * eye
+    )
+    assert rel_err(y_eye, y_scale) < 1e-12
+
+
+def test_feature_map_of_the_wrong_shape_raises(gen):
+    q, k, v, _, _ = make_inputs(gen, 1, 6, 2, 5)
+    w_q, w_k = feature_maps(gen, 6, 2)
+    with pytest.raises(ValueError, match="query-side feature map"):
+        lln_attention(q, k, v, w_q[:2], w_k)  # per KV head: a query map is per query head
+    with pytest.raises(ValueError, match="key-side feature map"):
+        lln_attention(q, k, v, w_q, w_q)

@@ -11,7 +11,7 @@ from lln_core.ops.lln_diag import (
     naive_lln_diag_attention,
 )
 from lln_core.ops.softmax import LocalSpec
-from tests.conftest import randn, rel_err
+from tests.conftest import feature_maps, randn, rel_err
 
 VARIANTS = [
     (LocalSpec("window", 7, num_sinks=2), "joint"),
@@ -262,3 +262,22 @@ def test_count_power_lowers_the_lln_weight_as_old_keys_accumulate(gen):
         assert rel_err(with_power[:, :, t], shifted[:, :, t]) < 1e-12
     plain = naive_lln_diag_attention(q, k, v, alpha, beta, 0.5, local=spec)
     assert rel_err(with_power[:, :, 6:], plain[:, :, 6:]) > 1e-3
+
+
+@pytest.mark.parametrize(("spec", "combine"), VARIANTS[:3])
+def test_linear_feature_maps_forms_agree(gen, spec, combine):
+    """The key map applies to keys read back from the window when they leave it (joint)."""
+    q, k, v, _, _ = make_inputs(gen, 2, 6, 2, 45)
+    w_q, w_k = feature_maps(gen, 6, 2)
+    mix, power = mix_for(combine, 6), power_for(combine, 6)
+    kwargs = dict(local=spec, combine=combine, count_power=power)
+    y_ref = naive_lln_diag_attention(q, k, v, w_q, w_k, mix, **kwargs)
+    y_chunk, s_chunk = lln_diag_attention(q, k, v, w_q, w_k, mix, chunk_size=8, **kwargs)
+    empty = empty_lln_diag_state(2, 2, 8, spec, dtype=torch.float64)
+    y_rec, s_rec = run_steps(q, k, v, w_q, w_k, mix, spec, combine, empty, power)
+    assert rel_err(y_chunk, y_ref) < 1e-10
+    assert rel_err(y_rec, y_ref) < 1e-10
+    assert rel_err(s_chunk.S, s_rec.S) < 1e-10 and rel_err(s_chunk.z, s_rec.z) < 1e-10
+    # a map changes the LLN part only: the same model with scalar scales differs
+    y_scale = naive_lln_diag_attention(q, k, v, 1.0, 1.0, mix, **kwargs)
+    assert rel_err(y_scale, y_ref) > 1e-3

@@ -39,4 +39,7 @@ def tiny_model(kernel: str, dtype=torch.float64, seed: int = 0, **overrides) -> 
                 attn.mix.uniform_(-1.0, 1.0)
             if hasattr(attn, "count_power"):
                 attn.count_power.uniform_(0.0, 0.5)
+            for name in ("q_map", "k_map"):
+                if hasattr(attn, name):
+                    getattr(attn, name).add_(0.3 * torch.randn_like(getattr(attn, name)))
     return model

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -162,6 +163,15 @@ def test_cli_distill(llama_dir, tmp_path):
     assert "layer  1: loss" in result.stdout
     assert (distilled / "model.safetensors").is_file()
     assert (distilled / "checkpoint" / "report.json").is_file()
+    mapped = tmp_path / "mapped"
+    result = run_cli(
+        "distill", "--model", str(converted), "--out", str(mapped), "--text", str(text),
+        "--seq-len", "64", "--steps-per-layer", "3", "--feature-map", "linear",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((mapped / "config.json").read_text())["feature_map"] == "linear"
+    shipped = load_file(mapped / "lln_params.safetensors")
+    assert shipped["model.layers.0.self_attn.q_map"].shape == (4, 8, 8)
     selected = tmp_path / "selected"
     result = run_cli(
         "distill", "--stage", "select", "--model", str(distilled), "--out", str(selected),

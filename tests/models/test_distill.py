@@ -37,6 +37,21 @@ def test_attention_transfer_reduces_every_layers_loss():
         assert result.loss_after < 0.7 * result.loss_before
 
 
+def test_attention_transfer_trains_linear_feature_maps():
+    """With feature_map="linear" the per-head maps are trained too (and saved with the rest)."""
+    model = tiny_model(
+        "lln_diag", dtype=torch.float32, local_size=4, num_sinks=1, feature_map="linear"
+    )
+    maps = {n: p.clone() for n, p in model.named_parameters() if n.endswith("_map")}
+    config = DistillConfig(steps_per_layer=40, learning_rate=0.03, seq_len=32)
+    report = distill(model, TOKENS, config, progress=False)
+    for result in report.layers:
+        assert result.loss_after < 0.7 * result.loss_before
+    params = lln_parameters(model)
+    for name, before in maps.items():
+        assert not torch.equal(params[name], before), name
+
+
 def test_only_lln_parameters_change():
     model = student()
     weights = {n: p.clone() for n, p in model.named_parameters() if "proj" in n}

@@ -157,11 +157,58 @@ def test_checkpoint_without_count_power_loads_with_power_zero(tmp_path):
             assert torch.equal(getattr(layer.self_attn, name), getattr(ours.self_attn, name))
 
 
+@pytest.mark.parametrize("kernel", ["lln", "lln_diag"])
+def test_linear_feature_maps_prefill_then_steps_and_compiled(kernel):
+    """Learned feature maps in every way of running the model: full forward = prefill in
+    pieces then decode steps (float64), compiled decode = eager (float32)."""
+    model = tiny_model(kernel, feature_map="linear")
+    assert model.model.layers[0].self_attn.q_map.shape == (4, 8, 8)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids).logits
+        stepped, _ = incremental_logits(model, ids, (7, 19))
+        assert (full - stepped).abs().max() < 1e-8
+        eager = tiny_model(kernel, dtype=torch.float32, feature_map="linear")
+        compiled = tiny_model(kernel, dtype=torch.float32, feature_map="linear")
+        assert compiled.compile_decode()
+        _, states = eager.forward_states(ids[:, :12])
+        expected_states = actual_states = states
+        for t in range(12, 20):
+            expected, expected_states = eager.forward_states(ids[:, t : t + 1], expected_states)
+            actual, actual_states = compiled.forward_states(ids[:, t : t + 1], actual_states)
+            assert (actual - expected).abs().max() < 1e-4
+
+
+def test_switching_to_linear_feature_maps_keeps_the_model(tmp_path):
+    """A checkpoint with scalar features loaded with feature_map="linear": the maps start at
+    identity (same logits, alpha/beta kept); trained maps survive save and load."""
+    model = tiny_model("lln_diag", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "scale")
+    mapped = LLNForCausalLM.from_pretrained(tmp_path / "scale", feature_map="linear")
+    attn, ours = mapped.model.layers[1].self_attn, model.model.layers[1].self_attn
+    assert torch.equal(attn.k_map, torch.eye(8).expand(2, 8, 8))
+    assert torch.equal(attn.alpha, ours.alpha) and torch.equal(attn.mix, ours.mix)
+    ids = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert rel_err(mapped(ids).logits, model(ids).logits) < 1e-6
+        attn.q_map.add_(0.5 * torch.randn_like(attn.q_map))
+        changed = mapped(ids).logits
+        assert rel_err(changed, model(ids).logits) > 1e-4
+    mapped.save_pretrained(tmp_path / "linear")
+    loaded = LLNForCausalLM.from_pretrained(tmp_path / "linear")
+    assert loaded.config.feature_map == "linear"
+    assert torch.equal(loaded.model.layers[1].self_attn.q_map, attn.q_map)
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, changed) < 1e-6
+
+
 def test_config_rejects_unknown_kernel():
     with pytest.raises(ValueError, match="attention_kernel"):
         LLNConfig(attention_kernel="flash")
     with pytest.raises(ValueError, match="joint"):
         LLNConfig(attention_kernel="lln_diag", local_kind="block", combine="joint")
+    with pytest.raises(ValueError, match="feature_map"):
+        LLNConfig(attention_kernel="lln_diag", feature_map="mlp")
 
 
 @pytest.mark.parametrize("kernel", ["lln", "lln_diag", "ea"])

@@ -26,9 +26,9 @@ from lln_core.ops.common import (
     compute_dtype,
     count_tokens,
     exp_ftz,
+    feature_logits,
     finite_or_zero,
     group_queries,
-    per_head,
     ungroup,
     valid_tokens,
 )
@@ -122,8 +122,8 @@ def lln_attention(
     if state is None:
         state = LLNState.empty(batch, num_kv_heads, q.shape[-1], v.shape[-1], dtype, q.device)
     qg = group_queries(q, num_kv_heads, dtype)
-    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True) * qg
-    b = per_head(beta, num_kv_heads, group, qg, query_side=False) * k.to(dtype)
+    aq = feature_logits(alpha, qg, num_kv_heads, group, query_side=True)
+    b = feature_logits(beta, k.to(dtype), num_kv_heads, group, query_side=False)
     v = v.to(dtype)
     valid = valid_tokens(lengths, batch, seq_len, q.device)
     if valid is not None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lln_core.ops.common import check_qkv, compute_dtype, finite_or_zero, per_head, ungroup
+from lln_core.ops.common import (
+    check_qkv,
+    compute_dtype,
+    feature_logits,
+    finite_or_zero,
+    ungroup,
+)
 from lln_core.state import LLNState
 
 
@@ -29,9 +35,9 @@ def naive_lln_attention(
     dtype = compute_dtype(q)
     if state is None:
         state = LLNState.empty(batch, num_kv_heads, q.shape[-1], v.shape[-1], dtype, q.device)
-    a = per_head(alpha, num_kv_heads, group, q.to(dtype), query_side=True)
-    b = per_head(beta, num_kv_heads, group, q.to(dtype), query_side=False) * k.to(dtype)
     qg = q.to(dtype).reshape(batch, num_kv_heads, group, seq_len, q.shape[-1])
+    aq = feature_logits(alpha, qg, num_kv_heads, group, query_side=True)
+    b = feature_logits(beta, k.to(dtype), num_kv_heads, group, query_side=False)
     vv = v.to(dtype)
 
     m = torch.maximum(state.m.to(dtype), b.amax(dim=2))  # [B, Hkv, D]
@@ -41,7 +47,7 @@ def naive_lln_attention(
     S0 = state.S.to(dtype) * carried[..., None]
     z0 = state.z.to(dtype) * carried
 
-    logits = a * qg + shift[:, :, None, None]  # log phi_q, shifted by the keys' shift
+    logits = aq + shift[:, :, None, None]  # log phi_q, shifted by the keys' shift
     phi_q = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # row scale cancels
     scores = torch.einsum("bhgtd,bhsd->bhgts", phi_q, phi_k)
     scores = scores * torch.ones(seq_len, seq_len, dtype=dtype, device=q.device).tril()

@@ -14,9 +14,9 @@ from torch import Tensor
 from lln_core.ops.common import (
     check_qkv,
     compute_dtype,
+    feature_logits,
     finite_or_zero,
     group_queries,
-    per_head,
     ungroup,
 )
 from lln_core.ops.lln.chunk import LLNParts
@@ -64,8 +64,8 @@ def lln_step(
         raise ValueError(f"lln_step takes one token per sequence (T = 1), got T = {seq_len}")
     dtype = compute_dtype(q)
     qg = group_queries(q, num_kv_heads, dtype)
-    aq = per_head(alpha, num_kv_heads, group, qg, query_side=True)[..., 0] * qg[:, :, :, 0]
-    b = per_head(beta, num_kv_heads, group, qg, query_side=False)[..., 0] * k.to(dtype)[:, :, 0]
+    aq = feature_logits(alpha, qg, num_kv_heads, group, query_side=True)[:, :, :, 0]
+    b = feature_logits(beta, k.to(dtype), num_kv_heads, group, query_side=False)[:, :, 0]
     parts, S, z, m = lln_step_parts(aq, b, v.to(dtype)[:, :, 0], state)
     new_state = LLNState(
         S=S.to(state.S.dtype),

@@ -82,6 +82,23 @@ def test_calibrated_alpha_beta_follow_the_measured_sigmas(llama_dir, tmp_path):
     assert info["num_tokens"] > 100
 
 
+def test_conversion_with_linear_feature_maps_starts_them_at_identity(llama_dir, tmp_path):
+    """feature_map="linear": the same calibrated model (equal logits), maps at identity."""
+    path, _ = llama_dir
+    scale = convert(str(path), tmp_path / "scale", calib_text=TEXT, progress=False)
+    linear = convert(
+        str(path), tmp_path / "linear", calib_text=TEXT, progress=False, feature_map="linear"
+    )
+    model_scale = LLNForCausalLM.from_pretrained(scale).eval()
+    model_linear = LLNForCausalLM.from_pretrained(linear).eval()
+    assert model_linear.config.feature_map == "linear"
+    assert torch.equal(model_linear.model.layers[0].self_attn.q_map, torch.eye(8).expand(4, 8, 8))
+    ids = torch.randint(0, 29, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (model_linear(ids).logits - model_scale(ids).logits).abs().max()
+    assert diff < 1e-4
+
+
 def test_unsupported_architecture_names_what_is_supported(tmp_path, char_tokenizer):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=29))
     path = save_source(tmp_path / "gpt2", gpt2, char_tokenizer)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from models.calibrate import calibrate
 from models.configuration_lln import LLNConfig
 from models.errors import ConversionError
-from models.modeling_lln import LLNForCausalLM
+from models.modeling_lln import LLN_PARAMETERS, LLNForCausalLM
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # Fields copied verbatim from the source config.
@@ -91,8 +91,7 @@ def build_lln_model(source: PreTrainedModel, config: LLNConfig) -> LLNForCausalL
     """An LLN model holding the source's weights; alpha/beta/mix at their defaults."""
     model = LLNForCausalLM(config).to(source.dtype)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    new = {"alpha", "beta", "mix", "count_power", "q_map", "k_map"}
-    missing = [name for name in missing if name.rsplit(".", 1)[-1] not in new]
+    missing = [name for name in missing if name.rsplit(".", 1)[-1] not in LLN_PARAMETERS]
     missing = [
         name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings
     ]

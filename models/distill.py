@@ -28,9 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from models.calibrate import softmax_twin
+from models.modeling_lln import LLN_PARAMETERS as TRAINABLE
 from models.modeling_lln import LLNAttention, LLNForCausalLM
-
-TRAINABLE = ("alpha", "beta", "mix", "count_power", "q_map", "k_map")
 
 
 def default_training_text() -> str:

@@ -47,6 +47,8 @@ from models.cache import LLNCache
 from models.configuration_lln import LLNConfig
 
 States = list[BatchedState | None]
+# What the LLN kernels add to a softmax checkpoint (the parameters distillation trains).
+LLN_PARAMETERS = ("alpha", "beta", "mix", "count_power", "q_map", "k_map")
 
 
 class LLNAttention(nn.Module):

@@ -43,6 +43,18 @@ def assert_states_close(a: LLNState, b: LLNState, tol: float) -> None:
     assert torch.equal(a.num_tokens, b.num_tokens)
 
 
+def assert_forms_agree(q, k, v, alpha, beta, state, chunk_size) -> None:
+    """Chunked and recurrent = naive (outputs and states, float64), from `state` or empty."""
+    y_ref, s_ref = naive_lln_attention(q, k, v, alpha, beta, state=state)
+    y_chunk, s_chunk = lln_attention(q, k, v, alpha, beta, state=state, chunk_size=chunk_size)
+    start = state or LLNState.empty(q.shape[0], k.shape[1], q.shape[-1], v.shape[-1], q.dtype)
+    y_rec, s_rec = run_recurrent(q, k, v, alpha, beta, start)
+    assert rel_err(y_chunk, y_ref) < 1e-10
+    assert rel_err(y_rec, y_ref) < 1e-10
+    assert_states_close(s_chunk, s_ref, 1e-10)
+    assert_states_close(s_rec, s_ref, 1e-10)
+
+
 @pytest.mark.parametrize("seq_len", [1, 7, 64, 100])
 @pytest.mark.parametrize("chunk_size", [1, 16, 64])
 @pytest.mark.parametrize("heads", [(2, 2), (6, 2), (3, 1)])
@@ -50,14 +62,7 @@ def assert_states_close(a: LLNState, b: LLNState, tol: float) -> None:
 def test_chunked_recurrent_naive_agree(gen, seq_len, chunk_size, heads, with_state):
     q, k, v, alpha, beta = make_inputs(gen, 2, *heads, seq_len)
     state = prefix_state(gen, 2, heads[1], alpha, beta) if with_state else None
-    y_ref, s_ref = naive_lln_attention(q, k, v, alpha, beta, state=state)
-    y_chunk, s_chunk = lln_attention(q, k, v, alpha, beta, state=state, chunk_size=chunk_size)
-    start = state or LLNState.empty(2, heads[1], 8, 10, torch.float64)
-    y_rec, s_rec = run_recurrent(q, k, v, alpha, beta, start)
-    assert rel_err(y_chunk, y_ref) < 1e-10
-    assert rel_err(y_rec, y_ref) < 1e-10
-    assert_states_close(s_chunk, s_ref, 1e-10)
-    assert_states_close(s_rec, s_ref, 1e-10)
+    assert_forms_agree(q, k, v, alpha, beta, state, chunk_size)
 
 
 @pytest.mark.parametrize("splits", [(1,), (5, 6), (17, 64, 65), (31, 99, 100)])
@@ -190,14 +195,7 @@ def test_linear_feature_maps_forms_agree(gen, heads, with_state):
     q, k, v, alpha, beta = make_inputs(gen, 2, *heads, 45)
     w_q, w_k = feature_maps(gen, *heads)
     state = prefix_state(gen, 2, heads[1], alpha, beta) if with_state else None
-    y_ref, s_ref = naive_lln_attention(q, k, v, w_q, w_k, state=state)
-    y_chunk, s_chunk = lln_attention(q, k, v, w_q, w_k, state=state, chunk_size=8)
-    start = state or LLNState.empty(2, heads[1], 8, 10, torch.float64)
-    y_rec, s_rec = run_recurrent(q, k, v, w_q, w_k, start)
-    assert rel_err(y_chunk, y_ref) < 1e-10
-    assert rel_err(y_rec, y_ref) < 1e-10
-    assert_states_close(s_chunk, s_ref, 1e-10)
-    assert_states_close(s_rec, s_ref, 1e-10)
+    assert_forms_agree(q, k, v, w_q, w_k, state, chunk_size=8)
 
 
 def test_linear_feature_map_is_a_map_of_q_and_k(gen):

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 from eval_perplexity import load_variant  # benchmarks/, the script's folder
+from eval_stage2_runs import PAST_WINDOW, bucket_change, scoring_windows, variant_nll
 
 from lln_core.state import kv_cache_bytes
 from models.evaluate import evaluation_text, perplexity
-from models.registry import DEFAULT_MODEL, REGISTRY, load_model, resolve
+from models.registry import DEFAULT_MODEL, REGISTRY, WEIGHTS, lln_home, load_model, resolve
 
 _LOCAL = REGISTRY[DEFAULT_MODEL].config
 WINDOW = f"window {_LOCAL['local_size']} + {_LOCAL['num_sinks']} sinks"
@@ -145,28 +146,44 @@ def main() -> None:
         chats[name] = chat_samples(model, tokenizer, chat_tokens)
         rows[name] = (ppl, buckets, keys, state_size(model))
         print(name, rows[name], flush=True)
-    print(report(rows, chats, trials, ids.numel(), args.out))
+    heldout = heldout_checks(path, tokenizer)
+    print(report(rows, chats, heldout, trials, ids.numel(), args.out))
 
 
-def bars(rows: dict) -> list[str]:
+def heldout_checks(path: Path, tokenizer) -> list[tuple[str, bool]]:
+    """The shipped default against its local branch alone, by bucket past the window, on the
+    held-out test windows (NLLs cached where eval_stage2_runs.py keeps them)."""
+    windows = scoring_windows(tokenizer)["test"]
+    cache = lln_home() / "eval_stage2_runs"
+    local = variant_nll(path, None, windows, cache)
+    shipped = variant_nll(path, WEIGHTS / REGISTRY[DEFAULT].params, windows, cache)
+    checks = []
+    for lo, hi in PAST_WINDOW:
+        change, low, high, wins = bucket_change(shipped, local, lo, hi)
+        text = (
+            f"bucket {lo}-{hi} below the local branch alone on {len(windows)} held-out test "
+            f"windows: {100 * change:+.2f}% (95% interval {100 * low:+.2f} to {100 * high:+.2f}"
+            f"{', all below zero' if high < 0 else ''}), better in {100 * wins:.0f}% of windows"
+        )
+        checks.append((text, change < 0))
+    return checks
+
+
+def bars(rows: dict, heldout: list[tuple[str, bool]]) -> list[str]:
     """The issue's bars for the shipped default, checked on this run's numbers."""
-    (ppl, buckets, _, state), (ppl_t, _, _, _) = rows[DEFAULT], rows[TEACHER]
-    local = rows[LOCAL_ONLY][1]
-    reach = _LOCAL["local_size"] + _LOCAL["num_sinks"]  # positions before it see no old key
-    past = [i for i, (_, hi) in enumerate(BUCKETS) if hi > reach]
+    (ppl, _, _, state), (ppl_t, _, _, _) = rows[DEFAULT], rows[TEACHER]
     checks = [
         (f"perplexity at 1K <= 1.15x the teacher's: {ppl[0] / ppl_t[0]:.3f}x",
          ppl[0] <= 1.15 * ppl_t[0]),
         (f"perplexity at 4K <= 1.3x the teacher's: {ppl[1] / ppl_t[1]:.3f}x",
          ppl[1] <= 1.3 * ppl_t[1]),
-        *((f"bucket {BUCKETS[i][0]}-{BUCKETS[i][1]} below the local branch alone: "
-           f"{buckets[i]:.3f} vs {local[i]:.3f}", buckets[i] < local[i]) for i in past),
+        *heldout,
         (f"state <= 24 MiB per sequence: {state / 2**20:.2f} MiB", state <= STATE_BAR),
     ]  # fmt: skip
     return [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
 
 
-def report(rows: dict, chats, trials: int, num_tokens: int, out: Path) -> str:
+def report(rows: dict, chats, heldout, trials: int, num_tokens: int, out: Path) -> str:
     bucket_names = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     lines = [
         f"# Quality of {DEFAULT_MODEL} variants",
@@ -186,7 +203,7 @@ def report(rows: dict, chats, trials: int, num_tokens: int, out: Path) -> str:
             f"| {name} | " + " | ".join(f"{p:.2f}" for p in (*ppl, *buckets))
             + f" | {keys[0]:.0%} | {keys[1]:.0%} | {state_bytes / 2**20:.2f} MiB |"
         )  # fmt: skip
-    lines += ["", f"Bars for {DEFAULT_MODEL}:", "", *bars(rows)]
+    lines += ["", f"Bars for {DEFAULT_MODEL}:", "", *bars(rows, heldout)]
     lines += ["", "Chat samples (greedy):", ""]
     for i, question in enumerate(CHATS):
         lines.append(f"**{question}**")

@@ -52,7 +52,7 @@ REGISTRY = {
         kernel="lln_diag",
         config={"local_kind": "window", "local_size": 448, "num_sinks": 4, "combine": "joint"},
         params="smollm2-135m-lln.safetensors",
-        revision="5",
+        revision="6",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",

@@ -15,18 +15,25 @@ chat samples, and the issue's bars checked on the numbers.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
 from eval_perplexity import load_variant  # benchmarks/, the script's folder
-from eval_stage2_runs import PAST_WINDOW, bucket_change, scoring_windows, variant_nll
+from eval_stage2_runs import (
+    PAST_WINDOW,
+    bucket_change,
+    bucket_perplexity,
+    default_cache,
+    scoring_windows,
+    token_nll,
+    variant_nll,
+)
 
 from lln_core.state import kv_cache_bytes
 from models.evaluate import evaluation_text, perplexity
-from models.registry import DEFAULT_MODEL, REGISTRY, WEIGHTS, lln_home, load_model, resolve
+from models.registry import DEFAULT_MODEL, REGISTRY, WEIGHTS, load_model, resolve
 
 _LOCAL = REGISTRY[DEFAULT_MODEL].config
 WINDOW = f"window {_LOCAL['local_size']} + {_LOCAL['num_sinks']} sinks"
@@ -54,18 +61,9 @@ def position_nll(
     model, ids: torch.Tensor, window: int = 4096, buckets: list[tuple[int, int]] = BUCKETS
 ) -> list[float]:
     """Perplexity per bucket of positions, over non-overlapping windows."""
-    sums, counts = [0.0] * len(buckets), [0] * len(buckets)
-    for start in range(0, ids.numel() - window + 1, window):
-        chunk = ids[start : start + window][None].to(model.device)
-        logits, _ = model.forward_states(chunk)
-        nll = torch.nn.functional.cross_entropy(
-            logits[0, :-1].float(), chunk[0, 1:], reduction="none"
-        )
-        for b, (lo, hi) in enumerate(buckets):
-            part = nll[lo : hi - 1]
-            sums[b] += part.sum().item()
-            counts[b] += part.numel()
-    return [math.exp(s / max(c, 1)) for s, c in zip(sums, counts, strict=True)]
+    starts = range(0, ids.numel() - window + 1, window)
+    nll = {start: token_nll(model, ids[start : start + window]) for start in starts}
+    return [bucket_perplexity(nll, lo, hi) for lo, hi in buckets]
 
 
 @torch.no_grad()
@@ -154,9 +152,8 @@ def heldout_checks(path: Path, tokenizer) -> list[tuple[str, bool]]:
     """The shipped default against its local branch alone, by bucket past the window, on the
     held-out test windows (NLLs cached where eval_stage2_runs.py keeps them)."""
     windows = scoring_windows(tokenizer)["test"]
-    cache = lln_home() / "eval_stage2_runs"
-    local = variant_nll(path, None, windows, cache)
-    shipped = variant_nll(path, WEIGHTS / REGISTRY[DEFAULT].params, windows, cache)
+    local = variant_nll(path, None, windows, default_cache())
+    shipped = variant_nll(path, WEIGHTS / REGISTRY[DEFAULT].params, windows, default_cache())
     checks = []
     for lo, hi in PAST_WINDOW:
         change, low, high, wins = bucket_change(shipped, local, lo, hi)

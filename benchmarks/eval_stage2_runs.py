@@ -51,6 +51,10 @@ VARIANTS = {  # name: LLN parameters to load (None: the LLN part removed; "softm
 BOOTSTRAP_SAMPLES = 4000
 
 
+def default_cache() -> Path:
+    return lln_home() / "eval_stage2_runs"
+
+
 def scoring_windows(tokenizer) -> dict[str, dict[str, torch.Tensor]]:
     """{split: {window name: 4K token ids}}."""
 
@@ -80,10 +84,11 @@ def variant(path: Path, params: Path | str | None):
 
 @torch.no_grad()
 def token_nll(model, ids: torch.Tensor) -> np.ndarray:
-    """[WINDOW - 1] next-token NLL of one window scored from an empty state."""
-    logits, _ = model.forward_states(ids[None].to(model.device))
+    """[len(ids) - 1] next-token NLL of one window scored from an empty state."""
+    ids = ids.to(model.device)
+    logits, _ = model.forward_states(ids[None])
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="none")
-    return nll.numpy()
+    return nll.cpu().numpy()
 
 
 def variant_nll(
@@ -117,7 +122,8 @@ def bucket_change(nll: dict, base: dict, lo: int, hi: int) -> tuple[float, ...]:
     return math.expm1(diff.mean()), math.expm1(low), math.expm1(high), float((diff < 0).mean())
 
 
-def perplexity(nll: dict, lo: int, hi: int) -> float:
+def bucket_perplexity(nll: dict, lo: int, hi: int) -> float:
+    """Perplexity over positions [lo, hi) of equally long windows."""
     return math.exp(np.mean([values[lo : hi - 1].mean() for values in nll.values()]))
 
 
@@ -129,7 +135,7 @@ def table(title: str, nll: dict[str, dict]) -> list[str]:
     for name, values in nll.items():
         cells = []
         for lo, hi in BUCKETS:
-            cell = f"{perplexity(values, lo, hi):.3f}"
+            cell = f"{bucket_perplexity(values, lo, hi):.3f}"
             if name not in (BASELINE, TEACHER):
                 change, low, high, _ = bucket_change(values, base, lo, hi)
                 mark = " *" if high < 0 else ""
@@ -148,7 +154,7 @@ def gap_closed(nll: dict[str, dict], name: str, lo: int, hi: int) -> str:
     """How much of the teacher's lead over the window alone the variant wins back."""
     if TEACHER not in nll:
         return ""
-    teacher, window, ppl = (perplexity(nll[n], lo, hi) for n in (TEACHER, BASELINE, name))
+    teacher, window, ppl = (bucket_perplexity(nll[n], lo, hi) for n in (TEACHER, BASELINE, name))
     share = (window - ppl) / (window - teacher)
     return f"; {100 * share:.1f}% of the teacher's lead (teacher {teacher:.3f})"
 
@@ -156,7 +162,7 @@ def gap_closed(nll: dict[str, dict], name: str, lo: int, hi: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--cache", type=Path, default=lln_home() / "eval_stage2_runs")
+    parser.add_argument("--cache", type=Path, default=default_cache())
     parser.add_argument("--variants", help="comma-separated names (default: all)")
     args = parser.parse_args()
     names = args.variants.split(",") if args.variants else list(VARIANTS)

@@ -137,6 +137,44 @@ class LocalKV(BatchedState):
 
 
 @dataclass
+class SparseKV(BatchedState):
+    """The sparse tier of LLN+Diag: up to G exact key/value pairs that left the window.
+
+    Which pairs stay is decided by a per-token retention score (higher stays, ties go to the
+    newer token); the same positions are kept in every head. k: [B, Hkv, G, D], v: [B, Hkv, G,
+    Dv], pos: [B, G] int64 (-1 = empty slot), score: [B, G] (-inf for empty slots).
+    """
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    score: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.pos.shape[1]
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        size: int,
+        v_dim: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> SparseKV:
+        v_dim = head_dim if v_dim is None else v_dim
+        return cls(
+            k=torch.zeros(batch, num_kv_heads, size, head_dim, dtype=dtype, device=device),
+            v=torch.zeros(batch, num_kv_heads, size, v_dim, dtype=dtype, device=device),
+            pos=torch.full((batch, size), -1, dtype=torch.int64, device=device),
+            score=torch.full((batch, size), float("-inf"), dtype=dtype, device=device),
+        )
+
+
+@dataclass
 class LLNState(BatchedState):
     """State of causal LLN attention after `num_tokens` tokens (DESIGN.md section 2).
 
@@ -145,6 +183,7 @@ class LLNState(BatchedState):
     S: [B, Hkv, D, Dv], z: [B, Hkv, D], m: [B, Hkv, D] (-inf before any key), float32 or float64.
     num_tokens: [B] int64, tokens seen (including those held only by the local branch).
     local: the bounded softmax K/V of LLN+Diag variants, else None.
+    sparse: the exact pairs kept beyond the window (LLN+Diag with a sparse cache), else None.
     """
 
     S: Tensor
@@ -152,6 +191,7 @@ class LLNState(BatchedState):
     m: Tensor
     num_tokens: Tensor
     local: LocalKV | None = None
+    sparse: SparseKV | None = None
 
     @classmethod
     def empty(
@@ -163,6 +203,7 @@ class LLNState(BatchedState):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         local: LocalKV | None = None,
+        sparse: SparseKV | None = None,
     ) -> LLNState:
         v_dim = head_dim if v_dim is None else v_dim
         shape = (batch, num_kv_heads, head_dim)
@@ -172,6 +213,7 @@ class LLNState(BatchedState):
             m=torch.full(shape, float("-inf"), dtype=dtype, device=device),
             num_tokens=torch.zeros(batch, dtype=torch.int64, device=device),
             local=local,
+            sparse=sparse,
         )
 
     def write_step_(self, index: Tensor, source: BatchedState) -> None:
@@ -181,6 +223,8 @@ class LLNState(BatchedState):
             dst, src = getattr(self, name), getattr(source, name)
             dst.index_copy_(0, index, src.to(dst.dtype))
         self.local.write_token_(index, source.local, source.num_tokens - 1)
+        if self.sparse is not None:
+            self.sparse.index_copy_(index, source.sparse)
 
 
 @dataclass

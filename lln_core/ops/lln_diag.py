@@ -11,6 +11,12 @@ Two ways to combine, both with constant memory per sequence:
   mix - count_power * log(n_old), n_old the number of old keys the query sees. LLN's total mass
   grows with n_old, and not as softmax's does; a power fitted on long text keeps the balance
   between window and state at lengths the mix alone was not fitted for.
+
+Joint only: a sparse cache of G exact pairs (`lln_core.ops.sparse`) sits between the window and
+the LLN state. Keys leaving the window go there first; the cache keeps the G best by a
+retention score the caller gives for each leaving key (`evict_score`), and only the keys it lets
+go are merged into the LLN state. Cached pairs join the window and sinks in the softmax part of
+the one normalisation.
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ from lln_core.ops.lln.chunk import (
     mask_padding,
 )
 from lln_core.ops.lln.recurrent import lln_step_parts
+from lln_core.ops.sparse import (
+    add_parts,
+    gather_candidates,
+    naive_sparse_mask,
+    sparse_parts,
+    sparse_plan,
+)
 from lln_core.ops.softmax import (
     LocalSpec,
     LocalStepPlan,
@@ -48,7 +61,7 @@ from lln_core.ops.softmax import (
     local_step_plan,
     read_window_tail,
 )
-from lln_core.state import LLNState
+from lln_core.state import LLNState, SparseKV
 
 Combine = Literal["average", "joint"]
 
@@ -62,11 +75,18 @@ def empty_lln_diag_state(
     v_dim: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    sparse_size: int = 0,
 ) -> LLNState:
+    """sparse_size: G exact pairs kept beyond the window (joint combination), 0 for none."""
     cache = local.empty_cache(
         batch, num_kv_heads, head_dim, v_dim=v_dim, dtype=dtype, device=device
     )
-    return LLNState.empty(batch, num_kv_heads, head_dim, v_dim, dtype, device, local=cache)
+    sparse = None
+    if sparse_size:
+        sparse = SparseKV.empty(batch, num_kv_heads, head_dim, sparse_size, v_dim, dtype, device)
+    return LLNState.empty(
+        batch, num_kv_heads, head_dim, v_dim, dtype, device, local=cache, sparse=sparse
+    )
 
 
 def lln_diag_attention(
@@ -84,9 +104,12 @@ def lln_diag_attention(
     scale: float | None = None,
     lengths: Tensor | None = None,
     count_power: float | Tensor = 0.0,
+    evict_score: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix and
-    count_power (joint only): scalar, [Hkv] or [Hq]."""
+    count_power (joint only): scalar, [Hkv] or [Hq]. With a sparse cache in the state:
+    evict_score [B, T], the retention score of the key that leaves the window at each query
+    (position n + i - W); None scores every key alike (the cache keeps the newest)."""
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -95,15 +118,16 @@ def lln_diag_attention(
     if seq_len <= segment:
         return _forward(
             q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, lengths,
-            count_power,
+            count_power, evict_score,
         )  # fmt: skip
     outputs = []
     for start in range(0, seq_len, segment):
         piece = slice(start, start + segment)
         piece_lengths = None if lengths is None else (lengths - start).clamp(0, segment)
+        piece_scores = None if evict_score is None else evict_score[:, piece]
         y, state = _forward(
             q[:, :, piece], k[:, :, piece], v[:, :, piece], alpha, beta, mix, local, combine,
-            state, scale, chunk_size, piece_lengths, count_power,
+            state, scale, chunk_size, piece_lengths, count_power, piece_scores,
         )  # fmt: skip
         outputs.append(y)
     return torch.cat(outputs, dim=2), state
@@ -123,10 +147,12 @@ def lln_diag_step(
     scale: float | None = None,
     plan: LocalStepPlan | None = None,
     count_power: float | Tensor = 0.0,
+    evict_score: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
     """One decode token per sequence (T = 1): the LLN part by its recurrence, the local part by
     one slot write (rows may sit at different positions). `plan`: the step's slot bookkeeping,
-    shared by all layers (`local_step_plan`); built here when not given."""
+    shared by all layers (`local_step_plan`); built here when not given. evict_score [B, 1]:
+    as in `lln_diag_attention`."""
     if q.shape[2] != 1:
         raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
@@ -135,19 +161,37 @@ def lln_diag_step(
     logits, cache, old_k, old_v = local_softmax_step(
         p.qg[:, :, :, 0], p.k, p.v, p.state.local, plan, scale=p.scale
     )
+    sparse, values = p.state.sparse, cache.v
+    if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
+        evicted = plan.evicted_bias[:, 0, 0] == 0  # [B, 1]
+        sp = sparse_plan(sparse, p.state.num_tokens[:, None] - local.size,
+                         _scores_or_zero(evict_score, evicted), evicted)  # fmt: skip
+        cand_k = torch.cat([sparse.k.to(old_k.dtype), old_k], dim=2)
+        cand_v = torch.cat([sparse.v.to(old_v.dtype), old_v], dim=2)
+        old_k, old_v = gather_candidates(cand_k, sp.merged), gather_candidates(cand_v, sp.merged)
+        evicted_bias = torch.where(sp.merged_valid, 0.0, float("-inf")).to(old_k.dtype)[:, None]
+        sparse_logits = (p.qg[:, :, :, 0] * p.scale) @ cand_k.transpose(-1, -2)
+        sparse_logits = sparse_logits.masked_fill(~sp.visible[:, :, None], float("-inf"))
+        logits = torch.cat([logits, sparse_logits], dim=-1)
+        values = torch.cat([values, cand_v], dim=2)
+        dtype = sparse.k.dtype
+        sparse = SparseKV(gather_candidates(cand_k, sp.keep).to(dtype),
+                          gather_candidates(cand_v, sp.keep).to(dtype), sp.pos, sp.score)  # fmt: skip
+    else:
+        evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
-        b, new_v = p.key_logits(old_k) + plan.evicted_bias, old_v
+        b, new_v = p.key_logits(old_k) + evicted_bias[:, :, None], old_v
     else:
         b, new_v = p.key_logits(p.k), p.v
     lln, S, z, m = lln_step_parts(p.aq[:, :, :, 0], b[:, :, 0], new_v[:, :, 0], p.state)
     if combine == "joint":
         log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
-        y = _joint_step(lln, logits, cache.v, log_weight)
+        y = _joint_step(lln, logits, values, log_weight)
     else:
         y_local = torch.softmax(logits, dim=-1) @ cache.v
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
     new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
-                         plan.num_tokens, cache)  # fmt: skip
+                         plan.num_tokens, cache, sparse)  # fmt: skip
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
 
 
@@ -173,8 +217,12 @@ def naive_lln_diag_attention(
     combine: Combine = "joint",
     scale: float | None = None,
     count_power: float | Tensor = 0.0,
+    sparse_size: int = 0,
+    scores: Tensor | None = None,
 ) -> Tensor:
-    """Quadratic reference from position 0: full T x T weights, float64-capable."""
+    """Quadratic reference from position 0: full T x T weights, float64-capable. sparse_size
+    (joint): each query keeps exact the G old keys with the best scores [B, T] (per position;
+    None: all alike), chosen from scratch for every query."""
     _batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -199,7 +247,13 @@ def naive_lln_diag_attention(
         power = per_head(count_power, num_kv_heads, group, qg, query_side=True)
         n_old = old.sum(dim=-1, keepdim=True).clamp_min(1).to(dtype)  # per query
         log_weight = w - power * torch.log(n_old)
-        logits = torch.where(near, log_sm, torch.where(old, log_lln + log_weight, ninf))
+        exact = near[None]
+        if sparse_size:
+            scores = torch.zeros(q.shape[0], seq_len, dtype=dtype) if scores is None else scores
+            kept = naive_sparse_mask(old, scores.to(dtype), sparse_size)  # [B, T, T]
+            exact, old = near | kept, old & ~kept
+            exact, old = exact[:, None, None], old[:, None, None]
+        logits = torch.where(exact, log_sm, torch.where(old, log_lln + log_weight, ninf))
         y = torch.softmax(logits, dim=-1) @ vv
     return ungroup(y).to(q.dtype)
 
@@ -265,16 +319,29 @@ def _forward(
     chunk_size: int,
     lengths: Tensor | None = None,
     count_power: float | Tensor = 0.0,
+    evict_score: Tensor | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T tokens (prefill)."""
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
     batch, seq_len = q.shape[0], q.shape[2]
     valid = valid_tokens(lengths, batch, seq_len, q.device)
     tail = read_window_tail(p.state.local, p.state.num_tokens)  # keys n-W .. n-1, read once
+    sparse = p.state.sparse
     if combine == "joint":
         old_k, old_v, old_valid = _delayed_keys(p.state, tail, p.k, p.v)
         if valid is not None:
             old_valid = old_valid & valid
+        if sparse is not None:  # the cache takes the leaving keys and lets go of others
+            evict_pos = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
+            sp = sparse_plan(sparse, evict_pos - local.size,
+                             _scores_or_zero(evict_score, old_valid), old_valid)  # fmt: skip
+            cand_k = torch.cat([sparse.k.to(p.k.dtype), old_k], dim=2)
+            cand_v = torch.cat([sparse.v.to(p.v.dtype), old_v], dim=2)
+            old_k, old_v = gather_candidates(cand_k, sp.merged), gather_candidates(cand_v, sp.merged)
+            old_valid = sp.merged_valid
+            dtype = sparse.k.dtype
+            sparse = SparseKV(gather_candidates(cand_k, sp.keep).to(dtype),
+                              gather_candidates(cand_v, sp.keep).to(dtype), sp.pos, sp.score)  # fmt: skip
         b, old_v = mask_padding(p.key_logits(old_k), old_v, old_valid)
     elif valid is not None:
         b, old_v = mask_padding(p.key_logits(p.k), p.v, valid)
@@ -286,12 +353,16 @@ def _forward(
         scale=p.scale, valid=valid, tail=tail,
     )  # fmt: skip
     if combine == "joint":
+        if sparse is not None:
+            exact = sparse_parts(p.qg, cand_k, cand_v, sp.visible, p.scale)
+            num, den, log_scale = add_parts((num, den, log_scale), exact)
         positions = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
         y = _joint(lln, num, den, log_scale, _log_weight(p, positions, local))
     else:
         w = p.weight[..., None]
         y = w * lln.normalised() + (1 - w) * num / den[..., None]
-    return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, count_tokens(valid, seq_len), cache)
+    added = count_tokens(valid, seq_len)
+    return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, added, cache, sparse)
 
 
 def _log_weight(p: _Prepared, positions: Tensor, local: LocalSpec) -> Tensor:
@@ -301,7 +372,7 @@ def _log_weight(p: _Prepared, positions: Tensor, local: LocalSpec) -> Tensor:
 
 
 def _new_state(
-    state: LLNState, S: Tensor, z: Tensor, m: Tensor, added: Tensor | int, cache
+    state: LLNState, S: Tensor, z: Tensor, m: Tensor, added: Tensor | int, cache, sparse
 ) -> LLNState:
     return LLNState(
         S=S.to(state.S.dtype),
@@ -309,7 +380,13 @@ def _new_state(
         m=m.to(state.m.dtype),
         num_tokens=state.num_tokens + added,
         local=cache,
+        sparse=sparse,
     )
+
+
+def _scores_or_zero(scores: Tensor | None, like: Tensor) -> Tensor:
+    """Scores of the leaving keys [B, T]; without scores every key ties (the newest stay)."""
+    return torch.zeros(like.shape, device=like.device) if scores is None else scores
 
 
 def _check_joint(local: LocalSpec) -> None:

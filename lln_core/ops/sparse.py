@@ -1,0 +1,151 @@
+"""The sparse tier of LLN+Diag: a bounded cache of exact key/value pairs beyond the window.
+
+Keys leave the sliding window one per query, oldest first. Each leaving key gets a retention
+score (given by the caller; the model uses the surprise of the text around the token). The
+cache holds the G best-scored keys that have left the window so far (ties: the newer key), the
+same positions in every head; a key pushed out of the G best is merged into the LLN state at
+that moment and never comes back. Because a key's score never changes, the cache after any
+prefix of the stream is the top G of that prefix: chunked prefill and the decode step make the
+same decisions whatever the split, and `naive_sparse_mask` recomputes them from scratch.
+
+LoLA (arXiv 2505.23666) scores keys in groups by each head's self-recall error, which changes
+as the state changes; measured on SmolLM2-135M that keeps scattered pieces of a fact
+(`../shared/notes/recall-prototype.md`), so the score here is an input, fixed per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lln_core.state import SparseKV
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """The cache's decisions over T queries, the same for every layer and head.
+
+    Candidates are the G cached pairs at the start, then the T keys that leave the window (one
+    per query, position n + i - W). visible: [B, T, N] candidate c is in the cache at query i;
+    merged: [B, T] the candidate merged into the LLN state at query i, merged_valid [B, T] whether
+    one is; keep: [B, G] the candidate in each slot after the T queries; pos, score: [B, G] the
+    new cache's positions (-1 = empty) and scores.
+    """
+
+    visible: Tensor
+    merged: Tensor
+    merged_valid: Tensor
+    keep: Tensor
+    pos: Tensor
+    score: Tensor
+
+    def flat(self) -> tuple[Tensor, ...]:
+        return (self.visible, self.merged, self.merged_valid, self.keep, self.pos, self.score)
+
+
+def outranks(score: Tensor, pos: Tensor) -> Tensor:
+    """[B, N] scores and positions -> [B, N, N] bool: candidate a (dim 1) ranks above b (dim 2).
+    Higher score first, then the newer position; empty candidates (pos < 0) rank above nothing."""
+    s_a, s_b = score[:, :, None], score[:, None, :]
+    above = (s_a > s_b) | ((s_a == s_b) & (pos[:, :, None] > pos[:, None, :]))
+    return above & (pos >= 0)[:, :, None]
+
+
+def sparse_plan(cache: SparseKV, evict_pos: Tensor, evict_score: Tensor, evict_valid: Tensor) -> SparsePlan:
+    """Decisions for T queries whose leaving keys sit at evict_pos [B, T] with scores
+    evict_score [B, T]; evict_valid [B, T] is False where no key leaves (sinks, padding, the
+    start of a sequence)."""
+    size, seq_len = cache.size, evict_pos.shape[1]
+    device = evict_pos.device
+    pos = torch.cat([cache.pos, torch.where(evict_valid, evict_pos, -1)], dim=1)  # [B, N]
+    score = torch.cat([cache.score, evict_score.to(cache.score.dtype)], dim=1)
+    score = torch.where(pos >= 0, score, float("-inf"))
+    above = outranks(score, pos).to(torch.int32)  # [B, N, N]
+    # candidates that rank above c among those present at query i: the start cache, then
+    # the keys that left by i (a running count)
+    ahead = above[:, :size].sum(dim=1)[:, None] + above[:, size:].cumsum(dim=1)  # [B, T, N]
+    query = torch.arange(seq_len, device=device)
+    arrival = torch.cat([torch.full((size,), -1, device=device), query])  # [N]
+    present = (arrival[None, :] <= query[:, None])[None] & (pos >= 0)[:, None]  # [B, T, N]
+    visible = present & (ahead < size)
+    before = torch.cat([present[:, :1] & (arrival < 0), visible[:, :-1]], dim=1)
+    was = before | (arrival[None, None] == query[None, :, None])
+    dropped = was & (pos >= 0)[:, None] & ~visible  # at most one per query
+    keep, keep_valid = _compact(visible[:, -1], size)
+    return SparsePlan(
+        visible=visible,
+        merged=dropped.to(torch.int8).argmax(dim=-1),
+        merged_valid=dropped.any(dim=-1),
+        keep=keep,
+        pos=torch.where(keep_valid, pos.gather(1, keep), -1),
+        score=torch.where(keep_valid, score.gather(1, keep), float("-inf")),
+    )
+
+
+def _compact(final: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Slots for the candidates in the cache at the end, final [B, N]: a cached pair that stays
+    keeps its slot (a decode step rewrites at most one slot); new ones fill the freed slots in
+    order. Returns keep [B, G] (candidate index per slot) and whether the slot is used."""
+    batch, num = final.shape
+    stays = final[:, :size]
+    arrived = final[:, size:]
+    free_rank = (~stays).to(torch.int64).cumsum(dim=1) - 1  # [B, G]
+    arrived_rank = arrived.to(torch.int64).cumsum(dim=1) - 1  # [B, T]
+    count = num - size
+    by_rank = torch.zeros(batch, count + 1, dtype=torch.int64, device=final.device)
+    target = torch.where(arrived, arrived_rank, count)  # junk column at `count`
+    source = torch.arange(size, num, device=final.device).expand(batch, -1)
+    by_rank = by_rank.scatter(1, target, source)
+    rank = free_rank.clamp(0, count)
+    fills = ~stays & (rank < arrived.sum(dim=1, keepdim=True))
+    slots = torch.arange(size, device=final.device).expand(batch, -1)
+    keep = torch.where(stays, slots, torch.where(fills, by_rank.gather(1, rank), 0))
+    return keep, stays | fills
+
+
+def gather_candidates(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, H, N, D] at candidate indices index [B, M] -> [B, H, M, D]."""
+    idx = index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return x.gather(2, idx)
+
+
+def sparse_parts(
+    q: Tensor, cand_k: Tensor, cand_v: Tensor, visible: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Unnormalised softmax of queries q [B, Hkv, G, T, D] over the cached candidates
+    cand_k/cand_v [B, Hkv, N, D] visible to each query (visible [B, T, N]): num [B, Hkv, G, T,
+    Dv], den and log_scale [B, Hkv, G, T] (den = 0 where no pair is cached)."""
+    logits = (q * scale) @ cand_k[:, :, None].transpose(-1, -2)  # [B, Hkv, G, T, N]
+    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    top = logits.amax(dim=-1)
+    log_scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(logits - log_scale[..., None])
+    return weights @ cand_v[:, :, None], weights.sum(-1), log_scale
+
+
+def add_parts(
+    a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum of two unnormalised softmax parts (num, den, log_scale) under a shared log max."""
+    num_a, den_a, scale_a = a
+    num_b, den_b, scale_b = b
+    scale_a = torch.where(den_a > 0, scale_a, float("-inf"))
+    scale_b = torch.where(den_b > 0, scale_b, float("-inf"))
+    top = torch.maximum(scale_a, scale_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w_a, w_b = torch.exp(scale_a - top), torch.exp(scale_b - top)
+    return w_a[..., None] * num_a + w_b[..., None] * num_b, w_a * den_a + w_b * den_b, top
+
+
+def naive_sparse_mask(old: Tensor, scores: Tensor, size: int) -> Tensor:
+    """From scratch: which old keys each query keeps exact. old [T, T] (or [B, T, T]) bool, key
+    j has left query i's window; scores [B, T] per position -> [B, T, T] bool, the `size` best
+    old keys of each query (higher score, then the newer key)."""
+    seq_len = scores.shape[1]
+    pos = torch.arange(seq_len, device=scores.device).expand_as(scores)
+    above = outranks(scores, pos).to(scores.dtype)  # [B, T(a), T(b)]
+    old = old.expand(scores.shape[0], -1, -1).to(scores.dtype)  # [B, T(query), T(key)]
+    ahead = old @ above  # [B, query, b]: old keys of the query that rank above b
+    return old.bool() & (ahead < size)

@@ -7,6 +7,7 @@ from transformers import LlamaConfig
 
 ATTENTION_KERNELS = ("softmax", "lln", "lln_diag", "ea")
 FEATURE_MAPS = ("scale", "linear")
+SPARSE_SELECTIONS = ("surprise",)
 
 
 @strict
@@ -20,6 +21,9 @@ class LLNConfig(LlamaConfig):
     exp(alpha q), exp(beta k)) or "linear" (a learned per-head D x D map before the scale:
     exp(alpha W_q q), exp(beta W_k k), W at identity until distilled). alpha/beta (and the mix,
     the maps) are per-layer, per-head parameters stored in the checkpoint, not config fields.
+    sparse_cache_size (lln_diag, joint): G exact key/value pairs kept beyond the window, chosen
+    by sparse_select ("surprise": the model's own next-token loss, the largest within
+    sparse_span tokens either side; `models/selection.py`); 0 turns the tier off.
     """
 
     model_type = "lln_llama"
@@ -32,6 +36,9 @@ class LLNConfig(LlamaConfig):
     feature_map: str = "scale"
     chunk_size: int = 64
     ea_eps: float = 1e-6
+    sparse_cache_size: int = 0
+    sparse_span: int = 8
+    sparse_select: str = "surprise"
     # Qwen2 has biases on q/k/v but not on o; None means "as attention_bias" (Llama).
     o_proj_bias: bool | None = None
 
@@ -52,3 +59,18 @@ class LLNConfig(LlamaConfig):
             raise ValueError("combine='joint' needs local_kind='window'")
         if self.local_size < 1 or self.num_sinks < 0 or self.chunk_size < 1:
             raise ValueError("local_size and chunk_size must be >= 1, num_sinks >= 0")
+        self._check_sparse()
+
+    def _check_sparse(self) -> None:
+        if self.sparse_cache_size < 0 or self.sparse_span < 0:
+            raise ValueError("sparse_cache_size and sparse_span must be >= 0")
+        if not self.sparse_cache_size:
+            return
+        if self.attention_kernel != "lln_diag" or self.combine != "joint":
+            raise ValueError("a sparse cache needs attention_kernel='lln_diag', combine='joint'")
+        if self.sparse_select not in SPARSE_SELECTIONS:
+            raise ValueError(
+                f"sparse_select must be one of {SPARSE_SELECTIONS}, got {self.sparse_select!r}"
+            )
+        if self.sparse_span >= self.local_size:
+            raise ValueError("sparse_span must be smaller than the window (local_size)")

@@ -45,6 +45,14 @@ from lln_core.ops.softmax import (
 from lln_core.state import BatchedState, EAState, KVState, LLNState
 from models.cache import LLNCache
 from models.configuration_lln import LLNConfig
+from models.selection import (
+    SurpriseState,
+    add_first_surprise,
+    evict_scores,
+    max_piece,
+    record_surprise,
+    score_ring,
+)
 
 States = list[BatchedState | None]
 # What the LLN kernels add to a softmax checkpoint (the parameters distillation trains).
@@ -102,7 +110,10 @@ class LLNAttention(nn.Module):
         if self.kernel == "lln":
             return LLNState.empty(*shape, dtype=dtype, device=device)
         if self.kernel == "lln_diag":
-            return empty_lln_diag_state(*shape, self.local, dtype=dtype, device=device)
+            return empty_lln_diag_state(
+                *shape, self.local, dtype=dtype, device=device,
+                sparse_size=self.config.sparse_cache_size,
+            )  # fmt: skip
         if self.kernel == "ea":
             return EAState.empty(*shape, dtype=dtype, device=device)
         return KVState.empty(*shape, dtype=weight_dtype, device=device)
@@ -114,10 +125,12 @@ class LLNAttention(nn.Module):
         state: BatchedState | None,
         lengths: Tensor | None = None,
         plan: LocalStepPlan | None = None,
+        evict_score: Tensor | None = None,
     ) -> tuple[Tensor, BatchedState]:
         """hidden [B, T, hidden] -> output [B, T, hidden] and the state after the T tokens.
 
-        plan: a decode step's local-slot bookkeeping, shared by all layers (`step_plan`)."""
+        plan: a decode step's local-slot bookkeeping, shared by all layers (`step_plan`);
+        evict_score [B, T]: retention scores of the keys leaving the window (sparse cache)."""
         batch, seq_len, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
@@ -127,7 +140,7 @@ class LLNAttention(nn.Module):
             self.observer(self.layer_idx, q, k)
         if state is None:
             state = self.empty_state(batch, hidden.device)
-        y, state = self.attend(q, k, v, state, lengths, plan)
+        y, state = self.attend(q, k, v, state, lengths, plan, evict_score)
         y = y.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.o_proj(y.to(hidden.dtype)), state
 
@@ -151,6 +164,7 @@ class LLNAttention(nn.Module):
         state: BatchedState,
         lengths: Tensor | None,
         plan: LocalStepPlan | None = None,
+        evict_score: Tensor | None = None,
     ) -> tuple[Tensor, BatchedState]:
         """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE."""
         decode = q.shape[2] == 1 and lengths is None
@@ -167,6 +181,8 @@ class LLNAttention(nn.Module):
             kwargs = dict(local=self.local, combine=self.config.combine)
             if hasattr(self, "count_power"):
                 kwargs["count_power"] = self.count_power
+            if self.config.sparse_cache_size:
+                kwargs["evict_score"] = evict_score
             if decode:
                 return lln_diag_step(q, k, v, alpha, beta, self.mix, state, plan=plan, **kwargs)
             return lln_diag_attention(
@@ -196,9 +212,10 @@ class LLNDecoderLayer(nn.Module):
         state: BatchedState | None,
         lengths: Tensor | None = None,
         plan: LocalStepPlan | None = None,
+        evict_score: Tensor | None = None,
     ) -> tuple[Tensor, BatchedState]:
         attn, state = self.self_attn(
-            self.input_layernorm(hidden), position_embeddings, state, lengths, plan
+            self.input_layernorm(hidden), position_embeddings, state, lengths, plan, evict_score
         )
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -263,12 +280,15 @@ class LLNModel(LLNPreTrainedModel):
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         in_place: bool = False,
+        evict_score: Tensor | None = None,
     ) -> tuple[Tensor, States]:
         """input_ids [B, T] -> last hidden states [B, T, hidden] and the new per-layer states.
 
         Positions default to each row's tokens seen so far plus 0..T-1. in_place: a decode
         step (T = 1) of LLN+Diag writes the new token into the given states' windows instead
         of copies (the caller gives those states up; the server's slot pool does).
+        evict_score [B, T]: the sparse cache's retention scores (`LLNForCausalLM` computes
+        them); without them the cache keeps the newest keys.
         """
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         states = list(states) if states is not None else [None] * len(self.layers)
@@ -280,12 +300,15 @@ class LLNModel(LLNPreTrainedModel):
             plan_tensors = None if plan is None else plan.flat()
             for i, layer in enumerate(self.layers):
                 hidden, flat = self.compiled_decode_layer(
-                    layer, hidden, *position_embeddings, states[i].flat(), plan_tensors, in_place
-                )
+                    layer, hidden, *position_embeddings, states[i].flat(), plan_tensors, in_place,
+                    evict_score,
+                )  # fmt: skip
                 states[i] = states[i].unflat(flat)
             return self.norm(hidden), states
         for i, layer in enumerate(self.layers):
-            hidden, states[i] = layer(hidden, position_embeddings, states[i], lengths, plan)
+            hidden, states[i] = layer(
+                hidden, position_embeddings, states[i], lengths, plan, evict_score
+            )
         return self.norm(hidden), states
 
     def _use_compiled(self, states: States, seq_len: int, lengths: Tensor | None) -> bool:
@@ -309,10 +332,10 @@ def compile_decode_layer(template: BatchedState) -> Callable:
     batch dimension. `template` gives the state's structure (its tensors are not used).
     """
 
-    def run(layer, hidden, cos, sin, state_tensors, plan_tensors, in_place):
+    def run(layer, hidden, cos, sin, state_tensors, plan_tensors, in_place, evict_score):
         state = template.unflat(state_tensors)
         plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors, in_place=in_place)
-        hidden, state = layer(hidden, (cos, sin), state, None, plan)
+        hidden, state = layer(hidden, (cos, sin), state, None, plan, evict_score)
         return hidden, state.flat()
 
     return torch.compile(run, dynamic=None)
@@ -336,8 +359,53 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         return self.model.compile_decode(enabled)
 
     def empty_states(self, batch: int) -> States:
+        """One state per layer; with a sparse cache, then the scores' state (`SurpriseState`)."""
         device = self.lm_head.weight.device
-        return [layer.self_attn.empty_state(batch, device) for layer in self.model.layers]
+        states = [layer.self_attn.empty_state(batch, device) for layer in self.model.layers]
+        if self.config.sparse_cache_size:
+            ring = score_ring(self.config.local_size, self.config.sparse_span)
+            dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
+            hidden = self.config.hidden_size
+            states.append(SurpriseState.empty(batch, ring, hidden, device, dtype))
+        return states
+
+    def forward_hidden(
+        self,
+        input_ids: Tensor,
+        states: States | None = None,
+        lengths: Tensor | None = None,
+        in_place: bool = False,
+    ) -> tuple[Tensor, States, Tensor | None]:
+        """Final hidden states [B, T, hidden] and new states, as `LLNModel.forward`. With a
+        sparse cache the input goes through in pieces short enough that the scores of the keys
+        leaving the window are known (`models/selection.py`), and the logits at each row's last
+        valid token [B, V] come back too (the scores need them); else None."""
+        if not self.config.sparse_cache_size:
+            return *self.model(input_ids, states, lengths, in_place=in_place), None
+        num_layers = len(self.model.layers)
+        if states is None or all(s is None for s in states):
+            states = self.empty_states(input_ids.shape[0])
+        layer_states, tracker = list(states[:num_layers]), states[num_layers]
+        window, span = self.config.local_size, self.config.sparse_span
+        piece = max_piece(window, span)
+        hiddens, last_logits = [], None
+        for start in range(0, input_ids.shape[1], piece):
+            ids = input_ids[:, start : start + piece]
+            piece_lengths = None if lengths is None else (lengths - start).clamp(0, ids.shape[1])
+            num_tokens = layer_states[0].num_tokens
+            tracker = add_first_surprise(tracker, ids[:, 0], num_tokens, self.lm_head)
+            scores = evict_scores(tracker, num_tokens, ids.shape[1], window, span)
+            hidden, layer_states = self.model(
+                ids, layer_states, piece_lengths, in_place=in_place, evict_score=scores
+            )
+            tracker, logits = record_surprise(
+                tracker, hidden, ids, num_tokens, piece_lengths, self.lm_head
+            )
+            if piece_lengths is not None and last_logits is not None:
+                logits = torch.where((piece_lengths > 0)[:, None], logits, last_logits)
+            hiddens.append(hidden)
+            last_logits = logits
+        return torch.cat(hiddens, dim=1), [*layer_states, tracker], last_logits
 
     def forward_states(
         self,
@@ -353,7 +421,10 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         logits_to_keep = k > 0 keeps only the last k positions (with lengths, use 0 and pick).
         in_place: decode steps may write into the given states (`LLNModel.forward`).
         """
-        hidden, states = self.model(input_ids, states, lengths, in_place=in_place)
+        hidden, states, last_logits = self.forward_hidden(input_ids, states, lengths, in_place)
+        last_only = logits_to_keep == 1 or hidden.shape[1] == 1
+        if last_only and last_logits is not None and lengths is None:
+            return last_logits[:, None].to(hidden.dtype), states
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden), states
@@ -379,7 +450,13 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         if past_key_values is None and use_cache:
             past_key_values = LLNCache(len(self.model.layers))
         states = past_key_values.states if past_key_values is not None else None
-        hidden, states = self.model(input_ids, states, lengths, position_ids, inputs_embeds)
+        if self.config.sparse_cache_size:
+            if input_ids is None:
+                raise ValueError("a sparse cache scores tokens by the model's surprise: pass "
+                                 "input_ids, not inputs_embeds")  # fmt: skip
+            hidden, states, _ = self.forward_hidden(input_ids, states, lengths)
+        else:
+            hidden, states = self.model(input_ids, states, lengths, position_ids, inputs_embeds)
         if past_key_values is not None:
             past_key_values.states = states
         if isinstance(logits_to_keep, int) and logits_to_keep:

@@ -71,10 +71,11 @@ class ModelRunner:
         for row, chunk in enumerate(chunks):
             ids[row, : chunk.num_tokens] = torch.tensor(chunk.token_ids, device=self.device)
         padded = None if bool((lengths == ids.shape[1]).all()) else lengths
-        hidden, states = self.model.model(ids, self.pool.gather(slots), padded)
+        hidden, states, last = self.model.forward_hidden(ids, self.pool.gather(slots), padded)
         self.pool.scatter(slots, states)
-        rows = torch.arange(len(chunks), device=self.device)
-        last = self.model.lm_head(hidden[rows, lengths - 1])
+        if last is None:
+            rows = torch.arange(len(chunks), device=self.device)
+            last = self.model.lm_head(hidden[rows, lengths - 1])
         prompt_logits = {
             c.request.request_id: self.model.lm_head(hidden[row, : c.num_tokens]).float()
             for row, c in enumerate(chunks)

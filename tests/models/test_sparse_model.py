@@ -1,0 +1,134 @@
+"""The LLN+Diag decoder with a sparse cache scored by the model's own surprise (tiny models)."""
+
+import pytest
+import torch
+
+from models import LLNConfig
+from models.selection import SurpriseState
+from tests.models.conftest import tiny_model
+from tests.models.test_modeling import incremental_logits
+
+SPARSE = dict(local_size=6, num_sinks=2, sparse_cache_size=3, sparse_span=1)
+
+
+def sparse_model(dtype=torch.float64, **overrides):
+    return tiny_model("lln_diag", dtype=dtype, **{**SPARSE, **overrides})
+
+
+def surprise(model, ids):
+    """The reference score input: -log p(x_t | x_<t) from one full forward (0 at t = 0)."""
+    logits = model(ids).logits.double().log_softmax(-1)
+    nll = -logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros(ids.shape[0], 1, dtype=nll.dtype), nll], dim=1)
+
+
+@pytest.mark.parametrize("splits", [(1,), (4, 11), (13, 14, 30)])
+def test_full_equals_prefill_then_steps_float64(splits):
+    """Pieces and decode steps make the same cache decisions as one long forward."""
+    model = sparse_model()
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        stepped, states = incremental_logits(model, ids, splits)
+    assert (full - stepped).abs().max() < 1e-10
+    assert isinstance(states[-1], SurpriseState)
+    assert int((states[0].sparse.pos >= 0).sum()) == 2 * 3  # full caches
+
+
+def test_cache_holds_the_most_surprising_spans():
+    """After a long input the cache holds the G old tokens with the highest span scores,
+    computed here from one plain forward's next-token losses."""
+    model = sparse_model(sparse_cache_size=4, sparse_span=1)
+    ids = torch.randint(0, 64, (1, 60), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, states = model.forward_states(ids)
+        nll = surprise(model, ids)[0]
+    old = range(2, 60 - 6)  # left the window, sinks excluded
+    padded = torch.cat([torch.zeros(1, dtype=nll.dtype), nll, torch.zeros(1, dtype=nll.dtype)])
+    score = {p: max(padded[p : p + 3].tolist()) + nll[p].item() / 1024 for p in old}
+    best = sorted(old, key=lambda p: (score[p], p), reverse=True)[:4]
+    for layer_state in states[:-1]:
+        assert sorted(layer_state.sparse.pos[0].tolist()) == sorted(best)
+
+
+def test_batched_different_lengths_equal_each_alone():
+    model = sparse_model()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 64, (n,), generator=gen) for n in (9, 17, 4)]
+    nexts = [torch.randint(0, 64, (n,), generator=gen) for n in (6, 1, 11)]
+    with torch.no_grad():
+        states = None
+        for pieces in (prompts, nexts):
+            lengths = torch.tensor([len(p) for p in pieces])
+            batch = torch.zeros(3, int(lengths.max()), dtype=torch.long)
+            for row, piece in enumerate(pieces):
+                batch[row, : len(piece)] = piece
+            logits, states = model.forward_states(batch, states, lengths=lengths)
+        for row in range(3):
+            alone = torch.cat([prompts[row], nexts[row]])[None]
+            expected = model(alone).logits[0, -len(nexts[row]) :]
+            assert (logits[row, : len(nexts[row])] - expected).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_decode_paths_agree(compiled):
+    """Compiled and in-place decode steps equal eager copying ones (float32)."""
+    eager = sparse_model(dtype=torch.float32)
+    other = sparse_model(dtype=torch.float32)
+    if compiled:
+        assert other.compile_decode()
+    ids = torch.randint(0, 64, (3, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, states = eager.forward_states(ids[:, :12], lengths=torch.tensor([12, 7, 3]))
+        expected_states, actual_states = states, [s.clone() for s in states]
+        for t in range(12, 30):
+            expected, expected_states = eager.forward_states(ids[:, t : t + 1], expected_states)
+            actual, actual_states = other.forward_states(
+                ids[:, t : t + 1], actual_states, in_place=True
+            )
+            assert (actual - expected).abs().max() < 1e-4
+    for want, got in zip(expected_states, actual_states, strict=True):
+        for a, b in zip(want.flat(), got.flat(), strict=True):
+            assert torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_generate_greedy_matches_manual_loop():
+    model = sparse_model()
+    prompt = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_state_bytes_do_not_grow():
+    model = sparse_model(dtype=torch.float32, chunk_size=64)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        small = model(torch.randint(0, 64, (1, 10), generator=gen)).past_key_values.nbytes
+        out = model(torch.randint(0, 64, (1, 10_000), generator=gen))
+    assert out.past_key_values.get_seq_length() == 10_000
+    assert out.past_key_values.nbytes == small
+
+
+def test_save_and_load_keeps_the_cache_config(tmp_path):
+    model = sparse_model(dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.config.sparse_cache_size == 3 and loaded.config.sparse_span == 1
+    ids = torch.randint(0, 64, (1, 25), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits)
+
+
+def test_config_rejects_bad_sparse_settings():
+    with pytest.raises(ValueError, match="sparse_select"):
+        LLNConfig(sparse_cache_size=4, sparse_select="sre")
+    with pytest.raises(ValueError, match="joint"):
+        LLNConfig(sparse_cache_size=4, combine="average", local_kind="block")
+    with pytest.raises(ValueError, match="window"):
+        LLNConfig(sparse_cache_size=4, local_size=8, sparse_span=8)
+    with pytest.raises(ValueError, match=">= 0"):
+        LLNConfig(sparse_cache_size=-1)

@@ -46,13 +46,6 @@ from lln_core.ops.lln.chunk import (
     mask_padding,
 )
 from lln_core.ops.lln.recurrent import lln_step_parts
-from lln_core.ops.sparse import (
-    add_parts,
-    gather_candidates,
-    naive_sparse_mask,
-    sparse_parts,
-    sparse_plan,
-)
 from lln_core.ops.softmax import (
     LocalSpec,
     LocalStepPlan,
@@ -60,6 +53,14 @@ from lln_core.ops.softmax import (
     local_softmax_step,
     local_step_plan,
     read_window_tail,
+)
+from lln_core.ops.sparse import (
+    SparsePlan,
+    add_parts,
+    gather_candidates,
+    naive_sparse_mask,
+    sparse_parts,
+    sparse_plan,
 )
 from lln_core.state import LLNState, SparseKV
 
@@ -174,9 +175,7 @@ def lln_diag_step(
         sparse_logits = sparse_logits.masked_fill(~sp.visible[:, :, None], float("-inf"))
         logits = torch.cat([logits, sparse_logits], dim=-1)
         values = torch.cat([values, cand_v], dim=2)
-        dtype = sparse.k.dtype
-        sparse = SparseKV(gather_candidates(cand_k, sp.keep).to(dtype),
-                          gather_candidates(cand_v, sp.keep).to(dtype), sp.pos, sp.score)  # fmt: skip
+        sparse = _kept(sparse, sp, cand_k, cand_v)
     else:
         evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
@@ -337,11 +336,12 @@ def _forward(
                              _scores_or_zero(evict_score, old_valid), old_valid)  # fmt: skip
             cand_k = torch.cat([sparse.k.to(p.k.dtype), old_k], dim=2)
             cand_v = torch.cat([sparse.v.to(p.v.dtype), old_v], dim=2)
-            old_k, old_v = gather_candidates(cand_k, sp.merged), gather_candidates(cand_v, sp.merged)
+            old_k, old_v = (
+                gather_candidates(cand_k, sp.merged),
+                gather_candidates(cand_v, sp.merged),
+            )
             old_valid = sp.merged_valid
-            dtype = sparse.k.dtype
-            sparse = SparseKV(gather_candidates(cand_k, sp.keep).to(dtype),
-                              gather_candidates(cand_v, sp.keep).to(dtype), sp.pos, sp.score)  # fmt: skip
+            sparse = _kept(sparse, sp, cand_k, cand_v)
         b, old_v = mask_padding(p.key_logits(old_k), old_v, old_valid)
     elif valid is not None:
         b, old_v = mask_padding(p.key_logits(p.k), p.v, valid)
@@ -382,6 +382,13 @@ def _new_state(
         local=cache,
         sparse=sparse,
     )
+
+
+def _kept(sparse: SparseKV, plan: SparsePlan, cand_k: Tensor, cand_v: Tensor) -> SparseKV:
+    """The cache after a plan: its candidates [B, Hkv, N, D] in the kept slots."""
+    dtype = sparse.k.dtype
+    k, v = gather_candidates(cand_k, plan.keep), gather_candidates(cand_v, plan.keep)
+    return SparseKV(k.to(dtype), v.to(dtype), plan.pos, plan.score)
 
 
 def _scores_or_zero(scores: Tensor | None, like: Tensor) -> Tensor:

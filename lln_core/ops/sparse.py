@@ -53,7 +53,9 @@ def outranks(score: Tensor, pos: Tensor) -> Tensor:
     return above & (pos >= 0)[:, :, None]
 
 
-def sparse_plan(cache: SparseKV, evict_pos: Tensor, evict_score: Tensor, evict_valid: Tensor) -> SparsePlan:
+def sparse_plan(
+    cache: SparseKV, evict_pos: Tensor, evict_score: Tensor, evict_valid: Tensor
+) -> SparsePlan:
     """Decisions for T queries whose leaving keys sit at evict_pos [B, T] with scores
     evict_score [B, T]; evict_valid [B, T] is False where no key leaves (sinks, padding, the
     start of a sequence)."""

@@ -134,7 +134,7 @@ def test_cache_keeps_a_pair_the_state_cannot_represent(gen):
     """A planted key far from the rest, with a value of its own, is recalled from the cache
     long after it left the window; without the cache the LLN state blurs it away."""
     seq_len, size = 300, 8
-    q, k, v, alpha, beta = make_inputs(gen, 1, 2, 2, seq_len)
+    q, k, v, _, _ = make_inputs(gen, 1, 2, 2, seq_len)
     k, v = k * 0.3, v.clone()
     planted, probe = 20, seq_len - 1
     direction = torch.zeros(8, dtype=torch.float64)

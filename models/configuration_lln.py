@@ -61,13 +61,19 @@ class LLNConfig(LlamaConfig):
             raise ValueError("local_size and chunk_size must be >= 1, num_sinks >= 0")
         self._check_sparse()
 
+    @property
+    def uses_sparse_cache(self) -> bool:
+        """The sparse tier is part of LLN+Diag; other kernels (the softmax teacher run on the
+        same checkpoint) ignore its settings."""
+        return bool(self.sparse_cache_size) and self.attention_kernel == "lln_diag"
+
     def _check_sparse(self) -> None:
         if self.sparse_cache_size < 0 or self.sparse_span < 0:
             raise ValueError("sparse_cache_size and sparse_span must be >= 0")
         if not self.sparse_cache_size:
             return
-        if self.attention_kernel != "lln_diag" or self.combine != "joint":
-            raise ValueError("a sparse cache needs attention_kernel='lln_diag', combine='joint'")
+        if self.attention_kernel == "lln_diag" and self.combine != "joint":
+            raise ValueError("a sparse cache needs combine='joint' (one normalisation)")
         if self.sparse_select not in SPARSE_SELECTIONS:
             raise ValueError(
                 f"sparse_select must be one of {SPARSE_SELECTIONS}, got {self.sparse_select!r}"

@@ -181,7 +181,7 @@ class LLNAttention(nn.Module):
             kwargs = dict(local=self.local, combine=self.config.combine)
             if hasattr(self, "count_power"):
                 kwargs["count_power"] = self.count_power
-            if self.config.sparse_cache_size:
+            if self.config.uses_sparse_cache:
                 kwargs["evict_score"] = evict_score
             if decode:
                 return lln_diag_step(q, k, v, alpha, beta, self.mix, state, plan=plan, **kwargs)
@@ -362,7 +362,7 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         """One state per layer; with a sparse cache, then the scores' state (`SurpriseState`)."""
         device = self.lm_head.weight.device
         states = [layer.self_attn.empty_state(batch, device) for layer in self.model.layers]
-        if self.config.sparse_cache_size:
+        if self.config.uses_sparse_cache:
             ring = score_ring(self.config.local_size, self.config.sparse_span)
             dtype = torch.promote_types(self.lm_head.weight.dtype, torch.float32)
             hidden = self.config.hidden_size
@@ -380,7 +380,7 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         sparse cache the input goes through in pieces short enough that the scores of the keys
         leaving the window are known (`models/selection.py`), and the logits at each row's last
         valid token [B, V] come back too (the scores need them); else None."""
-        if not self.config.sparse_cache_size:
+        if not self.config.uses_sparse_cache:
             return *self.model(input_ids, states, lengths, in_place=in_place), None
         num_layers = len(self.model.layers)
         if states is None or all(s is None for s in states):
@@ -450,7 +450,7 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         if past_key_values is None and use_cache:
             past_key_values = LLNCache(len(self.model.layers))
         states = past_key_values.states if past_key_values is not None else None
-        if self.config.sparse_cache_size:
+        if self.config.uses_sparse_cache:
             if input_ids is None:
                 raise ValueError("a sparse cache scores tokens by the model's surprise: pass "
                                  "input_ids, not inputs_embeds")  # fmt: skip

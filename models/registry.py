@@ -48,11 +48,13 @@ class ModelSpec:
 
 REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
-        "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens, distilled",
+        "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 232 exact pairs "
+        "chosen by surprise, distilled",
         kernel="lln_diag",
-        config={"local_kind": "window", "local_size": 448, "num_sinks": 4, "combine": "joint"},
+        config={"local_kind": "window", "local_size": 448, "num_sinks": 4, "combine": "joint",
+                "sparse_cache_size": 232, "sparse_span": 8},  # fmt: skip
         params="smollm2-135m-lln.safetensors",
-        revision="6",
+        revision="7",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",

@@ -95,6 +95,14 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-size", type=_positive_int, default=64)
     parser.add_argument("--num-sinks", type=_non_negative_int, default=4)
     parser.add_argument("--combine", choices=("joint", "average"), default="joint")
+    parser.add_argument(
+        "--sparse-cache", type=_non_negative_int, default=0,
+        help="exact key/value pairs kept beyond the window, chosen by surprise (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sparse-span", type=_non_negative_int, default=8,
+        help="a token's score is the largest surprise within this many tokens either side",
+    )  # fmt: skip
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +147,14 @@ def run_convert(args: argparse.Namespace) -> int:
             num_sinks=args.num_sinks,
             combine=args.combine,
         )
+        if args.sparse_cache:
+            if args.combine != "joint" or args.local_kind != "window":
+                return _fail("--sparse-cache needs --combine joint and --local-kind window")
+            if args.sparse_span >= args.local_size:
+                return _fail("--sparse-span must be smaller than --local-size")
+            local.update(sparse_cache_size=args.sparse_cache, sparse_span=args.sparse_span)
+    elif args.sparse_cache:
+        return _fail("--sparse-cache needs --kernel lln_diag")
     out = convert(
         args.src,
         args.out,

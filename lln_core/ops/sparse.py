@@ -78,7 +78,7 @@ def sparse_plan(
     keep, keep_valid = _compact(visible[:, -1], size)
     return SparsePlan(
         visible=visible,
-        merged=dropped.to(torch.int8).argmax(dim=-1),
+        merged=dropped.to(torch.float32).argmax(dim=-1),  # inductor mis-indexes int8 argmax
         merged_valid=dropped.any(dim=-1),
         keep=keep,
         pos=torch.where(keep_valid, pos.gather(1, keep), -1),

@@ -132,3 +132,5 @@ def test_config_rejects_bad_sparse_settings():
         LLNConfig(sparse_cache_size=4, local_size=8, sparse_span=8)
     with pytest.raises(ValueError, match=">= 0"):
         LLNConfig(sparse_cache_size=-1)
+    # the teacher run on a sparse checkpoint's weights ignores the setting
+    assert not LLNConfig(attention_kernel="softmax", sparse_cache_size=4).uses_sparse_cache

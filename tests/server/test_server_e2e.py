@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from models.evaluate import evaluation_text
 from models.registry import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -118,6 +119,25 @@ def test_sdk_sees_openai_errors(client):
     bad_key = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
+
+
+def needle_prompt(code: int) -> str:
+    """About 1,050 tokens of the GPL-3 text (held out) with one fact about 800 tokens before the
+    question: beyond the 448-token window, so only the sparse cache can hold it."""
+    text = " ".join(evaluation_text().split())
+    needle = f" Remember this: the secret number of Priya is {code}. "
+    return (text[:900] + needle + text[900:4700]
+            + " What is the secret number of Priya? The secret number of Priya is")  # fmt: skip
+
+
+def test_a_fact_beyond_the_window_is_recalled(client):
+    """The default model's sparse cache keeps the fact after it leaves the window."""
+    for code in (48213, 70956):
+        out = client.completions.create(
+            model=DEFAULT_MODEL, prompt=needle_prompt(code), max_tokens=8, temperature=0
+        )
+        assert out.usage.prompt_tokens > 1000
+        assert str(code) in out.choices[0].text.replace(" ", ""), out.choices[0].text
 
 
 def test_client_disconnect_frees_the_slot(base_url):

@@ -1,0 +1,166 @@
+"""Needle retrieval beyond the window: a five-digit code stated once, >= 600 tokens before a
+question that asks for it, in held-out text, greedy; one needle or three per context.
+
+    .venv/bin/python benchmarks/bench_recall.py --lengths 1024 2048 4096 --trials 10
+
+Variants side by side in one run: the softmax teacher (full KV cache), the window alone (LLN
+removed), the default without the sparse cache (revision 6's kernel) and with it. Filler is
+The Debian Administrator's Handbook (never trained or calibrated on), taken at a different
+offset for every trial; statement and question wordings rotate. An answer counts when the first
+five-digit number the model writes is the code. Writes benchmarks/results/bench_recall.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from eval_perplexity import load_variant  # benchmarks/, the script's folder
+
+from models.evaluate import handbook_text
+from models.registry import DEFAULT_MODEL, resolve
+
+# (statement, question): {x} is the subject, {code} the code.
+WORDINGS = [
+    (" The access code for the {x} server room is {code}. ",
+     " What is the access code for the {x} server room? The access code for the {x} server room is"),
+    (" Remember this: the secret number of {x} is {code}. ",
+     " What is the secret number of {x}? The secret number of {x} is"),
+    (" Note that {x}'s locker combination is {code}. ",
+     " What is {x}'s locker combination? {x}'s locker combination is"),
+    (" The parcel for {x} was shipped with tracking number {code}. ",
+     " Which tracking number was the parcel for {x} shipped with? The tracking number is"),
+]  # fmt: skip
+SUBJECTS = ["Marlow", "Quentin", "Oslo", "Priya", "Tbilisi", "Helga", "Lagos", "Ignatius"]
+MIN_DISTANCE = 600  # tokens between the end of the needle and the question
+
+
+def needle_prompt(tokenizer, filler: list[int], rng: random.Random, length: int, needles: int):
+    """Token ids of one context with `needles` facts and, per fact, (question ids, code)."""
+    facts = []
+    for i, subject in enumerate(rng.sample(SUBJECTS, needles)):
+        statement, question = WORDINGS[(rng.randrange(len(WORDINGS)) + i) % len(WORDINGS)]
+        code = rng.randrange(10_000, 100_000)
+        facts.append((
+            tokenizer(statement.format(x=subject, code=code), add_special_tokens=False).input_ids,
+            tokenizer(question.format(x=subject), add_special_tokens=False).input_ids,
+            code,
+        ))  # fmt: skip
+    longest_question = max(len(q) for _, q, _ in facts)
+    body_len = length - sum(len(s) for s, _, _ in facts) - longest_question
+    start = rng.randrange(0, len(filler) - body_len)
+    body = filler[start : start + body_len]
+    latest = body_len - MIN_DISTANCE
+    depths = sorted(rng.randrange(0, latest) for _ in facts)
+    ids, last = [], 0
+    for depth, (statement, _, _) in zip(depths, facts, strict=True):
+        ids += body[last:depth] + statement
+        last = depth
+    ids += body[last:]
+    return ids, [(question, code) for _, question, code in facts]
+
+
+@torch.no_grad()
+def answer(model, states, question: list[int], max_tokens: int = 8):
+    """Greedy continuation of a prefilled context (its states are copied, not changed)."""
+    states = [s.clone() for s in states]
+    logits, states = model.forward_states(torch.tensor([question]), states, logits_to_keep=1)
+    out = []
+    for _ in range(max_tokens):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        logits, states = model.forward_states(torch.tensor([[token]]), states)
+    return out
+
+
+def found(tokenizer, ids: list[int], code: int) -> bool:
+    digits = re.findall(r"\d{5,}", tokenizer.decode(ids).replace(" ", ""))
+    return bool(digits) and digits[0] == str(code)
+
+
+@torch.no_grad()
+def recall(model, tokenizer, filler, length: int, trials: int, needles: int, seed: int):
+    rng = random.Random(f"{seed}-{length}-{needles}")
+    hits = total = 0
+    for _ in range(trials):
+        context, questions = needle_prompt(tokenizer, filler, rng, length, needles)
+        _, states = model.forward_states(torch.tensor([context]), logits_to_keep=1)
+        for question, code in questions:
+            hits += found(tokenizer, answer(model, states, question), code)
+            total += 1
+    return hits, total
+
+
+def state_bytes(model, length: int) -> int:
+    config = model.config
+    if config.attention_kernel == "softmax":  # the KV cache at this length, float32
+        return 2 * length * config.num_hidden_layers * config.num_key_value_heads * 4 * (
+            config.head_dim
+        )
+    return sum(s.nbytes for s in model.empty_states(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--three-needles", type=int, default=0, help="trials with 3 needles")
+    parser.add_argument("--sparse-cache", type=int, default=256, help="G of the new variant")
+    parser.add_argument("--variants", nargs="+", default=["teacher", "window", "default", "sparse"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_recall.md"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    path = resolve(DEFAULT_MODEL)
+    variants = {
+        "teacher": ("softmax teacher (full KV cache)", dict(attention_kernel="softmax")),
+        "window": ("window 448 + 4 sinks only", dict(mix=float("-inf"))),
+        "default": ("LLN+Diag, no sparse cache (revision 6)", dict(sparse_cache_size=0)),
+        "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}",
+                   dict(sparse_cache_size=args.sparse_cache)),
+    }  # fmt: skip
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    filler = tokenizer(handbook_text(), add_special_tokens=False).input_ids
+    rows = []
+    for key in args.variants:
+        name, overrides = variants[key]
+        model = load_variant(path, overrides)
+        cells = []
+        for length in args.lengths:
+            began = time.perf_counter()
+            hits, total = recall(model, tokenizer, filler, length, args.trials, 1, args.seed)
+            cells.append(f"{hits}/{total}")
+            print(f"{name} {length}: {hits}/{total} ({time.perf_counter() - began:.0f} s)",
+                  flush=True)  # fmt: skip
+        if args.three_needles:
+            hits, total = recall(model, tokenizer, filler, args.lengths[-1], args.three_needles,
+                                 3, args.seed)  # fmt: skip
+            cells.append(f"{hits}/{total}")
+            print(f"{name} 3 needles {args.lengths[-1]}: {hits}/{total}", flush=True)
+        size = state_bytes(model, args.lengths[-1]) / 2**20
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {size:.2f} |")
+    header = [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in args.lengths]
+    if args.three_needles:
+        header.append(f"3 needles at {header[-1]}")
+    table = "\n".join([
+        "| variant | " + " | ".join(header) + " | state MiB (KV cache at the longest) |",
+        "|---|" + "---|" * (len(header) + 1),
+        *rows,
+    ])  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = "benchmarks/bench_recall.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if k != "out"
+    )  # fmt: skip
+    args.out.write_text(f"# Needle retrieval beyond the window\n\n`{command}`\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ from models.registry import DEFAULT_MODEL, resolve
 # (statement, question): {x} is the subject, {code} the code.
 WORDINGS = [
     (" The access code for the {x} server room is {code}. ",
-     " What is the access code for the {x} server room? The access code for the {x} server room is"),
+     " What is the access code for the {x} server room? The access code is"),
     (" Remember this: the secret number of {x} is {code}. ",
      " What is the secret number of {x}? The secret number of {x} is"),
     (" Note that {x}'s locker combination is {code}. ",
@@ -98,8 +98,13 @@ def recall(model, tokenizer, filler, length: int, trials: int, needles: int, see
 def state_bytes(model, length: int) -> int:
     config = model.config
     if config.attention_kernel == "softmax":  # the KV cache at this length, float32
-        return 2 * length * config.num_hidden_layers * config.num_key_value_heads * 4 * (
-            config.head_dim
+        return (
+            2
+            * length
+            * config.num_hidden_layers
+            * config.num_key_value_heads
+            * 4
+            * (config.head_dim)
         )
     return sum(s.nbytes for s in model.empty_states(1))
 

@@ -51,8 +51,14 @@ REGISTRY = {
         "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 232 exact pairs "
         "chosen by surprise, distilled",
         kernel="lln_diag",
-        config={"local_kind": "window", "local_size": 448, "num_sinks": 4, "combine": "joint",
-                "sparse_cache_size": 232, "sparse_span": 8},  # fmt: skip
+        config={
+            "local_kind": "window",
+            "local_size": 448,
+            "num_sinks": 4,
+            "combine": "joint",
+            "sparse_cache_size": 232,
+            "sparse_span": 8,
+        },
         params="smollm2-135m-lln.safetensors",
         revision="7",
     ),

@@ -68,7 +68,7 @@ def test_state_bytes_match_the_design(default_model):
     model, _ = default_model
     with torch.no_grad():
         out = model(torch.zeros(1, 100, dtype=torch.long))
-    *layers, scores = out.past_key_values.states
+    *layers, _scores = out.past_key_values.states
     exact = sum(s.local.nbytes + s.sparse.nbytes for s in layers)
     lln_bytes = sum(s.nbytes for s in layers) - exact - 8 * len(layers)
     assert abs(lln_bytes / 2**20 - 1.45) < 0.01  # DESIGN.md: about 1.45 MiB per sequence

@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from lln_core.ops.common import enable_flush_denormal
+from lln_core.ops.common import enable_flush_denormal, valid_tokens
 from lln_core.ops.ea import ea_attention, ea_step
 from lln_core.ops.lln import lln_attention, lln_step
 from lln_core.ops.lln_diag import (
@@ -42,6 +42,7 @@ from lln_core.ops.softmax import (
     local_step_plan,
     softmax_kv_attention,
 )
+from lln_core.ops.sparse import SparsePlan, leaving_plan
 from lln_core.state import BatchedState, EAState, KVState, LLNState
 from models.cache import LLNCache
 from models.configuration_lln import LLNConfig
@@ -125,12 +126,12 @@ class LLNAttention(nn.Module):
         state: BatchedState | None,
         lengths: Tensor | None = None,
         plan: LocalStepPlan | None = None,
-        evict_score: Tensor | None = None,
+        sparse_plan: SparsePlan | None = None,
     ) -> tuple[Tensor, BatchedState]:
         """hidden [B, T, hidden] -> output [B, T, hidden] and the state after the T tokens.
 
         plan: a decode step's local-slot bookkeeping, shared by all layers (`step_plan`);
-        evict_score [B, T]: retention scores of the keys leaving the window (sparse cache)."""
+        sparse_plan: the sparse cache's decisions, shared too (`LLNForCausalLM`)."""
         batch, seq_len, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
@@ -140,7 +141,7 @@ class LLNAttention(nn.Module):
             self.observer(self.layer_idx, q, k)
         if state is None:
             state = self.empty_state(batch, hidden.device)
-        y, state = self.attend(q, k, v, state, lengths, plan, evict_score)
+        y, state = self.attend(q, k, v, state, lengths, plan, sparse_plan)
         y = y.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.o_proj(y.to(hidden.dtype)), state
 
@@ -164,7 +165,7 @@ class LLNAttention(nn.Module):
         state: BatchedState,
         lengths: Tensor | None,
         plan: LocalStepPlan | None = None,
-        evict_score: Tensor | None = None,
+        sparse_plan: SparsePlan | None = None,
     ) -> tuple[Tensor, BatchedState]:
         """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE."""
         decode = q.shape[2] == 1 and lengths is None
@@ -182,7 +183,7 @@ class LLNAttention(nn.Module):
             if hasattr(self, "count_power"):
                 kwargs["count_power"] = self.count_power
             if self.config.uses_sparse_cache:
-                kwargs["evict_score"] = evict_score
+                kwargs["sparse_plan"] = sparse_plan
             if decode:
                 return lln_diag_step(q, k, v, alpha, beta, self.mix, state, plan=plan, **kwargs)
             return lln_diag_attention(
@@ -212,10 +213,10 @@ class LLNDecoderLayer(nn.Module):
         state: BatchedState | None,
         lengths: Tensor | None = None,
         plan: LocalStepPlan | None = None,
-        evict_score: Tensor | None = None,
+        sparse_plan: SparsePlan | None = None,
     ) -> tuple[Tensor, BatchedState]:
         attn, state = self.self_attn(
-            self.input_layernorm(hidden), position_embeddings, state, lengths, plan, evict_score
+            self.input_layernorm(hidden), position_embeddings, state, lengths, plan, sparse_plan
         )
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -280,15 +281,15 @@ class LLNModel(LLNPreTrainedModel):
         position_ids: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         in_place: bool = False,
-        evict_score: Tensor | None = None,
+        sparse_plan: SparsePlan | None = None,
     ) -> tuple[Tensor, States]:
         """input_ids [B, T] -> last hidden states [B, T, hidden] and the new per-layer states.
 
         Positions default to each row's tokens seen so far plus 0..T-1. in_place: a decode
         step (T = 1) of LLN+Diag writes the new token into the given states' windows instead
         of copies (the caller gives those states up; the server's slot pool does).
-        evict_score [B, T]: the sparse cache's retention scores (`LLNForCausalLM` computes
-        them); without them the cache keeps the newest keys.
+        sparse_plan: the sparse cache's decisions for these tokens (`LLNForCausalLM` makes
+        them from its scores); without one each layer's cache keeps the newest keys.
         """
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         states = list(states) if states is not None else [None] * len(self.layers)
@@ -298,16 +299,17 @@ class LLNModel(LLNPreTrainedModel):
         plan = self.layers[0].self_attn.step_plan(states[0], hidden.shape[1], lengths, in_place)
         if self._use_compiled(states, hidden.shape[1], lengths):
             plan_tensors = None if plan is None else plan.flat()
+            sparse_tensors = None if sparse_plan is None else sparse_plan.flat()
             for i, layer in enumerate(self.layers):
                 hidden, flat = self.compiled_decode_layer(
                     layer, hidden, *position_embeddings, states[i].flat(), plan_tensors, in_place,
-                    evict_score,
+                    sparse_tensors,
                 )  # fmt: skip
                 states[i] = states[i].unflat(flat)
             return self.norm(hidden), states
         for i, layer in enumerate(self.layers):
             hidden, states[i] = layer(
-                hidden, position_embeddings, states[i], lengths, plan, evict_score
+                hidden, position_embeddings, states[i], lengths, plan, sparse_plan
             )
         return self.norm(hidden), states
 
@@ -332,10 +334,11 @@ def compile_decode_layer(template: BatchedState) -> Callable:
     batch dimension. `template` gives the state's structure (its tensors are not used).
     """
 
-    def run(layer, hidden, cos, sin, state_tensors, plan_tensors, in_place, evict_score):
+    def run(layer, hidden, cos, sin, state_tensors, plan_tensors, in_place, sparse_tensors):
         state = template.unflat(state_tensors)
         plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors, in_place=in_place)
-        hidden, state = layer(hidden, (cos, sin), state, None, plan, evict_score)
+        sparse_plan = None if sparse_tensors is None else SparsePlan(*sparse_tensors)
+        hidden, state = layer(hidden, (cos, sin), state, None, plan, sparse_plan)
         return hidden, state.flat()
 
     return torch.compile(run, dynamic=None)
@@ -394,9 +397,14 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
             piece_lengths = None if lengths is None else (lengths - start).clamp(0, ids.shape[1])
             num_tokens = layer_states[0].num_tokens
             tracker = add_first_surprise(tracker, ids[:, 0], num_tokens, self.lm_head)
-            scores = evict_scores(tracker, num_tokens, ids.shape[1], window, span)
+            plan = leaving_plan(
+                layer_states[0].sparse, num_tokens, ids.shape[1], window=window,
+                num_sinks=self.config.num_sinks, valid=valid_tokens(
+                    piece_lengths, ids.shape[0], ids.shape[1], ids.device),
+                evict_score=evict_scores(tracker, num_tokens, ids.shape[1], window, span),
+            )  # fmt: skip
             hidden, layer_states = self.model(
-                ids, layer_states, piece_lengths, in_place=in_place, evict_score=scores
+                ids, layer_states, piece_lengths, in_place=in_place, sparse_plan=plan
             )
             tracker, logits = record_surprise(
                 tracker, hidden, ids, num_tokens, piece_lengths, self.lm_head

@@ -58,9 +58,9 @@ from lln_core.ops.sparse import (
     SparsePlan,
     add_parts,
     gather_candidates,
+    leaving_plan,
     naive_sparse_mask,
     sparse_parts,
-    sparse_plan,
 )
 from lln_core.state import LLNState, SparseKV
 
@@ -106,11 +106,13 @@ def lln_diag_attention(
     lengths: Tensor | None = None,
     count_power: float | Tensor = 0.0,
     evict_score: Tensor | None = None,
+    sparse_plan: SparsePlan | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix and
     count_power (joint only): scalar, [Hkv] or [Hq]. With a sparse cache in the state:
     evict_score [B, T], the retention score of the key that leaves the window at each query
-    (position n + i - W); None scores every key alike (the cache keeps the newest)."""
+    (position n + i - W); None scores every key alike (the cache keeps the newest). Or
+    sparse_plan: the cache's decisions (`leaving_plan`), when a model shares them by layers."""
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -119,8 +121,10 @@ def lln_diag_attention(
     if seq_len <= segment:
         return _forward(
             q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, lengths,
-            count_power, evict_score,
+            count_power, evict_score, sparse_plan,
         )  # fmt: skip
+    if sparse_plan is not None:
+        raise ValueError(f"a sparse plan covers at most {segment} tokens, got {seq_len}")
     outputs = []
     for start in range(0, seq_len, segment):
         piece = slice(start, start + segment)
@@ -149,11 +153,12 @@ def lln_diag_step(
     plan: LocalStepPlan | None = None,
     count_power: float | Tensor = 0.0,
     evict_score: Tensor | None = None,
+    sparse_plan: SparsePlan | None = None,
 ) -> tuple[Tensor, LLNState]:
     """One decode token per sequence (T = 1): the LLN part by its recurrence, the local part by
     one slot write (rows may sit at different positions). `plan`: the step's slot bookkeeping,
-    shared by all layers (`local_step_plan`); built here when not given. evict_score [B, 1]:
-    as in `lln_diag_attention`."""
+    shared by all layers (`local_step_plan`); built here when not given. evict_score [B, 1],
+    sparse_plan: as in `lln_diag_attention`."""
     if q.shape[2] != 1:
         raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
@@ -164,9 +169,10 @@ def lln_diag_step(
     )
     sparse, values = p.state.sparse, cache.v
     if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
-        evicted = plan.evicted_bias[:, 0, 0] == 0  # [B, 1]
-        sp = sparse_plan(sparse, p.state.num_tokens[:, None] - local.size,
-                         _scores_or_zero(evict_score, evicted), evicted)  # fmt: skip
+        sp = sparse_plan or leaving_plan(
+            sparse, p.state.num_tokens, 1, window=local.size, num_sinks=local.num_sinks,
+            evict_score=evict_score,
+        )  # fmt: skip
         cand_k = torch.cat([sparse.k.to(old_k.dtype), old_k], dim=2)
         cand_v = torch.cat([sparse.v.to(old_v.dtype), old_v], dim=2)
         old_k, old_v = gather_candidates(cand_k, sp.merged), gather_candidates(cand_v, sp.merged)
@@ -319,6 +325,7 @@ def _forward(
     lengths: Tensor | None = None,
     count_power: float | Tensor = 0.0,
     evict_score: Tensor | None = None,
+    sparse_plan: SparsePlan | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T tokens (prefill)."""
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
@@ -331,9 +338,10 @@ def _forward(
         if valid is not None:
             old_valid = old_valid & valid
         if sparse is not None:  # the cache takes the leaving keys and lets go of others
-            evict_pos = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
-            sp = sparse_plan(sparse, evict_pos - local.size,
-                             _scores_or_zero(evict_score, old_valid), old_valid)  # fmt: skip
+            sp = sparse_plan or leaving_plan(
+                sparse, p.state.num_tokens, seq_len, window=local.size,
+                num_sinks=local.num_sinks, evict_score=evict_score, valid=valid,
+            )  # fmt: skip
             cand_k = torch.cat([sparse.k.to(p.k.dtype), old_k], dim=2)
             cand_v = torch.cat([sparse.v.to(p.v.dtype), old_v], dim=2)
             old_k, old_v = (
@@ -354,7 +362,9 @@ def _forward(
     )  # fmt: skip
     if combine == "joint":
         if sparse is not None:
-            exact = sparse_parts(p.qg, cand_k, cand_v, sp.visible, p.scale)
+            seen_k = gather_candidates(cand_k, sp.columns)
+            exact = sparse_parts(p.qg, seen_k, gather_candidates(cand_v, sp.columns), sp.visible,
+                                 p.scale)  # fmt: skip
             num, den, log_scale = add_parts((num, den, log_scale), exact)
         positions = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
         y = _joint(lln, num, den, log_scale, _log_weight(p, positions, local))
@@ -389,11 +399,6 @@ def _kept(sparse: SparseKV, plan: SparsePlan, cand_k: Tensor, cand_v: Tensor) ->
     dtype = sparse.k.dtype
     k, v = gather_candidates(cand_k, plan.keep), gather_candidates(cand_v, plan.keep)
     return SparseKV(k.to(dtype), v.to(dtype), plan.pos, plan.score)
-
-
-def _scores_or_zero(scores: Tensor | None, like: Tensor) -> Tensor:
-    """Scores of the leaving keys [B, T]; without scores every key ties (the newest stay)."""
-    return torch.zeros(like.shape, device=like.device) if scores is None else scores
 
 
 def _check_joint(local: LocalSpec) -> None:

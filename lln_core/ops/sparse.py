@@ -28,12 +28,15 @@ class SparsePlan:
     """The cache's decisions over T queries, the same for every layer and head.
 
     Candidates are the G cached pairs at the start, then the T keys that leave the window (one
-    per query, position n + i - W). visible: [B, T, N] candidate c is in the cache at query i;
-    merged: [B, T] the candidate merged into the LLN state at query i, merged_valid [B, T] whether
-    one is; keep: [B, G] the candidate in each slot after the T queries; pos, score: [B, G] the
-    new cache's positions (-1 = empty) and scores.
+    per query, position n + i - W). columns: [B, M] the candidates some query sees (a chunk's
+    attention looks at these only; most leaving keys never enter a full cache); visible:
+    [B, T, M] column m is in the cache at query i; merged: [B, T] the candidate merged into the
+    LLN state at query i, merged_valid [B, T] whether one is; keep: [B, G] the candidate in each
+    slot after the T queries; pos, score: [B, G] the new cache's positions (-1 = empty) and
+    scores.
     """
 
+    columns: Tensor
     visible: Tensor
     merged: Tensor
     merged_valid: Tensor
@@ -42,7 +45,32 @@ class SparsePlan:
     score: Tensor
 
     def flat(self) -> tuple[Tensor, ...]:
-        return (self.visible, self.merged, self.merged_valid, self.keep, self.pos, self.score)
+        """The tensors in field order (`SparsePlan(*flat)` rebuilds it)."""
+        return (self.columns, self.visible, self.merged, self.merged_valid, self.keep, self.pos,
+                self.score)  # fmt: skip
+
+
+def leaving_plan(
+    cache: SparseKV,
+    num_tokens: Tensor,
+    seq_len: int,
+    *,
+    window: int,
+    num_sinks: int,
+    evict_score: Tensor | None = None,
+    valid: Tensor | None = None,
+) -> SparsePlan:
+    """The plan for T new tokens per row from positions num_tokens [B]: at query n + i the key
+    at n + i - window leaves the window (if it is past the sinks and the query is not padding,
+    valid [B, T]). evict_score [B, T]: the leaving keys' scores (None: all alike, so the newest
+    stay). Every layer holds the same positions, so a model builds this once per forward."""
+    pos = num_tokens[:, None] + torch.arange(seq_len, device=num_tokens.device) - window
+    leaving = pos >= num_sinks
+    if valid is not None:
+        leaving = leaving & valid
+    if evict_score is None:
+        evict_score = torch.zeros(pos.shape, dtype=cache.score.dtype, device=pos.device)
+    return sparse_plan(cache, pos, evict_score, leaving, compact=seq_len > 1)
 
 
 def outranks(score: Tensor, pos: Tensor) -> Tensor:
@@ -54,11 +82,17 @@ def outranks(score: Tensor, pos: Tensor) -> Tensor:
 
 
 def sparse_plan(
-    cache: SparseKV, evict_pos: Tensor, evict_score: Tensor, evict_valid: Tensor
+    cache: SparseKV,
+    evict_pos: Tensor,
+    evict_score: Tensor,
+    evict_valid: Tensor,
+    *,
+    compact: bool = True,
 ) -> SparsePlan:
     """Decisions for T queries whose leaving keys sit at evict_pos [B, T] with scores
     evict_score [B, T]; evict_valid [B, T] is False where no key leaves (sinks, padding, the
-    start of a sequence)."""
+    start of a sequence). compact: keep only the candidates some query sees as columns (data-
+    dependent width); else every candidate is a column (fixed shapes, for a decode step)."""
     size, seq_len = cache.size, evict_pos.shape[1]
     device = evict_pos.device
     pos = torch.cat([cache.pos, torch.where(evict_valid, evict_pos, -1)], dim=1)  # [B, N]
@@ -76,7 +110,14 @@ def sparse_plan(
     was = before | (arrival[None, None] == query[None, :, None])
     dropped = was & (pos >= 0)[:, None] & ~visible  # at most one per query
     keep, keep_valid = _compact(visible[:, -1], size)
+    columns = torch.arange(pos.shape[1], device=device).expand(pos.shape[0], -1)
+    if compact:  # the seen candidates first, in order; as many columns as the busiest row
+        seen = visible.any(dim=1)
+        width = max(int(seen.sum(dim=1).max()), 1)
+        columns = torch.sort((~seen).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        visible = visible.gather(2, columns[:, None].expand(-1, seq_len, -1))
     return SparsePlan(
+        columns=columns,
         visible=visible,
         merged=dropped.to(torch.float32).argmax(dim=-1),  # inductor mis-indexes int8 argmax
         merged_valid=dropped.any(dim=-1),

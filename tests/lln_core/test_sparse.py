@@ -168,7 +168,8 @@ def test_plan_drops_the_lowest_and_merges_it():
     assert plan.merged_valid.tolist() == [[True, True]]
     assert plan.merged.tolist() == [[1, 3]]  # the 1-scored cached pair, then the new 0
     assert plan.pos.tolist() == [[7, 10]]
-    assert plan.visible[0].tolist() == [[True, False, True, False], [True, False, True, False]]
+    assert plan.columns.tolist() == [[0, 2]]  # only the pairs some query sees
+    assert plan.visible[0].tolist() == [[True, True], [True, True]]
 
 
 def test_state_bytes_do_not_grow(gen):

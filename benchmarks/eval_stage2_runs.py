@@ -40,13 +40,17 @@ BUCKETS = [(LOCAL, 1024), (1024, 2048), (2048, 4096), (1024, 4096)]
 PAST_WINDOW = BUCKETS[:3]  # disjoint buckets past the window: the bar's "every bucket"
 BASELINE = "window alone (LLN removed)"
 TEACHER = "softmax teacher"
-VARIANTS = {  # name: LLN parameters to load (None: the LLN part removed; "softmax": the teacher)
+SPARSE = REGISTRY[DEFAULT_MODEL].config["sparse_cache_size"]
+# name: LLN parameters to load (None: the LLN part removed; "softmax": the teacher); the runs
+# without the sparse cache, as they were chosen; ("sparse", params): with the default's cache
+VARIANTS = {
     TEACHER: "softmax",
     BASELINE: None,
     "stage 1 + selection": RUNS / "selection.safetensors",
     "run A (previous default)": RUNS / "A.safetensors",
-    "run B (shipped default)": RUNS / "B.safetensors",
+    "run B (revision 6)": RUNS / "B.safetensors",
     **{f"run {name}": RUNS / f"{name}.safetensors" for name in "CDF"},
+    f"run B + sparse cache {SPARSE} (revision 7, shipped)": ("sparse", RUNS / "B.safetensors"),
 }
 BOOTSTRAP_SAMPLES = 4000
 
@@ -72,13 +76,14 @@ def scoring_windows(tokenizer) -> dict[str, dict[str, torch.Tensor]]:
     return splits
 
 
-def variant(path: Path, params: Path | str | None):
+def variant(path: Path, params: Path | str | tuple | None):
     if params == "softmax":
         return load_variant(path, dict(attention_kernel="softmax"))
     if params is None:
-        return load_variant(path, dict(mix=float("-inf")))
-    model = load_variant(path, {})
-    model.load_state_dict(load_file(params), strict=False)
+        return load_variant(path, dict(mix=float("-inf"), sparse_cache_size=0))
+    sparse = isinstance(params, tuple)
+    model = load_variant(path, {} if sparse else dict(sparse_cache_size=0))
+    model.load_state_dict(load_file(params[1] if sparse else params), strict=False)
     return model
 
 
@@ -92,10 +97,13 @@ def token_nll(model, ids: torch.Tensor) -> np.ndarray:
 
 
 def variant_nll(
-    path: Path, params: Path | str | None, windows: dict[str, torch.Tensor], cache: Path
+    path: Path, params: Path | str | tuple | None, windows: dict[str, torch.Tensor], cache: Path
 ) -> dict[str, np.ndarray]:
     """{window name: token NLL}, from the cache when the parameters and tokens are the same."""
-    if isinstance(params, Path):
+    if isinstance(params, tuple):
+        key = hashlib.sha256(params[1].read_bytes() + f"sparse {SPARSE}".encode())
+        stem = f"{params[1].stem}-sparse{SPARSE}"
+    elif isinstance(params, Path):
         key, stem = hashlib.sha256(params.read_bytes()), params.stem
     else:
         stem = params or "window"

@@ -19,9 +19,11 @@ from tests.models.conftest import tiny_model
 VOCAB = 29  # the char tokenizer's
 
 
-@pytest.fixture
-def model():
-    return tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1)
+@pytest.fixture(params=[0, 3], ids=["window", "window+sparse-cache"])
+def model(request):
+    """LLN+Diag, and the same with a sparse cache (its scores' state rides in every slot)."""
+    return tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1,
+                      sparse_cache_size=request.param, sparse_span=1)  # fmt: skip
 
 
 def make_engine(model, tokenizer, **overrides) -> LLMEngine:

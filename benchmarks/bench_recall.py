@@ -22,7 +22,7 @@ import torch
 from eval_perplexity import load_variant  # benchmarks/, the script's folder
 
 from models.evaluate import handbook_text
-from models.registry import DEFAULT_MODEL, resolve
+from models.registry import DEFAULT_MODEL, REGISTRY, resolve
 
 # (statement, question): {x} is the subject, {code} the code.
 WORDINGS = [
@@ -37,6 +37,7 @@ WORDINGS = [
 ]  # fmt: skip
 SUBJECTS = ["Marlow", "Quentin", "Oslo", "Priya", "Tbilisi", "Helga", "Lagos", "Ignatius"]
 MIN_DISTANCE = 600  # tokens between the end of the needle and the question
+SPARSE = REGISTRY[DEFAULT_MODEL].config["sparse_cache_size"]
 
 
 def needle_prompt(tokenizer, filler: list[int], rng: random.Random, length: int, needles: int):
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--three-needles", type=int, default=0, help="trials with 3 needles")
-    parser.add_argument("--sparse-cache", type=int, default=256, help="G of the new variant")
+    parser.add_argument("--sparse-cache", type=int, default=SPARSE, help="G of the new variant")
     parser.add_argument("--variants", nargs="+", default=["teacher", "window", "default", "sparse"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_recall.md"))

@@ -122,7 +122,7 @@ def test_sdk_sees_openai_errors(client):
 
 
 def needle_prompt(code: int) -> str:
-    """About 1,050 tokens of the GPL-3 text (held out) with one fact about 800 tokens before the
+    """About 1,000 tokens of the GPL-3 text (held out) with one fact about 800 tokens before the
     question: beyond the 448-token window, so only the sparse cache can hold it."""
     text = " ".join(evaluation_text().split())
     needle = f" Remember this: the secret number of Priya is {code}. "
@@ -136,7 +136,7 @@ def test_a_fact_beyond_the_window_is_recalled(client):
         out = client.completions.create(
             model=DEFAULT_MODEL, prompt=needle_prompt(code), max_tokens=8, temperature=0
         )
-        assert out.usage.prompt_tokens > 1000
+        assert out.usage.prompt_tokens > 900
         assert str(code) in out.choices[0].text.replace(" ", ""), out.choices[0].text
 
 

@@ -173,15 +173,12 @@ def lln_diag_step(
             sparse, p.state.num_tokens, 1, window=local.size, num_sinks=local.num_sinks,
             evict_score=evict_score,
         )  # fmt: skip
-        cand_k = torch.cat([sparse.k.to(old_k.dtype), old_k], dim=2)
-        cand_v = torch.cat([sparse.v.to(old_v.dtype), old_v], dim=2)
-        old_k, old_v = gather_candidates(cand_k, sp.merged), gather_candidates(cand_v, sp.merged)
+        (cand_k, cand_v), (old_k, old_v), sparse = _through_cache(sparse, sp, old_k, old_v)
         evicted_bias = torch.where(sp.merged_valid, 0.0, float("-inf")).to(old_k.dtype)[:, None]
         sparse_logits = (p.qg[:, :, :, 0] * p.scale) @ cand_k.transpose(-1, -2)
         sparse_logits = sparse_logits.masked_fill(~sp.visible[:, :, None], float("-inf"))
         logits = torch.cat([logits, sparse_logits], dim=-1)
         values = torch.cat([values, cand_v], dim=2)
-        sparse = _kept(sparse, sp, cand_k, cand_v)
     else:
         evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
@@ -296,6 +293,8 @@ def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_powe
         )
     if state.local is None:
         raise ValueError("LLN+Diag needs a state with a local cache (empty_lln_diag_state)")
+    if state.sparse is not None and combine != "joint":
+        raise ValueError("a sparse cache joins the joint normalisation (combine='joint')")
     qg = group_queries(q, num_kv_heads, dtype)
     return _Prepared(
         qg=qg,
@@ -342,14 +341,8 @@ def _forward(
                 sparse, p.state.num_tokens, seq_len, window=local.size,
                 num_sinks=local.num_sinks, evict_score=evict_score, valid=valid,
             )  # fmt: skip
-            cand_k = torch.cat([sparse.k.to(p.k.dtype), old_k], dim=2)
-            cand_v = torch.cat([sparse.v.to(p.v.dtype), old_v], dim=2)
-            old_k, old_v = (
-                gather_candidates(cand_k, sp.merged),
-                gather_candidates(cand_v, sp.merged),
-            )
+            (cand_k, cand_v), (old_k, old_v), sparse = _through_cache(sparse, sp, old_k, old_v)
             old_valid = sp.merged_valid
-            sparse = _kept(sparse, sp, cand_k, cand_v)
         b, old_v = mask_padding(p.key_logits(old_k), old_v, old_valid)
     elif valid is not None:
         b, old_v = mask_padding(p.key_logits(p.k), p.v, valid)
@@ -394,11 +387,17 @@ def _new_state(
     )
 
 
-def _kept(sparse: SparseKV, plan: SparsePlan, cand_k: Tensor, cand_v: Tensor) -> SparseKV:
-    """The cache after a plan: its candidates [B, Hkv, N, D] in the kept slots."""
-    dtype = sparse.k.dtype
+def _through_cache(
+    sparse: SparseKV, plan: SparsePlan, leaving_k: Tensor, leaving_v: Tensor
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], SparseKV]:
+    """The leaving keys [B, Hkv, T, D] go through the cache: the candidates (cached pairs, then
+    the leaving ones), the keys merged into the LLN state at each query, and the new cache."""
+    cand_k = torch.cat([sparse.k.to(leaving_k.dtype), leaving_k], dim=2)
+    cand_v = torch.cat([sparse.v.to(leaving_v.dtype), leaving_v], dim=2)
+    merged = gather_candidates(cand_k, plan.merged), gather_candidates(cand_v, plan.merged)
     k, v = gather_candidates(cand_k, plan.keep), gather_candidates(cand_v, plan.keep)
-    return SparseKV(k.to(dtype), v.to(dtype), plan.pos, plan.score)
+    kept = SparseKV(k.to(sparse.k.dtype), v.to(sparse.v.dtype), plan.pos, plan.score)
+    return (cand_k, cand_v), merged, kept
 
 
 def _check_joint(local: LocalSpec) -> None:

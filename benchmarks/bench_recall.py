@@ -4,7 +4,8 @@ question that asks for it, in held-out text, greedy; one needle or three per con
     .venv/bin/python benchmarks/bench_recall.py --lengths 1024 2048 4096 --trials 10
 
 Variants side by side in one run: the softmax teacher (full KV cache), the window alone (LLN
-removed), the default without the sparse cache (revision 6's kernel) and with it. Filler is
+removed), the default without the sparse cache (revision 6's kernel) and with it (and with
+its LLN part removed: what the LLN state costs or gives recall). Filler is
 The Debian Administrator's Handbook (never trained or calibrated on), taken at a different
 offset for every trial; statement and question wordings rotate. An answer counts when the first
 five-digit number the model writes is the code. Writes benchmarks/results/bench_recall.md.
@@ -128,6 +129,8 @@ def main() -> None:
         "default": ("LLN+Diag, no sparse cache (revision 6)", dict(sparse_cache_size=0)),
         "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}",
                    dict(sparse_cache_size=args.sparse_cache)),
+        "sparse-no-lln": (f"window + sparse cache G={args.sparse_cache}, LLN removed",
+                          dict(sparse_cache_size=args.sparse_cache, mix=float("-inf"))),
     }  # fmt: skip
     from transformers import AutoTokenizer
 

@@ -1,28 +1,46 @@
-"""Perplexity at 1K and 4K windows of GPL-3 (held out): the default model with its sparse cache
-next to the softmax teacher and to revision 6 (the same model without the cache), one run.
+"""Quality of the default model with its sparse cache, one run: perplexity at 1K and 4K windows
+of GPL-3 next to the softmax teacher and to revision 6 (the same model without the cache), and
+by position bucket past the window on the 12 held-out test windows of eval_stage2_runs.py
+(NLLs cached there) against revision 6 and the window alone, with 95% paired bootstrap
+intervals over windows. Writes benchmarks/results/eval_sparse_ppl.md.
 
     .venv/bin/python benchmarks/eval_sparse_ppl.py
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from eval_perplexity import load_variant  # benchmarks/, the script's folder
+from eval_stage2_runs import (
+    BUCKETS,
+    RUNS,
+    bucket_change,
+    bucket_perplexity,
+    default_cache,
+    scoring_windows,
+    variant_nll,
+)
 
 from models.evaluate import evaluation_text, perplexity
 from models.registry import DEFAULT_MODEL, load_model, resolve
 
+REVISION_6 = "revision 6 (no sparse cache)"
+SHIPPED = f"{DEFAULT_MODEL} (sparse cache)"
 VARIANTS = {
     "softmax teacher": dict(attention_kernel="softmax"),
-    "revision 6 (no sparse cache)": dict(sparse_cache_size=0),
-    f"{DEFAULT_MODEL} (sparse cache)": dict(),
+    REVISION_6: dict(sparse_cache_size=0),
+    SHIPPED: dict(),
+}
+HELDOUT = {  # eval_stage2_runs' parameter specs: None = window alone
+    "window alone (LLN removed)": None,
+    REVISION_6: RUNS / "B.safetensors",
+    SHIPPED: ("sparse", RUNS / "B.safetensors"),
 }
 
 
-def main() -> None:
-    torch.set_grad_enabled(False)
-    path = resolve(DEFAULT_MODEL)
-    _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
+def gpl3_rows(path: Path, tokenizer) -> list[str]:
     ids = torch.tensor(tokenizer(evaluation_text())["input_ids"])
     rows = {}
     for name, overrides in VARIANTS.items():
@@ -30,9 +48,47 @@ def main() -> None:
         rows[name] = [perplexity(model, ids, window=n) for n in (1024, 4096)]
         print(name, rows[name], flush=True)
     teacher = rows["softmax teacher"]
-    print("| variant | ppl 1K | ppl 4K | x teacher 1K | x teacher 4K |\n|---|---|---|---|---|")
+    lines = ["| variant | ppl 1K | ppl 4K | x teacher 1K | x teacher 4K |", "|---|---|---|---|---|"]
     for name, (p1, p4) in rows.items():
-        print(f"| {name} | {p1:.2f} | {p4:.2f} | {p1 / teacher[0]:.3f} | {p4 / teacher[1]:.3f} |")
+        lines.append(
+            f"| {name} | {p1:.2f} | {p4:.2f} | {p1 / teacher[0]:.3f} | {p4 / teacher[1]:.3f} |"
+        )
+    return lines
+
+
+def heldout_rows(path: Path, tokenizer) -> list[str]:
+    windows = scoring_windows(tokenizer)["test"]
+    nll = {name: variant_nll(path, spec, windows, default_cache()) for name, spec in HELDOUT.items()}
+    names = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    lines = ["| variant | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for name, values in nll.items():
+        cells = [f"{bucket_perplexity(values, lo, hi):.3f}" for lo, hi in BUCKETS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for base in (REVISION_6, "window alone (LLN removed)"):
+        for lo, hi in BUCKETS:
+            change, low, high, wins = bucket_change(nll[SHIPPED], nll[base], lo, hi)
+            lines.append(
+                f"- {lo}-{hi} against {base}: {100 * change:+.2f}% [{100 * low:+.2f}, "
+                f"{100 * high:+.2f}], better in {100 * wins:.0f}% of windows"
+            )
+    return lines
+
+
+def main() -> None:
+    torch.set_grad_enabled(False)
+    path = resolve(DEFAULT_MODEL)
+    _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
+    lines = [
+        "# The sparse cache's perplexity cost", "",
+        "`.venv/bin/python benchmarks/eval_sparse_ppl.py`", "",
+        "GPL-3, windows of 1K and 4K tokens:", "", *gpl3_rows(path, tokenizer), "",
+        "Held-out test windows (12 x 4,096 tokens), perplexity by position bucket:", "",
+        *heldout_rows(path, tokenizer),
+    ]  # fmt: skip
+    out = Path("benchmarks/results/eval_sparse_ppl.md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def gpl3_rows(path: Path, tokenizer) -> list[str]:
 
 def heldout_rows(path: Path, tokenizer) -> list[str]:
     windows = scoring_windows(tokenizer)["test"]
-    nll = {name: variant_nll(path, spec, windows, default_cache()) for name, spec in HELDOUT.items()}
+    cache = default_cache()
+    nll = {name: variant_nll(path, spec, windows, cache) for name, spec in HELDOUT.items()}
     names = [f"{lo}-{hi}" for lo, hi in BUCKETS]
     lines = ["| variant | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
     for name, values in nll.items():

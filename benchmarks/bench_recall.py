@@ -125,7 +125,7 @@ def main() -> None:
     path = resolve(DEFAULT_MODEL)
     variants = {
         "teacher": ("softmax teacher (full KV cache)", dict(attention_kernel="softmax")),
-        "window": ("window 448 + 4 sinks only", dict(mix=float("-inf"))),
+        "window": ("window 448 + 4 sinks only", dict(mix=float("-inf"), sparse_cache_size=0)),
         "default": ("LLN+Diag, no sparse cache (revision 6)", dict(sparse_cache_size=0)),
         "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}",
                    dict(sparse_cache_size=args.sparse_cache)),

@@ -31,11 +31,17 @@ VARIANTS = {
         combine="average",
         calibrated=True,
         mix=0.5,
+        sparse_cache_size=0,
     ),
-    f"{WINDOW} only (LLN weight 0)": dict(mix=float("-inf")),
-    f"{WINDOW} + LLN, mix uncalibrated (log-weight 0)": dict(calibrated=True, mix=0.0),
-    f"{WINDOW} + LLN, calibrated mix (before distillation)": dict(calibrated=True),
-    f"{DEFAULT_MODEL} (the same after distillation)": dict(),
+    f"{WINDOW} only (LLN weight 0)": dict(mix=float("-inf"), sparse_cache_size=0),
+    f"{WINDOW} + LLN, mix uncalibrated (log-weight 0)": dict(
+        calibrated=True, mix=0.0, sparse_cache_size=0
+    ),
+    f"{WINDOW} + LLN, calibrated mix (before distillation)": dict(
+        calibrated=True, sparse_cache_size=0
+    ),
+    f"{WINDOW} + LLN after distillation (revision 6)": dict(sparse_cache_size=0),
+    f"{DEFAULT_MODEL} (the same + sparse cache of {_LOCAL['sparse_cache_size']})": dict(),
 }
 
 

@@ -431,7 +431,7 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
         """
         hidden, states, last_logits = self.forward_hidden(input_ids, states, lengths, in_place)
         last_only = logits_to_keep == 1 or hidden.shape[1] == 1
-        if last_only and last_logits is not None and lengths is None:
+        if last_only and last_logits is not None and lengths is None and not hidden.requires_grad:
             return last_logits[:, None].to(hidden.dtype), states
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -64,6 +64,7 @@ def max_piece(window: int, span: int) -> int:
     return window - span + 1
 
 
+@torch.no_grad()
 def add_first_surprise(
     state: SurpriseState, first_ids: Tensor, num_tokens: Tensor, lm_head: nn.Linear
 ) -> SurpriseState:
@@ -92,6 +93,7 @@ def evict_scores(
     return values.amax(-1) + OWN_SHARE * values[..., span]
 
 
+@torch.no_grad()  # scores only decide which pairs stay: no gradient flows through them
 def record_surprise(
     state: SurpriseState,
     hidden: Tensor,

@@ -341,6 +341,10 @@ def compile_decode_layer(template: BatchedState) -> Callable:
         hidden, state = layer(hidden, (cos, sin), state, None, plan, sparse_plan)
         return hidden, state.flat()
 
+    # every model's compilation shares `run`'s code object, and so dynamo's per-function limit
+    # on recompilations: a process with several models (benchmarks, tests) would run past the
+    # default 8 and fall back to eager without saying more than a warning
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(run, dynamic=None)
 
 

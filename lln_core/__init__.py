@@ -18,7 +18,8 @@ from lln_core.ops.lln_diag import (
     naive_lln_diag_attention,
 )
 from lln_core.ops.softmax import LocalSpec, softmax_attention, softmax_kv_attention
-from lln_core.state import EAState, KVState, LLNState, LocalKV, kv_cache_bytes
+from lln_core.ops.sparse import SparsePlan, leaving_plan
+from lln_core.state import EAState, KVState, LLNState, LocalKV, SparseKV, kv_cache_bytes
 
 __all__ = [
     "EAState",
@@ -26,6 +27,8 @@ __all__ = [
     "LLNState",
     "LocalKV",
     "LocalSpec",
+    "SparseKV",
+    "SparsePlan",
     "attention_entropy",
     "attention_matrices",
     "ea_attention",
@@ -40,6 +43,7 @@ __all__ = [
     "lln_constants",
     "lln_diag_attention",
     "lln_diag_step",
+    "leaving_plan",
     "lln_step",
     "log_attention_variance",
     "moment_match",

@@ -239,9 +239,10 @@ def goals(results: dict, floor: float, contexts: list[int]) -> list[str]:
         )
     with_cache, without = results["lln_diag"], results[NO_SPARSE]
     ratios = [with_cache[c]["decode"] / without[c]["decode"] for c in without]
+    slowest = min(c / with_cache[c]["prefill"] for c in contexts)
     lines.append(
         f"- sparse cache: decode with / without {min(ratios):.2f}-{max(ratios):.2f} over "
-        f"{first:,}..1M (goal <= 1.2); prefill with cache >= 300 tok/s at every length"
+        f"{first:,}..1M (goal <= 1.2); slowest prefill with it {slowest:.0f} tok/s (goal >= 300)"
     )
     return lines
 

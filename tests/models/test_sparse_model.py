@@ -6,7 +6,7 @@ import torch
 from models import LLNConfig
 from models.selection import SurpriseState
 from tests.models.conftest import tiny_model
-from tests.models.test_modeling import incremental_logits
+from tests.models.test_modeling import assert_batched_equals_alone, incremental_logits
 
 SPARSE = dict(local_size=6, num_sinks=2, sparse_cache_size=3, sparse_span=1)
 
@@ -52,22 +52,7 @@ def test_cache_holds_the_most_surprising_spans():
 
 
 def test_batched_different_lengths_equal_each_alone():
-    model = sparse_model()
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 64, (n,), generator=gen) for n in (9, 17, 4)]
-    nexts = [torch.randint(0, 64, (n,), generator=gen) for n in (6, 1, 11)]
-    with torch.no_grad():
-        states = None
-        for pieces in (prompts, nexts):
-            lengths = torch.tensor([len(p) for p in pieces])
-            batch = torch.zeros(3, int(lengths.max()), dtype=torch.long)
-            for row, piece in enumerate(pieces):
-                batch[row, : len(piece)] = piece
-            logits, states = model.forward_states(batch, states, lengths=lengths)
-        for row in range(3):
-            alone = torch.cat([prompts[row], nexts[row]])[None]
-            expected = model(alone).logits[0, -len(nexts[row]) :]
-            assert (logits[row, : len(nexts[row])] - expected).abs().max() < 1e-10
+    assert_batched_equals_alone(sparse_model(), tol=1e-10)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

@@ -93,12 +93,15 @@ def test_softmax_cache_grows():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_generate_greedy_matches_manual_loop(kernel):
-    model = tiny_model(kernel)
+    assert_generate_matches_manual_loop(tiny_model(kernel), new_tokens=8)
+
+
+def assert_generate_matches_manual_loop(model, new_tokens: int) -> None:
     prompt = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
-    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     ids = prompt
     with torch.no_grad():
-        for _ in range(8):
+        for _ in range(new_tokens):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, ids)
 

@@ -6,7 +6,11 @@ import torch
 from models import LLNConfig
 from models.selection import SurpriseState
 from tests.models.conftest import tiny_model
-from tests.models.test_modeling import assert_batched_equals_alone, incremental_logits
+from tests.models.test_modeling import (
+    assert_batched_equals_alone,
+    assert_generate_matches_manual_loop,
+    incremental_logits,
+)
 
 SPARSE = dict(local_size=6, num_sinks=2, sparse_cache_size=3, sparse_span=1)
 
@@ -78,14 +82,7 @@ def test_decode_paths_agree(compiled):
 
 
 def test_generate_greedy_matches_manual_loop():
-    model = sparse_model()
-    prompt = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
-    out = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(10):
-            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert torch.equal(out, ids)
+    assert_generate_matches_manual_loop(sparse_model(), new_tokens=10)
 
 
 def test_state_bytes_do_not_grow():

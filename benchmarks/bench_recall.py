@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from eval_perplexity import load_variant  # benchmarks/, the script's folder
 
+from lln_core.state import kv_cache_bytes
 from models.evaluate import handbook_text
 from models.registry import DEFAULT_MODEL, REGISTRY, resolve
 
@@ -100,14 +101,8 @@ def recall(model, tokenizer, filler, length: int, trials: int, needles: int, see
 def state_bytes(model, length: int) -> int:
     config = model.config
     if config.attention_kernel == "softmax":  # the KV cache at this length, float32
-        return (
-            2
-            * length
-            * config.num_hidden_layers
-            * config.num_key_value_heads
-            * 4
-            * (config.head_dim)
-        )
+        shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+        return kv_cache_bytes(length, *shape, bytes_per_elem=4)
     return sum(s.nbytes for s in model.empty_states(1))
 
 

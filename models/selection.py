@@ -8,7 +8,7 @@ tokens either side, plus a small share of its own surprise to order tokens withi
 
 The surprise of token t needs the logits at t - 1, i.e. the whole model's output, while the
 layers need the scores of the tokens leaving their window. A token leaves the window W queries
-after it arrived, so a piece of at most W - span tokens only needs surprises of tokens before
+after it arrived, so a piece of at most W - span + 1 tokens only needs surprises of tokens before
 it (or its first, from the carried last hidden state): the model runs long inputs through in
 such pieces, scoring each piece's tokens after its forward.
 """

@@ -40,6 +40,7 @@ WORDINGS = [
 SUBJECTS = ["Marlow", "Quentin", "Oslo", "Priya", "Tbilisi", "Helga", "Lagos", "Ignatius"]
 MIN_DISTANCE = 600  # tokens between the end of the needle and the question
 SPARSE = REGISTRY[DEFAULT_MODEL].config["sparse_cache_size"]
+KV_DTYPE = REGISTRY[DEFAULT_MODEL].config.get("kv_cache_dtype", "auto")
 
 
 def needle_prompt(tokenizer, filler: list[int], rng: random.Random, length: int, needles: int):
@@ -112,20 +113,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--three-needles", type=int, default=0, help="trials with 3 needles")
     parser.add_argument("--sparse-cache", type=int, default=SPARSE, help="G of the new variant")
+    parser.add_argument("--kv-cache-dtype", default=KV_DTYPE, choices=["auto", "bfloat16"],
+                        help="storage of the new variant's window and cache")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=["teacher", "window", "default", "sparse"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_recall.md"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     path = resolve(DEFAULT_MODEL)
+    sparse = dict(sparse_cache_size=args.sparse_cache, kv_cache_dtype=args.kv_cache_dtype)
+    kv = ", bfloat16" if args.kv_cache_dtype == "bfloat16" else ""
     variants = {
         "teacher": ("softmax teacher (full KV cache)", dict(attention_kernel="softmax")),
-        "window": ("window 448 + 4 sinks only", dict(mix=float("-inf"), sparse_cache_size=0)),
-        "default": ("LLN+Diag, no sparse cache (revision 6)", dict(sparse_cache_size=0)),
-        "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}",
-                   dict(sparse_cache_size=args.sparse_cache)),
-        "sparse-no-lln": (f"window + sparse cache G={args.sparse_cache}, LLN removed",
-                          dict(sparse_cache_size=args.sparse_cache, mix=float("-inf"))),
+        "window": ("window 448 + 4 sinks only",
+                   dict(mix=float("-inf"), sparse_cache_size=0, kv_cache_dtype="auto")),
+        "default": ("LLN+Diag, no sparse cache (revision 6)",
+                    dict(sparse_cache_size=0, kv_cache_dtype="auto")),
+        "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}{kv}", sparse),
+        "sparse-no-lln": (f"window + sparse cache G={args.sparse_cache}{kv}, LLN removed",
+                          {**sparse, "mix": float("-inf")}),
     }  # fmt: skip
     from transformers import AutoTokenizer
 

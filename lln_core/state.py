@@ -164,13 +164,16 @@ class SparseKV(BatchedState):
         v_dim: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        score_dtype: torch.dtype | None = None,
     ) -> SparseKV:
+        """dtype: of k and v; score_dtype: of the scores, default dtype."""
         v_dim = head_dim if v_dim is None else v_dim
+        score_dtype = dtype if score_dtype is None else score_dtype
         return cls(
             k=torch.zeros(batch, num_kv_heads, size, head_dim, dtype=dtype, device=device),
             v=torch.zeros(batch, num_kv_heads, size, v_dim, dtype=dtype, device=device),
             pos=torch.full((batch, size), -1, dtype=torch.int64, device=device),
-            score=torch.full((batch, size), float("-inf"), dtype=dtype, device=device),
+            score=torch.full((batch, size), float("-inf"), dtype=score_dtype, device=device),
         )
 
 

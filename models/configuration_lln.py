@@ -8,6 +8,7 @@ from transformers import LlamaConfig
 ATTENTION_KERNELS = ("softmax", "lln", "lln_diag", "ea")
 FEATURE_MAPS = ("scale", "linear")
 SPARSE_SELECTIONS = ("surprise",)
+KV_CACHE_DTYPES = ("auto", "bfloat16")
 
 
 @strict
@@ -24,6 +25,9 @@ class LLNConfig(LlamaConfig):
     sparse_cache_size (lln_diag, joint): G exact key/value pairs kept beyond the window, chosen
     by sparse_select ("surprise": the model's own next-token loss, the largest within
     sparse_span tokens either side; `models/selection.py`); 0 turns the tier off.
+    kv_cache_dtype (lln_diag): storage of the window's and the sparse cache's keys and values,
+    "auto" (the state's float32, float64 for float64 weights) or "bfloat16" (half the bytes:
+    keys and values are rounded to it once, as they are made, so prefill and decode agree).
     """
 
     model_type = "lln_llama"
@@ -39,6 +43,7 @@ class LLNConfig(LlamaConfig):
     sparse_cache_size: int = 0
     sparse_span: int = 8
     sparse_select: str = "surprise"
+    kv_cache_dtype: str = "auto"
     # Qwen2 has biases on q/k/v but not on o; None means "as attention_bias" (Llama).
     o_proj_bias: bool | None = None
 
@@ -59,6 +64,10 @@ class LLNConfig(LlamaConfig):
             raise ValueError("combine='joint' needs local_kind='window'")
         if self.local_size < 1 or self.num_sinks < 0 or self.chunk_size < 1:
             raise ValueError("local_size and chunk_size must be >= 1, num_sinks >= 0")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
         self._check_sparse()
 
     @property

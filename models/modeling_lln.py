@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from lln_core.ops.common import enable_flush_denormal, valid_tokens
+from lln_core.ops.common import enable_flush_denormal, round_to, valid_tokens
 from lln_core.ops.ea import ea_attention, ea_step
 from lln_core.ops.lln import lln_attention, lln_step
 from lln_core.ops.lln_diag import (
@@ -103,6 +103,13 @@ class LLNAttention(nn.Module):
         alpha = self.alpha.repeat_interleave(group)[:, None, None] * self.q_map
         return alpha, self.beta[:, None, None] * self.k_map
 
+    @property
+    def kv_dtype(self) -> torch.dtype | None:
+        """Storage dtype of LLN+Diag's exact keys/values when it is not the state's own."""
+        if self.kernel != "lln_diag" or self.config.kv_cache_dtype == "auto":
+            return None
+        return getattr(torch, self.config.kv_cache_dtype)
+
     def empty_state(self, batch: int, device: torch.device | str) -> BatchedState:
         """Float32 recurrent states whatever the weights' dtype (float64 for float64 weights)."""
         shape = (batch, self.num_kv_heads, self.head_dim)
@@ -113,7 +120,7 @@ class LLNAttention(nn.Module):
         if self.kernel == "lln_diag":
             return empty_lln_diag_state(
                 *shape, self.local, dtype=dtype, device=device,
-                sparse_size=self.config.sparse_cache_size,
+                sparse_size=self.config.sparse_cache_size, kv_dtype=self.kv_dtype,
             )  # fmt: skip
         if self.kernel == "ea":
             return EAState.empty(*shape, dtype=dtype, device=device)
@@ -137,6 +144,8 @@ class LLNAttention(nn.Module):
         k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if self.kv_dtype is not None:  # stored rounded: every path computes with those numbers
+            k, v = round_to(k, self.kv_dtype), round_to(v, self.kv_dtype)
         if self.observer is not None:
             self.observer(self.layer_idx, q, k)
         if state is None:

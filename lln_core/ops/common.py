@@ -120,6 +120,21 @@ def exp_ftz(x: Tensor, *, inplace: bool = False) -> Tensor:
     return torch.where(underflow, 0.0, torch.exp(x.clamp(min=floor)))
 
 
+def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x rounded to the values `dtype` holds, kept in x's dtype (round to nearest even).
+
+    float32 -> bfloat16 is done on the bits: torch.compile drops a `.to(bfloat16).to(float32)`
+    round trip as a no-op, and then a compiled decode step would compute with unrounded keys
+    while eager prefill computes with rounded ones (NaN and inf are not expected here)."""
+    if dtype == x.dtype:
+        return x
+    if x.dtype == torch.float32 and dtype == torch.bfloat16:
+        bits = x.view(torch.int32)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000
+        return bits.view(torch.float32)
+    return x.to(dtype).to(x.dtype)
+
+
 def valid_tokens(lengths: Tensor | None, batch: int, seq_len: int, device) -> Tensor | None:
     """`[B, T]` bool, True for the first lengths[b] tokens of row b (right padding), or None."""
     if lengths is None:

@@ -77,14 +77,21 @@ def empty_lln_diag_state(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     sparse_size: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> LLNState:
-    """sparse_size: G exact pairs kept beyond the window (joint combination), 0 for none."""
+    """sparse_size: G exact pairs kept beyond the window (joint combination), 0 for none.
+    kv_dtype: storage of the exact keys/values (window and sparse cache), default `dtype`; they
+    are computed with in `dtype`, so keys should already be representable in it (the model
+    rounds them once, so that prefill and decode see the same numbers)."""
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     cache = local.empty_cache(
-        batch, num_kv_heads, head_dim, v_dim=v_dim, dtype=dtype, device=device
+        batch, num_kv_heads, head_dim, v_dim=v_dim, dtype=kv_dtype, device=device
     )
     sparse = None
     if sparse_size:
-        sparse = SparseKV.empty(batch, num_kv_heads, head_dim, sparse_size, v_dim, dtype, device)
+        sparse = SparseKV.empty(
+            batch, num_kv_heads, head_dim, sparse_size, v_dim, kv_dtype, device, score_dtype=dtype
+        )
     return LLNState.empty(
         batch, num_kv_heads, head_dim, v_dim, dtype, device, local=cache, sparse=sparse
     )
@@ -167,7 +174,7 @@ def lln_diag_step(
     logits, cache, old_k, old_v = local_softmax_step(
         p.qg[:, :, :, 0], p.k, p.v, p.state.local, plan, scale=p.scale
     )
-    sparse, values = p.state.sparse, cache.v
+    sparse, values = p.state.sparse, cache.v.to(logits.dtype)
     if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
         sp = sparse_plan or leaving_plan(
             sparse, p.state.num_tokens, 1, window=local.size, num_sinks=local.num_sinks,
@@ -190,7 +197,7 @@ def lln_diag_step(
         log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
         y = _joint_step(lln, logits, values, log_weight)
     else:
-        y_local = torch.softmax(logits, dim=-1) @ cache.v
+        y_local = torch.softmax(logits, dim=-1) @ values
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
     new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
                          plan.num_tokens, cache, sparse)  # fmt: skip

@@ -358,7 +358,7 @@ def local_step_plan(
     left = num_tokens - ring
     evicted_valid = (cache.pos.gather(1, slot[:, None]) == left[:, None]) & (left >= sinks)[:, None]
     visible = spec.visible(num_tokens[:, None], pos)
-    dtype = cache.k.dtype
+    dtype = torch.promote_types(cache.k.dtype, torch.float32)  # the compute dtype
     return LocalStepPlan(
         write=is_slot[:, None, :, None],
         pos=pos,
@@ -397,8 +397,9 @@ def _write_slot_in_copy(
 ) -> tuple[LocalKV, Tensor, Tensor]:
     """The cache with the new token in its slot (a copy), and what that slot held."""
     # one-hot products and writes: much cheaper than advanced indexing for small windows
-    evicted_k = plan.evicted @ cache.k
-    evicted_v = plan.evicted @ cache.v
+    evicted = plan.evicted.to(cache.k.dtype)  # one-hot: exact in any dtype
+    evicted_k = evicted @ cache.k
+    evicted_v = evicted @ cache.v
     new = LocalKV(
         torch.where(plan.write, k.to(cache.k.dtype), cache.k),
         torch.where(plan.write, v.to(cache.v.dtype), cache.v),

@@ -4,6 +4,7 @@ bounded state, and the selection keeps what the LLN state cannot represent."""
 import pytest
 import torch
 
+from lln_core.ops.common import round_to
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
     lln_diag_attention,
@@ -48,18 +49,24 @@ def steps(q, k, v, alpha, beta, mix, state, scores, start, **kwargs):
 @pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["gqa1", "gqa3"])
 @pytest.mark.parametrize("size", [1, 5, 64])
 @pytest.mark.parametrize("ties", [False, True])
-def test_forms_agree(gen, heads, size, ties):
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16], ids=["kv-state", "kv-bf16"])
+def test_forms_agree(gen, heads, size, ties, kv_dtype):
     """Prefill split anywhere (pieces not multiples of anything), then decode steps: outputs
-    and states equal the naive form, which picks each query's cache from scratch."""
+    and states equal the naive form, which picks each query's cache from scratch. Exact pairs
+    stored in bfloat16 change nothing for keys and values already rounded to it."""
     seq_len = 57
     q, k, v, alpha, beta = make_inputs(gen, 2, *heads, seq_len)
+    if kv_dtype is not None:
+        k, v = round_to(k, kv_dtype), round_to(v, kv_dtype)
     mix, power = mix_for("joint", heads[0]), power_for("joint", heads[0])
     scores = scores_for(gen, 2, seq_len, ties=ties)
     kwargs = dict(local=SPEC, combine="joint", count_power=power)
     y_ref = naive_lln_diag_attention(
         q, k, v, alpha, beta, mix, sparse_size=size, scores=scores, **kwargs
     )
-    state = empty_lln_diag_state(2, heads[1], 8, SPEC, dtype=torch.float64, sparse_size=size)
+    state = empty_lln_diag_state(
+        2, heads[1], 8, SPEC, dtype=torch.float64, sparse_size=size, kv_dtype=kv_dtype
+    )
     outputs = []
     for start, end in ((0, 3), (3, 20), (20, 41)):
         y, state = lln_diag_attention(
@@ -75,7 +82,7 @@ def test_forms_agree(gen, heads, size, ties):
 
     _, s_chunk = lln_diag_attention(
         q, k, v, alpha, beta, mix, state=empty_lln_diag_state(
-            2, heads[1], 8, SPEC, dtype=torch.float64, sparse_size=size),
+            2, heads[1], 8, SPEC, dtype=torch.float64, sparse_size=size, kv_dtype=kv_dtype),
         chunk_size=8, evict_score=evict_scores(scores, 0, seq_len, SPEC.size), **kwargs,
     )  # fmt: skip
     for a, b in ((s_chunk.S, s_steps.S), (s_chunk.z, s_steps.z)):
@@ -91,7 +98,8 @@ def test_forms_agree(gen, heads, size, ties):
             order = s.sparse.pos[row].clamp_min(0)
             expected_k = k[row, :, order]
             used = s.sparse.pos[row] >= 0
-            assert torch.equal(s.sparse.k[row][:, used], expected_k[:, used])
+            assert torch.equal(s.sparse.k[row][:, used].to(k.dtype), expected_k[:, used])
+            assert s.sparse.k.dtype == (kv_dtype or torch.float64)
 
 
 def test_padded_batch_rows_at_different_positions(gen):

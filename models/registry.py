@@ -48,19 +48,20 @@ class ModelSpec:
 
 REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
-        "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 232 exact pairs "
-        "chosen by surprise, distilled",
+        "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 912 exact pairs "
+        "chosen by surprise (keys/values in bfloat16), distilled",
         kernel="lln_diag",
         config={
             "local_kind": "window",
             "local_size": 448,
             "num_sinks": 4,
             "combine": "joint",
-            "sparse_cache_size": 232,
+            "sparse_cache_size": 912,
             "sparse_span": 8,
+            "kv_cache_dtype": "bfloat16",
         },
         params="smollm2-135m-lln.safetensors",
-        revision="7",
+        revision="8",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",

@@ -103,6 +103,10 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
         "--sparse-span", type=_non_negative_int, default=8,
         help="a token's score is the largest surprise within this many tokens either side",
     )  # fmt: skip
+    parser.add_argument(
+        "--kv-cache-dtype", choices=("auto", "bfloat16"), default="auto",
+        help="storage of the window's and sparse cache's keys/values (auto: the state's float32)",
+    )  # fmt: skip
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +150,7 @@ def run_convert(args: argparse.Namespace) -> int:
             local_size=args.local_size,
             num_sinks=args.num_sinks,
             combine=args.combine,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         if args.sparse_cache:
             if args.combine != "joint" or args.local_kind != "window":
@@ -153,8 +158,8 @@ def run_convert(args: argparse.Namespace) -> int:
             if args.sparse_span >= args.local_size:
                 return _fail("--sparse-span must be smaller than --local-size")
             local.update(sparse_cache_size=args.sparse_cache, sparse_span=args.sparse_span)
-    elif args.sparse_cache:
-        return _fail("--sparse-cache needs --kernel lln_diag")
+    elif args.sparse_cache or args.kv_cache_dtype != "auto":
+        return _fail("--sparse-cache and --kv-cache-dtype need --kernel lln_diag")
     out = convert(
         args.src,
         args.out,

@@ -143,12 +143,13 @@ def test_cli_convert_with_a_sparse_cache(llama_dir, tmp_path):
     out = tmp_path / "out"
     result = run_cli(
         "convert", str(path), str(out), "--local-size", "16", "--sparse-cache", "24",
-        "--sparse-span", "2", "--calib-text", str(text),
+        "--sparse-span", "2", "--kv-cache-dtype", "bfloat16", "--calib-text", str(text),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     model = LLNForCausalLM.from_pretrained(out).eval()
     assert model.config.sparse_cache_size == 24 and model.config.sparse_span == 2
     assert model.empty_states(1)[0].sparse.size == 24
+    assert model.empty_states(1)[0].local.k.dtype == torch.bfloat16
     bad = run_cli("convert", str(path), str(tmp_path / "o"), "--sparse-cache", "8",
                   "--local-size", "4", "--sparse-span", "8")  # fmt: skip
     assert bad.returncode == 2 and "--sparse-span" in bad.stderr and "Traceback" not in bad.stderr

@@ -19,11 +19,13 @@ from tests.models.conftest import tiny_model
 VOCAB = 29  # the char tokenizer's
 
 
-@pytest.fixture(params=[0, 3], ids=["window", "window+sparse-cache"])
+@pytest.fixture(params=[(0, "auto"), (3, "bfloat16")], ids=["window", "window+sparse-cache-bf16"])
 def model(request):
-    """LLN+Diag, and the same with a sparse cache (its scores' state rides in every slot)."""
+    """LLN+Diag, and the same with a sparse cache and bfloat16 keys/values, as the default
+    model (its scores' state rides in every slot)."""
+    size, kv = request.param
     return tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1,
-                      sparse_cache_size=request.param, sparse_span=1)  # fmt: skip
+                      sparse_cache_size=size, sparse_span=1, kv_cache_dtype=kv)  # fmt: skip
 
 
 def make_engine(model, tokenizer, **overrides) -> LLMEngine:

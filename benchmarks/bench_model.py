@@ -47,7 +47,7 @@ def load_models(path: Path) -> dict[str, torch.nn.Module]:
     """The LLN models decode through compiled layers, as the server does (`compile_decode`)."""
     lln_diag = from_checkpoint(path)
     lln = from_checkpoint(path, attention_kernel="lln")
-    no_sparse = from_checkpoint(path, sparse_cache_size=0)
+    no_sparse = from_checkpoint(path, sparse_cache_size=0, kv_cache_dtype="auto")
     for model in (lln_diag, lln, no_sparse):
         model.compile_decode()
     config = LlamaConfig(**{

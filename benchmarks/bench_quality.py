@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from eval_perplexity import load_variant  # benchmarks/, the script's folder
+from eval_perplexity import NO_SPARSE, load_variant  # benchmarks/, the script's folder
 from eval_stage2_runs import (
     PAST_WINDOW,
     bucket_change,
@@ -40,9 +40,9 @@ WINDOW = f"window {_LOCAL['local_size']} + {_LOCAL['num_sinks']} sinks"
 TEACHER, LOCAL_ONLY, DEFAULT = "softmax teacher", f"{WINDOW} only (LLN removed)", DEFAULT_MODEL
 VARIANTS = {
     TEACHER: dict(attention_kernel="softmax"),
-    LOCAL_ONLY: dict(mix=float("-inf"), sparse_cache_size=0),
-    f"{WINDOW} + LLN, calibrated (before distillation)": dict(calibrated=True, sparse_cache_size=0),
-    f"{WINDOW} + LLN, no sparse cache (revision 6)": dict(sparse_cache_size=0),
+    LOCAL_ONLY: dict(mix=float("-inf"), **NO_SPARSE),
+    f"{WINDOW} + LLN, calibrated (before distillation)": dict(calibrated=True, **NO_SPARSE),
+    f"{WINDOW} + LLN, no sparse cache (revision 6)": dict(NO_SPARSE),
     DEFAULT: dict(),
 }
 BUCKETS = [(0, 256), (256, 1024), (1024, 4096), (1024, 2048), (2048, 4096)]

@@ -20,6 +20,8 @@ from models.modeling_lln import LLNForCausalLM
 from models.registry import DEFAULT_MODEL, REGISTRY, from_checkpoint, load_model, resolve
 
 _LOCAL = REGISTRY[DEFAULT_MODEL].config
+# the default model's weights without its sparse cache, float32 window: revision 6
+NO_SPARSE = dict(sparse_cache_size=0, kv_cache_dtype="auto")
 WINDOW = f"window {_LOCAL['local_size']} + {_LOCAL['num_sinks']} sinks"
 VARIANTS = {
     "softmax teacher": dict(attention_kernel="softmax"),
@@ -31,16 +33,12 @@ VARIANTS = {
         combine="average",
         calibrated=True,
         mix=0.5,
-        sparse_cache_size=0,
+        **NO_SPARSE,
     ),
-    f"{WINDOW} only (LLN weight 0)": dict(mix=float("-inf"), sparse_cache_size=0),
-    f"{WINDOW} + LLN, mix uncalibrated (log-weight 0)": dict(
-        calibrated=True, mix=0.0, sparse_cache_size=0
-    ),
-    f"{WINDOW} + LLN, calibrated mix (before distillation)": dict(
-        calibrated=True, sparse_cache_size=0
-    ),
-    f"{WINDOW} + LLN after distillation (revision 6)": dict(sparse_cache_size=0),
+    f"{WINDOW} only (LLN weight 0)": dict(mix=float("-inf"), **NO_SPARSE),
+    f"{WINDOW} + LLN, mix uncalibrated (log-weight 0)": dict(calibrated=True, mix=0.0, **NO_SPARSE),
+    f"{WINDOW} + LLN, calibrated mix (before distillation)": dict(calibrated=True, **NO_SPARSE),
+    f"{WINDOW} + LLN after distillation (revision 6)": dict(NO_SPARSE),
     f"{DEFAULT_MODEL} (the same + sparse cache of {_LOCAL['sparse_cache_size']})": dict(),
 }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from eval_perplexity import load_variant  # benchmarks/, the script's folder
+from eval_perplexity import NO_SPARSE, load_variant  # benchmarks/, the script's folder
 from eval_stage2_runs import (
     BUCKETS,
     RUNS,
@@ -30,7 +30,7 @@ REVISION_6 = "revision 6 (no sparse cache)"
 SHIPPED = f"{DEFAULT_MODEL} (sparse cache)"
 VARIANTS = {
     "softmax teacher": dict(attention_kernel="softmax"),
-    REVISION_6: dict(sparse_cache_size=0),
+    REVISION_6: dict(NO_SPARSE),
     SHIPPED: dict(),
 }
 HELDOUT = {  # eval_stage2_runs' parameter specs: None = window alone

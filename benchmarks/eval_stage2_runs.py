@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from eval_perplexity import load_variant  # benchmarks/, the script's folder
+from eval_perplexity import NO_SPARSE, load_variant  # benchmarks/, the script's folder
 from safetensors.torch import load_file
 
 from models.evaluate import EVALUATION_FILE, handbook_text
@@ -80,9 +80,9 @@ def variant(path: Path, params: Path | str | tuple | None):
     if params == "softmax":
         return load_variant(path, dict(attention_kernel="softmax"))
     if params is None:
-        return load_variant(path, dict(mix=float("-inf"), sparse_cache_size=0))
+        return load_variant(path, dict(mix=float("-inf"), **NO_SPARSE))
     sparse = isinstance(params, tuple)
-    model = load_variant(path, {} if sparse else dict(sparse_cache_size=0))
+    model = load_variant(path, {} if sparse else dict(NO_SPARSE))
     model.load_state_dict(load_file(params[1] if sparse else params), strict=False)
     return model
 

@@ -41,6 +41,7 @@ PAST_WINDOW = BUCKETS[:3]  # disjoint buckets past the window: the bar's "every 
 BASELINE = "window alone (LLN removed)"
 TEACHER = "softmax teacher"
 SPARSE = REGISTRY[DEFAULT_MODEL].config["sparse_cache_size"]
+KV_DTYPE = REGISTRY[DEFAULT_MODEL].config.get("kv_cache_dtype", "auto")
 # name: LLN parameters to load (None: the LLN part removed; "softmax": the teacher); the runs
 # without the sparse cache, as they were chosen; ("sparse", params): with the default's cache
 VARIANTS = {
@@ -50,7 +51,8 @@ VARIANTS = {
     "run A (previous default)": RUNS / "A.safetensors",
     "run B (revision 6)": RUNS / "B.safetensors",
     **{f"run {name}": RUNS / f"{name}.safetensors" for name in "CDF"},
-    f"run B + sparse cache {SPARSE} (revision 7, shipped)": ("sparse", RUNS / "B.safetensors"),
+    f"run B + sparse cache {SPARSE}, {KV_DTYPE} (revision {REGISTRY[DEFAULT_MODEL].revision}, "
+    "shipped)": ("sparse", RUNS / "B.safetensors"),
 }
 BOOTSTRAP_SAMPLES = 4000
 
@@ -101,8 +103,8 @@ def variant_nll(
 ) -> dict[str, np.ndarray]:
     """{window name: token NLL}, from the cache when the parameters and tokens are the same."""
     if isinstance(params, tuple):
-        key = hashlib.sha256(params[1].read_bytes() + f"sparse {SPARSE}".encode())
-        stem = f"{params[1].stem}-sparse{SPARSE}"
+        key = hashlib.sha256(params[1].read_bytes() + f"sparse {SPARSE} {KV_DTYPE}".encode())
+        stem = f"{params[1].stem}-sparse{SPARSE}-{KV_DTYPE}"
     elif isinstance(params, Path):
         key, stem = hashlib.sha256(params.read_bytes()), params.stem
     else:

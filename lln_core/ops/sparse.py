@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lln_core.ops.common import exp_ftz
 from lln_core.state import SparseKV
 
 
@@ -148,6 +149,9 @@ def _compact(final: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return keep, stays | fills
 
 
+NEG_INF = float("-inf")
+
+
 def gather_candidates(x: Tensor, index: Tensor) -> Tensor:
     """x [B, H, N, D] at candidate indices index [B, M] -> [B, H, M, D]."""
     idx = index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
@@ -161,10 +165,14 @@ def sparse_parts(
     cand_k/cand_v [B, Hkv, N, D] visible to each query (visible [B, T, N]): num [B, Hkv, G, T,
     Dv], den and log_scale [B, Hkv, G, T] (den = 0 where no pair is cached)."""
     logits = (q * scale) @ cand_k[:, :, None].transpose(-1, -2)  # [B, Hkv, G, T, N]
-    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    inplace = not logits.requires_grad  # the biggest tensor of a prefill piece: reuse it
+    hidden = ~visible[:, None, None]
+    fill = logits.masked_fill_ if inplace else logits.masked_fill
+    logits = fill(hidden, NEG_INF)
     top = logits.amax(dim=-1)
     log_scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(logits - log_scale[..., None])
+    logits = logits.sub_(log_scale[..., None]) if inplace else logits - log_scale[..., None]
+    weights = exp_ftz(logits, inplace=inplace)
     return weights @ cand_v[:, :, None], weights.sum(-1), log_scale
 
 

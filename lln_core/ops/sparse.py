@@ -15,12 +15,12 @@ as the state changes; measured on SmolLM2-135M that keeps scattered pieces of a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lln_core.ops.common import exp_ftz
 from lln_core.state import SparseKV
 
 
@@ -149,9 +149,6 @@ def _compact(final: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return keep, stays | fills
 
 
-NEG_INF = float("-inf")
-
-
 def gather_candidates(x: Tensor, index: Tensor) -> Tensor:
     """x [B, H, N, D] at candidate indices index [B, M] -> [B, H, M, D]."""
     idx = index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
@@ -165,14 +162,20 @@ def sparse_parts(
     cand_k/cand_v [B, Hkv, N, D] visible to each query (visible [B, T, N]): num [B, Hkv, G, T,
     Dv], den and log_scale [B, Hkv, G, T] (den = 0 where no pair is cached)."""
     logits = (q * scale) @ cand_k[:, :, None].transpose(-1, -2)  # [B, Hkv, G, T, N]
+    seen = visible[:, None, None].to(logits.dtype)
+    # a broadcast add and multiply cost a tenth of masked_fill with a broadcast mask, and
+    # the clamp keeps exp off its slow path (-inf and underflowing inputs, see exp_ftz)
+    bias = (seen - 1) * torch.finfo(logits.dtype).max  # 0 or a finite -max: never inf - inf
     inplace = not logits.requires_grad  # the biggest tensor of a prefill piece: reuse it
-    hidden = ~visible[:, None, None]
-    fill = logits.masked_fill_ if inplace else logits.masked_fill
-    logits = fill(hidden, NEG_INF)
-    top = logits.amax(dim=-1)
-    log_scale = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    logits = logits.sub_(log_scale[..., None]) if inplace else logits - log_scale[..., None]
-    weights = exp_ftz(logits, inplace=inplace)
+    logits = logits.add_(bias) if inplace else logits + bias
+    top = logits.amax(dim=-1, keepdim=True)
+    any_seen = visible.any(dim=-1)[:, None, None, :, None]
+    log_scale = torch.where(any_seen, top, torch.zeros_like(top))
+    logits = logits.sub_(log_scale) if inplace else logits - log_scale
+    floor = math.floor(math.log(torch.finfo(logits.dtype).tiny)) + 1
+    weights = logits.clamp_(min=floor).exp_() if inplace else logits.clamp(min=floor).exp()
+    weights = weights.mul_(seen) if inplace else weights * seen  # exact zeros where unseen
+    log_scale = log_scale[..., 0]
     return weights @ cand_v[:, :, None], weights.sum(-1), log_scale
 
 

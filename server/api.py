@@ -221,6 +221,18 @@ def _sampling(build) -> object:
         raise APIError(400, message, "invalid_request_error", param) from None
 
 
+def _check_capacity(state: ServerState, num_prompts: int, n: int) -> None:
+    """400 for work that could never be admitted; 503 + Retry-After while the queue is full."""
+    engine = state.engine.engine
+    try:
+        engine.check_admissible(num_prompts, n)
+    except ValueError as error:
+        raise APIError(400, str(error), "invalid_request_error", "n") from None
+    if not engine.can_accept(num_prompts * n):
+        raise APIError(503, "the server is overloaded; retry later", "service_unavailable",
+                       headers={"Retry-After": "1"})  # fmt: skip
+
+
 # ---- engine calls ------------------------------------------------------------------------------
 
 
@@ -341,9 +353,7 @@ async def _completions(request: Request, state: ServerState, body: CompletionReq
     params = _sampling(lambda: body.sampling_params(
         body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
     ))  # fmt: skip
-    if not state.engine.engine.can_accept(len(prompts) * body.n):
-        raise APIError(503, "the server is overloaded; retry later", "service_unavailable",
-                       headers={"Retry-After": "1"})  # fmt: skip
+    _check_capacity(state, len(prompts), body.n)
     request_id = new_id("cmpl")
     streams = [
         _outputs(state, f"{request_id}-{i}", ids, params, body.session_id)
@@ -471,9 +481,7 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     )
     logprobs = (top or 0) if body.logprobs else None
     params = _sampling(lambda: body.sampling_params(max_tokens, logprobs=logprobs))
-    if not state.engine.engine.can_accept(body.n):
-        raise APIError(503, "the server is overloaded; retry later", "service_unavailable",
-                       headers={"Retry-After": "1"})  # fmt: skip
+    _check_capacity(state, 1, body.n)
     request_id = new_id("chatcmpl")
     stream = _outputs(state, request_id, list(ids), params, body.session_id)
     choices = [_Choice(i) for i in range(body.n)]

@@ -42,6 +42,8 @@ SERVE_OPTIONS = [
     ("--session-mb", int, 256, "session-state budget, MiB (0 disables)"),
     ("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     ("--compile", int, 1, "compile decode steps (1) or run them eagerly (0)"),
+    ("--max-model-len", int, 1 << 20, "most tokens of prompt + generation per sequence"),
+    ("--default-max-tokens", int, 4096, "generation bound of requests without max_tokens"),
 ]
 
 
@@ -312,6 +314,8 @@ def run_serve(args: argparse.Namespace) -> int:
             session_bytes=int(args.session_mb) * 2**20,
             session_ttl_s=float(args.session_ttl),
             compile_decode=bool(int(args.compile)),
+            max_model_len=int(args.max_model_len),
+            default_max_tokens=int(args.default_max_tokens),
         )
         origins = tuple(o.strip() for o in str(args.cors_origins).split(",") if o.strip())
         server_config = ServerConfig(

@@ -18,6 +18,10 @@ class EngineConfig:
     prefix_cache_bytes / session_bytes: byte budgets of saved states (0 disables).
     session_ttl_s: idle sessions older than this are evicted.
     compile_decode: decode steps through torch.compile'd layers (`LLNModel.compile_decode`).
+    max_model_len: the most tokens one sequence may hold, prompt (with a session's history)
+    plus generation; a request over it is refused before any work. A state does not grow
+    with the context, so the default is a long-context server's 1M tokens, not a KV budget.
+    default_max_tokens: the generation bound of a request that gives no max_tokens.
     """
 
     model: str = "smollm2-135m-lln"
@@ -32,9 +36,13 @@ class EngineConfig:
     session_ttl_s: float = 3600.0
     compile_decode: bool = True
     seed: int | None = None
+    max_model_len: int = 1 << 20
+    default_max_tokens: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size"):
+        ints = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size",
+                "max_model_len", "default_max_tokens")  # fmt: skip
+        for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -42,6 +50,11 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                 f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes each step"
+            )
+        if self.default_max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be below max_model_len "
+                f"({self.max_model_len})"
             )
         for name in ("prefix_cache_bytes", "session_bytes"):
             if getattr(self, name) < 0:

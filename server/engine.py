@@ -7,6 +7,7 @@ step that produced something), and always give their slot back, whatever ends th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -151,9 +152,17 @@ class LLMEngine:
         self._check_prompt(prompt_token_ids)
         if session_id is not None and params.n != 1:
             raise ValueError("a request with a session_id must have n = 1")
+        self.check_admissible(1, params.n)
         if not self.scheduler.can_accept():
             raise QueueFullError(self.config.max_waiting)
         session = self.sessions.acquire(session_id) if session_id is not None else None
+        try:  # a session's context holds its history too
+            history = session.num_tokens if session is not None else 0
+            params = self._bounded(params, history + len(prompt_token_ids))
+        except ValueError:
+            if session is not None:
+                self.sessions.release(session_id, session)
+            raise
         prompt = [*(session.pending if session else ()), *prompt_token_ids]
         seq = self._new_sequence(request_id, 0, prompt, params)
         seq.session_id, seq.session = session_id, session
@@ -164,6 +173,39 @@ class LLMEngine:
             seq.hashes = prefix_hashes(prompt, self.prefix_cache.block)
         self.scheduler.add(seq.request)
         self._groups[request_id] = [seq.request.request_id]
+
+    def check_admissible(self, num_prompts: int, n: int) -> None:
+        """Raise ValueError for work that could never be admitted, whatever the load."""
+        if n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n ({n}) is more than this server's {self.config.max_num_seqs} sequence slots"
+                " (--max-num-seqs): such a request could never run"
+            )
+        if num_prompts * n > self.config.max_waiting:
+            raise ValueError(
+                f"{num_prompts} prompts x n {n} = {num_prompts * n} sequences is more than the "
+                f"{self.config.max_waiting} this server queues (--max-waiting)"
+            )
+
+    def _bounded(self, params: SamplingParams, context_tokens: int) -> SamplingParams:
+        """params with max_tokens set (the server's default when absent), checked against
+        max_model_len for a sequence that already holds `context_tokens` tokens."""
+        limit = self.config.max_model_len
+        if context_tokens >= limit:
+            raise ValueError(
+                f"the prompt has {context_tokens} tokens; this server's limit (--max-model-len)"
+                f" is {limit} tokens of prompt and generation together"
+            )
+        if params.max_tokens is None:
+            room = limit - context_tokens
+            return dataclasses.replace(params, max_tokens=min(self.config.default_max_tokens, room))
+        if context_tokens + params.max_tokens > limit:
+            raise ValueError(
+                f"the prompt's {context_tokens} tokens plus max_tokens {params.max_tokens} is "
+                f"{context_tokens + params.max_tokens}, over this server's limit "
+                f"(--max-model-len) of {limit} tokens"
+            )
+        return params
 
     def abort(self, request_id: str) -> None:
         """Abort every choice of a request; its slots are free when this returns."""

@@ -45,6 +45,7 @@ from server.protocol import (
     TopLogprob,
     Usage,
     new_id,
+    unsupported_field,
 )
 
 logger = logging.getLogger("lln_serve.api")
@@ -190,6 +191,9 @@ async def _parse(request: Request, state: ServerState, schema):
         raise APIError(400, f"malformed JSON body: {error}", "invalid_request_error") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", "invalid_request_error")
+    refused = unsupported_field(data)
+    if refused is not None:
+        raise APIError(400, f"{refused[0]}: {refused[1]}", "invalid_request_error", refused[0])
     try:
         body = schema.model_validate(data)
     except ValidationError as error:
@@ -210,6 +214,25 @@ async def _parse(request: Request, state: ServerState, schema):
 def _too_large(state: ServerState) -> APIError:
     return APIError(413, f"request body larger than {state.max_body_bytes} bytes",
                     "invalid_request_error", code="request_too_large")  # fmt: skip
+
+
+def _guided(state: ServerState, body):
+    """The request's structured output, compiled once here so that a bad schema, regex or
+    grammar is a 400 before any work."""
+    try:
+        spec = body.guided_spec()
+        if spec is not None:
+            state.engine.engine.guided.compile(spec)
+    except ValueError as error:
+        raise APIError(400, str(error), "invalid_request_error", _guided_param(body)) from None
+    return spec
+
+
+def _guided_param(body) -> str:
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(body, name) is not None:
+            return name
+    return "response_format"
 
 
 def _sampling(build) -> object:
@@ -351,7 +374,8 @@ async def _completions(request: Request, state: ServerState, body: CompletionReq
         )
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     params = _sampling(lambda: body.sampling_params(
-        body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs
+        body.max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_logprobs,
+        guided=_guided(state, body),
     ))  # fmt: skip
     _check_capacity(state, len(prompts), body.n)
     request_id = new_id("cmpl")
@@ -480,7 +504,9 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
     logprobs = (top or 0) if body.logprobs else None
-    params = _sampling(lambda: body.sampling_params(max_tokens, logprobs=logprobs))
+    params = _sampling(
+        lambda: body.sampling_params(max_tokens, logprobs=logprobs, guided=_guided(state, body))
+    )
     _check_capacity(state, 1, body.n)
     request_id = new_id("chatcmpl")
     stream = _outputs(state, request_id, list(ids), params, body.session_id)

@@ -20,6 +20,7 @@ from models.modeling_lln import LLNForCausalLM
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.errors import QueueFullError
+from server.guided import GuidedDecoding
 from server.prefix_cache import PrefixCache, Session, SessionStore, Snapshot, prefix_hashes
 from server.request import Request, RequestStatus, SamplingParams
 from server.runner import ModelRunner, RunnerOutput
@@ -92,6 +93,7 @@ class _Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     forked: bool = False
+    matcher: object | None = None  # llguidance.LLMatcher of a structured output
 
 
 class LLMEngine:
@@ -125,6 +127,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         device = model.lm_head.weight.device
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=device)
+        self.guided = GuidedDecoding(tokenizer, model.config.vocab_size)
         self.prefix_cache = PrefixCache(
             config.prefill_chunk_size, config.prefix_cache_bytes, snapshot_bytes
         )
@@ -152,6 +155,9 @@ class LLMEngine:
         self._check_prompt(prompt_token_ids)
         if session_id is not None and params.n != 1:
             raise ValueError("a request with a session_id must have n = 1")
+        vocab = self.model.config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab}")
         self.check_admissible(1, params.n)
         if not self.scheduler.can_accept():
             raise QueueFullError(self.config.max_waiting)
@@ -265,6 +271,7 @@ class LLMEngine:
             [s.request.prompt_token_ids for s in seqs],
             [s.request.output_token_ids for s in seqs],
             [s.generator for s in seqs],
+            self.guided.allowed([s.matcher for s in seqs], logits.device),
         )
         token_ids = sampled.token_ids.tolist()
         for i, seq in enumerate(seqs):
@@ -290,6 +297,8 @@ class LLMEngine:
             logprob, top = sampled.row_logprobs(row, params.logprobs)
             logprobs = [TokenLogprob(token_id, logprob, top)]
         status, text = None, ""
+        if seq.matcher is not None and not seq.matcher.consume_token(token_id):
+            raise RuntimeError(f"structured output: {seq.matcher.get_error()}")
         if token_id in self.eos_token_ids and not params.ignore_eos:
             status = RequestStatus.FINISHED_STOPPED
         elif token_id in params.stop_token_ids:
@@ -300,6 +309,8 @@ class LLMEngine:
             text, stopped = seq.detokenizer.add_tokens(token_id)
             if stopped:
                 status = RequestStatus.FINISHED_STOPPED
+        if status is None and seq.matcher is not None and seq.matcher.is_stopped():
+            status = RequestStatus.FINISHED_STOPPED  # the output is complete: only EOS is left
         max_tokens = params.max_tokens
         if status is None and max_tokens is not None and request.num_output_tokens >= max_tokens:
             status = RequestStatus.FINISHED_LENGTH
@@ -412,6 +423,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer.from_params(self.tokenizer, params),
             generator=generator,
             metrics=RequestMetrics(arrival=time.monotonic()),
+            matcher=None if params.guided is None else self.guided.matcher(params.guided),
         )
         self._seqs[internal_id] = seq
         return seq

@@ -10,18 +10,65 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.request import SamplingParams
+from server.request import GuidedSpec, SamplingParams
+
+# Fields of OpenAI's API this server does not honour: a request that sets one gets a 400 that
+# says so (with a value that asks for nothing, e.g. `tool_choice: "none"`, it passes).
+UNSUPPORTED = {
+    "tools": "tool calls are not supported by this server",
+    "functions": "function calls are not supported by this server",
+    "function_call": "function calls are not supported by this server",
+    "tool_choice": "tool calls are not supported by this server",
+    "parallel_tool_calls": "tool calls are not supported by this server",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "best_of": "best_of is not supported (use n)",
+}
+ASKS_NOTHING = (None, [], "none", False, ["text"])
+
+
+def unsupported_field(data: dict) -> tuple[str, str] | None:
+    """(field, why) for the first field in a request body that this server cannot honour."""
+    for name, why in UNSUPPORTED.items():
+        if name in data and data[name] not in ASKS_NOTHING:
+            if name == "best_of" and data[name] == data.get("n", 1):
+                continue
+            return name, why
+    return None
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Model):
+class _Request(BaseModel):
+    """Request bodies refuse fields they do not know: nothing a client asks for is silently
+    ignored (the fields in UNSUPPORTED get a message of their own first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JSONSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-class _SamplingFields(_Model):
+class _SamplingFields(_Request):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extensions)."""
 
     model: str
@@ -41,12 +88,49 @@ class _SamplingFields(_Model):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id for the client's records: no effect on output
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    tool_choice: Literal["none"] | None = None  # anything else is refused (UNSUPPORTED)
+    tools: list | None = None  # only an empty list passes
     session_id: str | None = Field(
         default=None,
         description="lln-serve extension: continue the saved state of this session "
         "(send only the new text), and save the state after this request under it.",
     )
+
+    def guided_spec(self) -> GuidedSpec | None:
+        """The structured output asked for (at most one way), or None. Raises ValueError."""
+        fmt = self.response_format
+        asked = {
+            "response_format": fmt is not None and fmt.type != "text",
+            "guided_json": self.guided_json is not None,
+            "guided_regex": self.guided_regex is not None,
+            "guided_choice": self.guided_choice is not None,
+            "guided_grammar": self.guided_grammar is not None,
+        }
+        names = [name for name, on in asked.items() if on]
+        if len(names) > 1:
+            raise ValueError(f"{names[0]} and {names[1]} both constrain the output: use one")
+        if not names:
+            return None
+        if names[0] == "response_format":
+            if fmt.type == "json_object":
+                return GuidedSpec.json_schema(None)
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            return GuidedSpec.json_schema(fmt.json_schema.schema_)
+        if names[0] == "guided_json":
+            return GuidedSpec.json_schema(self.guided_json)
+        if names[0] == "guided_choice":
+            return GuidedSpec.choice(self.guided_choice)
+        if names[0] == "guided_regex":
+            return GuidedSpec("regex", self.guided_regex)
+        return GuidedSpec("grammar", self.guided_grammar)
 
     def sampling_params(self, max_tokens: int | None, **extra: Any) -> SamplingParams:
         return SamplingParams(
@@ -65,6 +149,7 @@ class _SamplingFields(_Model):
             stop_token_ids=self.stop_token_ids or (),
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self.logit_bias or (),
             **extra,
         )
 
@@ -92,14 +177,15 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
-class ContentPart(_Model):
+class ContentPart(_Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Model):
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):

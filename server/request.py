@@ -3,16 +3,50 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 MAX_LOGPROBS = 20
 """Largest number of top alternatives per position (OpenAI's limit for chat completions)."""
 
 GREEDY_EPS = 1e-5
 """Temperatures below this sample greedily (dividing logits by ~0 would overflow)."""
+
+
+GuidedKind = Literal["json", "regex", "choice", "grammar"]
+ANY_JSON_OBJECT = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class GuidedSpec:
+    """What the output must match; torch-free, part of SamplingParams. value: the JSON schema
+    (as JSON text), the regex, the choices (a JSON list) or the Lark grammar."""
+
+    kind: GuidedKind
+    value: str
+
+    @classmethod
+    def json_schema(cls, schema: dict | str | bool | None) -> GuidedSpec:
+        if schema is None or schema is True:
+            schema = ANY_JSON_OBJECT
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"the JSON schema is not valid JSON: {error}") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+        return cls("json", json.dumps(schema))  # key order kept: it orders the output
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> GuidedSpec:
+        if not choices or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError("guided_choice must be a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(list(choices)))
 
 
 @dataclass(frozen=True)
@@ -23,6 +57,8 @@ class SamplingParams:
     greedy. top_k -1 or 0 disables top-k (stored as -1). `stop` takes a string or a sequence of
     strings and is stored as a tuple, `stop_token_ids` likewise. logprobs None returns no
     logprobs; 0..20 returns the sampled token's logprob plus that many top alternatives.
+    guided: what the output must match (`server/guided.py`); logit_bias: (token id, bias)
+    pairs added to the logits before anything else.
     """
 
     n: int = 1
@@ -43,6 +79,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    guided: GuidedSpec | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -71,6 +109,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 0, MAX_LOGPROBS)
+        if self.guided is not None and not isinstance(self.guided, GuidedSpec):
+            raise ValueError(f"guided must be a GuidedSpec, got {self.guided!r}")
+        self._set("logit_bias", _check_logit_bias(self.logit_bias))
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -125,6 +166,21 @@ def _check_stop(stop: object) -> tuple[str, ...]:
     if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
         raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r}")
     return tuple(stop)
+
+
+def _check_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token id -> bias in [-100, 100] added to its logit."""
+    items = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = [(int(str(token)), value) for token, value in items]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"logit_bias must map token ids to numbers in [-100, 100], got {bias!r}"
+        ) from None
+    for token, value in pairs:
+        _check_int("logit_bias token id", token, 0)
+        _check_float("logit_bias value", value, -100.0, 100.0)
+    return tuple((token, float(value)) for token, value in pairs)
 
 
 def _check_token_ids(name: str, ids: object) -> tuple[int, ...]:

@@ -1,9 +1,10 @@
 """Next-token sampling: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs.
 
-Order per row (vLLM's): min_tokens mask, repetition penalty, frequency and presence penalties,
-then greedy argmax, or temperature, top-k, top-p, min-p and a draw. Logprobs are the log_softmax
-of the model's raw logits, before any of these (vLLM's default "raw_logprobs"): they describe the
-model, not the sampling distribution, and do not change when a client tunes temperature.
+Order per row (vLLM's): logit bias, the structured-output mask, min_tokens mask, repetition
+penalty, frequency and presence penalties, then greedy argmax, or temperature, top-k, top-p,
+min-p and a draw. Logprobs are the log_softmax of the model's raw logits, before any of these
+(vLLM's default "raw_logprobs"): they describe the model, not the sampling distribution, and do
+not change when a client tunes temperature.
 
 Seeds: a row with a `torch.Generator` draws only from it, V exponentials per step, so a seeded
 request samples the same tokens whatever else is in the batch. Rows without one share the
@@ -75,12 +76,17 @@ class Sampler:
         prompt_token_ids: Sequence[Sequence[int]],
         output_token_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None] | None = None,
+        allowed: Tensor | None = None,
     ) -> SamplerOutput:
-        """logits [B, V] -> one token per row; generators[i] (or None) is row i's."""
+        """logits [B, V] -> one token per row; generators[i] (or None) is row i's; allowed
+        [B, V] bool (optional): the only tokens a row may take (structured outputs)."""
         logits = logits.float()
         generators = generators if generators is not None else [None] * len(params)
+        work = apply_logit_bias(logits.clone(), params)
+        if allowed is not None:
+            work.masked_fill_(~allowed, -torch.inf)
         work = apply_min_tokens(
-            logits.clone(), params, [len(o) for o in output_token_ids], self.eos_token_ids
+            work, params, [len(o) for o in output_token_ids], self.eos_token_ids
         )
         work = apply_penalties(work, params, prompt_token_ids, output_token_ids)
         token_ids = work.argmax(dim=-1)
@@ -147,6 +153,16 @@ def compute_logprobs(
     chosen = logprobs.gather(-1, token_ids[:, None].long()).squeeze(-1)
     top_values, top_ids = logprobs.topk(num_top, dim=-1)
     return chosen, top_ids, top_values
+
+
+def apply_logit_bias(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """OpenAI's logit_bias, added in place to the rows that set it."""
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
+            bias = torch.tensor([b for _, b in p.logit_bias], device=logits.device)
+            logits[row].index_add_(0, ids, bias)
+    return logits
 
 
 def apply_min_tokens(

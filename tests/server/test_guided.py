@@ -90,15 +90,16 @@ def test_100_seeded_samples_all_validate_against_the_schema(engine):
 
 
 def test_json_object_regex_choice_and_grammar(engine):
+    pattern = r"[0-9]{3}-[a-z]{2}"
     texts = run(engine, {
         "object": SamplingParams(max_tokens=200, seed=1, guided=GuidedSpec.json_schema(None)),
-        "regex": SamplingParams(max_tokens=40, seed=2, guided=GuidedSpec("regex", r"[0-9]{3}-[a-z]{2}")),
+        "regex": SamplingParams(max_tokens=40, seed=2, guided=GuidedSpec("regex", pattern)),
         "choice": SamplingParams(max_tokens=40, seed=3, guided=GuidedSpec.choice(["yes", "no!"])),
         "grammar": SamplingParams(max_tokens=40, seed=4, guided=GuidedSpec(
             "grammar", 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[1-9][0-9]?/')),
     })  # fmt: skip
     assert isinstance(json.loads(texts["object"]), dict)
-    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", texts["regex"])
+    assert re.fullmatch(pattern, texts["regex"])
     assert texts["choice"] in ("yes", "no!")
     assert re.fullmatch(r"\((?:[1-9][0-9]?)(?:\+[1-9][0-9]?)*\)", texts["grammar"])
 

@@ -39,6 +39,7 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    ErrorResponse,
     ModelCard,
     ModelList,
     PromptTokensDetails,
@@ -74,7 +75,7 @@ class ServerState:
 
 
 def build_app(state: ServerState, cors_origins: list[str] | None = None) -> FastAPI:
-    app = FastAPI(title="lln-serve", version=VERSION)
+    app = FastAPI(title="lln-serve", version=VERSION, separate_input_output_schemas=False)
     app.state.server = state
     if cors_origins:
         app.add_middleware(
@@ -85,7 +86,56 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None) -> Fast
         )
     _add_error_handlers(app)
     _add_routes(app, state)
+    _add_request_schemas(app)
     return app
+
+
+# ---- the OpenAPI document --------------------------------------------------------------------
+
+_ERRORS = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+        (409, "session in use or evicted"), (413, "body too large"),
+        (503, "overloaded (Retry-After) or not ready"),
+    ]
+}  # fmt: skip
+
+
+def _documented(request_model, response_model) -> dict:
+    """Route arguments that document a body the route parses itself (to bound its size
+    first): the request schema, the JSON response, the SSE stream and the errors."""
+    body = {"$ref": f"#/components/schemas/{request_model.__name__}"}
+    stream = {"type": "string", "description": "with stream: true, chunks as SSE events"}
+    return dict(
+        response_model=response_model,
+        responses={200: {"content": {"text/event-stream": {"schema": stream}}}, **_ERRORS},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}}
+        },
+    )
+
+
+def _add_request_schemas(app: FastAPI) -> None:
+    """Put the request bodies' JSON schemas in the OpenAPI components (the routes refer to
+    them by name), with the models they nest."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            schema = model.model_json_schema(
+                ref_template="#/components/schemas/{model}", by_alias=True
+            )
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
 
 
 def _error_body(status: int, message: str, type_: str, param=None, code=None) -> dict:
@@ -143,17 +193,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             return Response(b"", media_type="text/plain; version=0.0.4")
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models(request: Request):
         _authorize(request, state)
         return ModelList(data=[ModelCard(id=name) for name in state.model_names])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
         body = await _parse(request, state, CompletionRequest)
         return await _completions(request, state, body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **_documented(ChatCompletionRequest, ChatCompletionResponse))
     async def chat_completions(request: Request):
         body = await _parse(request, state, ChatCompletionRequest)
         return await _chat(request, state, body)

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.api import ServerState, build_app
-from tests.server.test_api import MODEL, server, model, tokenizer  # noqa: F401 (fixtures)
+from tests.server.test_api import MODEL, model, server, tokenizer  # noqa: F401 (fixtures)
 
 
 def resolved(document: dict, name: str) -> dict:

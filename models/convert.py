@@ -41,6 +41,9 @@ SHARED_FIELDS = (
 )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_source(src: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a softmax checkpoint: local HF directory, .gguf file or hub id."""
     path = Path(src)
@@ -52,12 +55,19 @@ def load_source(src: str, dtype: torch.dtype = torch.float32):
             location = str(path.parent)
         elif path.is_dir():
             kwargs, location = {}, str(path)
+            if not any((path / name).is_file() for name in TOKENIZER_FILES):
+                raise ConversionError(
+                    f"no tokenizer in {src} (looked for {', '.join(TOKENIZER_FILES)}): copy the "
+                    "tokenizer files of the model next to its weights"
+                )
         else:
             kwargs, location = {}, src  # a hub id
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except ConversionError:
         raise
+    except ValueError as error:  # transformers: unknown model type, unloadable tokenizer
+        raise ConversionError(f"cannot load {src!r}: {str(error).splitlines()[0]}") from error
     except OSError as error:
         raise ConversionError(
             f"cannot load {src!r}: not a local checkpoint directory or .gguf file, and fetching it "

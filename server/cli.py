@@ -353,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as error:
         print(f"lln-serve {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except (OSError, ValueError, RuntimeError) as error:  # bad input found deep down
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(f"lln-serve {args.command}: error: {type(error).__name__}: {first_line}",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

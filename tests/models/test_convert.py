@@ -247,3 +247,53 @@ def test_cli_distill(llama_dir, tmp_path):
             "distill", "--model", str(distilled), "--out", str(tmp_path / "z"), "--device", "cuda"
         )
         assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr
+
+
+@pytest.fixture
+def no_tokenizer_dir(tmp_path):
+    path = tmp_path / "weights-only"
+    LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path, char_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=29, n_embd=16, n_layer=1, n_head=2))
+    return save_source(tmp_path / "gpt2", model, char_tokenizer)
+
+
+def test_every_verb_answers_bad_input_with_one_line(llama_dir, no_tokenizer_dir, gpt2_dir,
+                                                    tmp_path, capsys):  # fmt: skip
+    """In process (fast): exit 1 (bad input found while working) or 2 (bad flags), one line
+    on stderr that names the problem, never a traceback."""
+    from server.cli import main
+
+    path, missing, out = str(llama_dir[0]), str(tmp_path / "missing"), str(tmp_path / "o")
+    cases = [
+        (["convert", str(no_tokenizer_dir), out], "no tokenizer"),
+        (["convert", str(gpt2_dir), out], "gpt2"),
+        (["convert", missing, out], "cannot load"),
+        (["convert", path, out, "--local-size", "0"], "must be >= 1"),
+        (["generate", "--model", missing, "--prompt", "hi"], "cannot load"),
+        (["generate", "--model", path, "--prompt", "hi", "--top-p", "2"], "top-p"),
+        (["distill", "--model", missing, "--out", out], "cannot load"),
+        (["distill", "--model", path, "--out", out, "--text", missing], "not found"),
+        (["distill", "--model", path, "--out", out, "--steps-per-layer", "0"], "must be >= 1"),
+        (["analyze", "--model", missing, "--out", out], "cannot load"),
+        (["analyze", "--model", path, "--out", out, "--text", missing], "not found"),
+        (["serve", "--port", "70000"], "port"),
+        (["serve", "--max-model-len", "100", "--default-max-tokens", "500"], "max_model_len"),
+        (["serve", "--dtype", "float8"], "dtype"),
+    ]
+    for args, expected in cases:
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code in (1, 2), (args, code, err)
+        last = err.strip().splitlines()[-1]  # after argparse's usage, if any
+        assert "Traceback" not in err and expected.lower() in last.lower(), (args, err)
+        assert last.startswith("lln-serve") and "error" in last, (args, err)

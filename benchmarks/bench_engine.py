@@ -12,6 +12,10 @@
    64 slots), measured while all 64 decode, next to the KV cache a softmax model of the same
    shape would hold. On CUDA: the GPU memory allocated by torch (peak) instead of RSS, and
    results in bench_engine_cuda.md / .png.
+
+`--guided` measures instead what structured outputs cost per decode step (the llguidance mask
+and token bookkeeping), 1 and 16 sequences under a JSON schema next to the same number
+unconstrained, in one run: bench_engine_guided.md.
 """
 
 from __future__ import annotations
@@ -68,6 +72,76 @@ def decode_throughput(engine: LLMEngine, concurrency: int, tag: str = "") -> flo
     while engine.has_unfinished():
         tokens += sum(len(o.token_ids) for o in engine.step())
     return tokens / (time.perf_counter() - start)
+
+
+GUIDED_SCHEMA = {  # long enough outputs to time many constrained steps
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "minLength": 40, "maxLength": 200},
+        "year": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 3},
+    },
+    "required": ["title", "year", "tags"],
+}
+
+
+def guided_step_cost(engine: LLMEngine, concurrency: int, guided: bool) -> dict:
+    """ms per decode step of `concurrency` sequences (seeded sampling, 24 tokens each), and
+    the part spent computing structured-output masks."""
+    from server.request import GuidedSpec
+
+    spec = GuidedSpec.json_schema(GUIDED_SCHEMA) if guided else None
+    for i in range(concurrency):
+        params = SamplingParams(temperature=1.0, seed=i, max_tokens=24, guided=spec)
+        engine.add_request(f"g{guided}{concurrency}-{i}", random_prompt(16, i), params)
+    while any(not r.is_prefill_done for r in [*engine.scheduler.waiting,
+                                              *engine.scheduler.running]):  # fmt: skip
+        engine.step()
+    masks, allowed = [], engine.guided.allowed
+
+    def timed(*args):
+        began = time.perf_counter()
+        result = allowed(*args)
+        masks.append(time.perf_counter() - began)
+        return result
+
+    engine.guided.allowed = timed
+    steps = []
+    try:
+        while engine.has_unfinished():
+            began = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - began)
+    finally:
+        engine.guided.allowed = allowed
+    return {"step": statistics.median(steps) * 1e3, "mask": statistics.median(masks) * 1e3}
+
+
+def guided_report(engine: LLMEngine, out: Path) -> str:
+    for guided in (False, True):  # warm-up: compiles, builds the llguidance tokenizer
+        guided_step_cost(engine, 2, guided)
+    rows = []
+    for n in (1, 16):
+        plain, constrained = (guided_step_cost(engine, n, g) for g in (False, True))
+        rows.append(
+            f"| {n} | {plain['step']:.1f} | {constrained['step']:.1f} | "
+            f"{constrained['step'] / plain['step']:.3f} | {constrained['mask']:.2f} |"
+        )
+    text = "\n".join([
+        f"# Structured-output cost per decode step, {DEFAULT_MODEL}, CPU float32, "
+        f"{torch.get_num_threads()} threads",
+        "",
+        f"`.venv/bin/python benchmarks/bench_engine.py --guided` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC; medians over the decode steps of 24 tokens "
+        "per sequence, seeded sampling, a JSON schema (llguidance) against none.",
+        "",
+        "| sequences | step ms, free | step ms, JSON schema | ratio | mask ms (all rows) |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]) + "\n"  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_engine_guided.md").write_text(text)
+    return text
 
 
 def latency_under_long_prefill(engine: LLMEngine, long_prompt: int) -> dict:
@@ -208,7 +282,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, smoke test")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--guided", action="store_true", help="structured-output cost only")
     args = parser.parse_args()
+    if args.guided:
+        print(guided_report(make_engine(16, args.device), args.out))
+        return
     counts = [1, 4] if args.quick else [1, 4, 16, 64]
     if args.device.startswith("cuda") and not args.quick:
         counts.append(256)

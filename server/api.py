@@ -165,9 +165,18 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _invalid(errors: list) -> JSONResponse:
-    first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # a field that takes several types fails once per type: report the failure of the type
+    # the value had (a too-long list), not "should be a string"
+    ranked = sorted(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))
+    first = ranked[0] if ranked else {}
+    loc = [
+        str(x) for x in first.get("loc", ())
+        if x != "body" and not (isinstance(x, str) and ("[" in x or x in _UNION_TAGS))
+    ]  # fmt: skip
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
     if param:
@@ -239,6 +248,8 @@ async def _parse(request: Request, state: ServerState, schema):
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise APIError(400, f"malformed JSON body: {error}", "invalid_request_error") from None
+    except RecursionError:
+        raise APIError(400, "the JSON body is nested too deeply", "invalid_request_error") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", "invalid_request_error")
     refused = unsupported_field(data)

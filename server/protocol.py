@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +28,7 @@ UNSUPPORTED = {
     "best_of": "best_of is not supported (use n)",
 }
 ASKS_NOTHING = (None, [], "none", False, ["text"])
+MAX_STOP = 64  # stop strings (and stop token ids) per request; each is checked on every token
 
 
 def unsupported_field(data: dict) -> tuple[str, str] | None:
@@ -81,8 +82,8 @@ class _SamplingFields(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP)] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
@@ -98,6 +99,7 @@ class _SamplingFields(_Request):
     tool_choice: Literal["none"] | None = None  # anything else is refused (UNSUPPORTED)
     tools: list | None = None  # only an empty list passes
     session_id: str | None = Field(
+        max_length=256,
         default=None,
         description="lln-serve extension: continue the saved state of this session "
         "(send only the new text), and save the state after this request under it.",

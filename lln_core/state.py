@@ -154,6 +154,17 @@ class SparseKV(BatchedState):
     def size(self) -> int:
         return self.pos.shape[1]
 
+    def write_step_(self, index: Tensor, source: BatchedState) -> None:
+        """Rows `index` take `source`'s rows after one decode token: pairs keep their slots,
+        so only the slot whose position changed (at most one per row) is copied."""
+        changed = self.pos.index_select(0, index) != source.pos  # [n, G]
+        rows = changed.any(dim=1).nonzero().flatten()
+        slot = changed.to(torch.float32).argmax(dim=1)[rows]
+        self.k[index[rows], :, slot] = source.k[rows, :, slot].to(self.k.dtype)
+        self.v[index[rows], :, slot] = source.v[rows, :, slot].to(self.v.dtype)
+        self.pos.index_copy_(0, index, source.pos)
+        self.score.index_copy_(0, index, source.score.to(self.score.dtype))
+
     @classmethod
     def empty(
         cls,
@@ -227,7 +238,7 @@ class LLNState(BatchedState):
             dst.index_copy_(0, index, src.to(dst.dtype))
         self.local.write_token_(index, source.local, source.num_tokens - 1)
         if self.sparse is not None:
-            self.sparse.index_copy_(index, source.sparse)
+            self.sparse.write_step_(index, source.sparse)
 
 
 @dataclass

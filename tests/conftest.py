@@ -46,6 +46,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def char_tokenizer() -> PreTrainedTokenizerFast:
+    return make_char_tokenizer()
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
     """A real fast tokenizer over characters (no hub, no files)."""
     vocab = {"[UNK]": 0, "</s>": 1, " ": 2, **{chr(97 + i): 3 + i for i in range(26)}}
     tokenizer = Tokenizer(token_models.WordLevel(vocab, unk_token="[UNK]"))

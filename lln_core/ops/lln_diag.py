@@ -174,18 +174,23 @@ def lln_diag_step(
     logits, cache, old_k, old_v = local_softmax_step(
         p.qg[:, :, :, 0], p.k, p.v, p.state.local, plan, scale=p.scale
     )
-    sparse, values = p.state.sparse, cache.v.to(logits.dtype)
+    sparse = p.state.sparse
+    logits, values = [logits], [cache.v.to(logits.dtype)]
     if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
         sp = sparse_plan or leaving_plan(
             sparse, p.state.num_tokens, 1, window=local.size, num_sinks=local.num_sinks,
             evict_score=evict_score,
         )  # fmt: skip
-        (cand_k, cand_v), (old_k, old_v), sparse = _through_cache(sparse, sp, old_k, old_v)
+        leaving_k, leaving_v = old_k, old_v
+        cache_k, cache_v = sparse.k.to(old_k.dtype), sparse.v.to(old_v.dtype)
+        old_k, old_v = _merged_step(cache_k, cache_v, leaving_k, leaving_v, sp.merged)
         evicted_bias = torch.where(sp.merged_valid, 0.0, float("-inf")).to(old_k.dtype)[:, None]
-        sparse_logits = (p.qg[:, :, :, 0] * p.scale) @ cand_k.transpose(-1, -2)
-        sparse_logits = sparse_logits.masked_fill(~sp.visible[:, :, None], float("-inf"))
-        logits = torch.cat([logits, sparse_logits], dim=-1)
-        values = torch.cat([values, cand_v], dim=2)
+        hidden = ~sp.visible[:, :, None]
+        for keys, vals, seen in ((cache_k, cache_v, hidden[..., :-1]),
+                                 (leaving_k, leaving_v, hidden[..., -1:])):  # fmt: skip
+            part = (p.qg[:, :, :, 0] * p.scale) @ keys.transpose(-1, -2)
+            logits.append(part.masked_fill(seen, float("-inf")))
+            values.append(vals)
     else:
         evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
@@ -197,21 +202,69 @@ def lln_diag_step(
         log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
         y = _joint_step(lln, logits, values, log_weight)
     else:
-        y_local = torch.softmax(logits, dim=-1) @ values
+        y_local = torch.softmax(logits[0], dim=-1) @ values[0]
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
+    if sparse is not None:  # after every read of the old cache: it may be written in place
+        sparse = _cache_after_step(sparse, sp, leaving_k, leaving_v, in_place=plan.in_place)
     new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
                          plan.num_tokens, cache, sparse)  # fmt: skip
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
 
 
-def _joint_step(lln: LLNParts, logits: Tensor, values: Tensor, log_weight: Tensor) -> Tensor:
-    """One softmax over the local slots and one pseudo-slot for the LLN part: its logit is the
-    log of its total (weighted) mass, its value the LLN output. logits [B, Hkv, G, L], values
-    [B, Hkv, L, Dv], log_weight [1, Hkv, G] -> [B, Hkv, G, Dv]."""
+def _joint_step(
+    lln: LLNParts, logits: list[Tensor], values: list[Tensor], log_weight: Tensor
+) -> Tensor:
+    """One softmax over the exact slots and one pseudo-slot for the LLN part: its logit is the
+    log of its total (weighted) mass, its value the LLN output. The slots come in parts (the
+    window, the sparse cache, the leaving key), logits [B, Hkv, G, L_i] and values [B, Hkv,
+    L_i, Dv], so that no part is copied to join the others; log_weight [1, Hkv, G] -> [B, Hkv,
+    G, Dv]."""
     lln_logit = torch.log(lln.den) + lln.log_scale + log_weight  # -inf when no key is old yet
-    weights = torch.softmax(torch.cat([logits, lln_logit[..., None]], dim=-1), dim=-1)
+    weights = torch.softmax(torch.cat([*logits, lln_logit[..., None]], dim=-1), dim=-1)
     lln_value = lln.num / lln.den.clamp_min(TINY)[..., None]
-    return weights[..., :-1] @ values + weights[..., -1:] * lln_value
+    y = weights[..., -1:] * lln_value
+    start = 0
+    for part, vals in zip(logits, values, strict=True):
+        y = y + weights[..., start : start + part.shape[-1]] @ vals
+        start += part.shape[-1]
+    return y
+
+
+def _merged_step(
+    cache_k: Tensor, cache_v: Tensor, leaving_k: Tensor, leaving_v: Tensor, merged: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A decode step's key and value merged into the LLN state: candidate merged [B, 1] of
+    the cache [B, Hkv, G, D] then the leaving pair [B, Hkv, 1, D] (read, not copied)."""
+    size = cache_k.shape[2]
+    index = merged.clamp(max=size - 1)[:, None, :, None]
+    from_cache = (merged < size)[:, None, :, None]
+    pick = lambda cache, leaving: torch.where(  # noqa: E731
+        from_cache, cache.gather(2, index.expand(-1, cache.shape[1], -1, cache.shape[-1])), leaving
+    )
+    return pick(cache_k, leaving_k), pick(cache_v, leaving_v)
+
+
+def _cache_after_step(
+    sparse: SparseKV, plan: SparsePlan, leaving_k: Tensor, leaving_v: Tensor, *, in_place: bool
+) -> SparseKV:
+    """The cache after a decode step: cached pairs keep their slots (`sparse_plan`), so at
+    most one slot changes, to the leaving pair; written in place when the caller gives the old
+    cache up, else in a copy."""
+    entering = plan.keep == sparse.size  # [B, G]: candidate G is the leaving key
+    if in_place:
+        rows = torch.arange(entering.shape[0], device=entering.device)
+        slot, has = entering.to(torch.float32).argmax(dim=1), entering.any(dim=1)[:, None, None]
+        for cache, new in ((sparse.k, leaving_k), (sparse.v, leaving_v)):
+            current = cache[rows, :, slot]
+            cache[rows, :, slot] = torch.where(has, new[:, :, 0].to(cache.dtype), current)
+        return SparseKV(sparse.k, sparse.v, plan.pos, plan.score)
+    where = entering[:, None, :, None]
+    return SparseKV(
+        torch.where(where, leaving_k.to(sparse.k.dtype), sparse.k),
+        torch.where(where, leaving_v.to(sparse.v.dtype), sparse.v),
+        plan.pos,
+        plan.score,
+    )
 
 
 def naive_lln_diag_attention(

@@ -152,15 +152,16 @@ def test_session_errors_are_reported_not_silent(model, char_tokenizer):
 
 def test_n_choices_fork_the_state_and_match_single_seeded_runs(model, char_tokenizer):
     params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
-    engine = make_engine(model, char_tokenizer, max_num_seqs=2)  # a fork must wait for a slot
-    prompt = [4, 5, 6, 7, 8, 9]
-    forked = run_all(engine, {0: [("f", prompt, params)]})["tokens"]
-    assert engine.num_prefill_tokens == len(prompt)  # prefilled once for the three choices
+    # n may not exceed the slots, but a busy slot makes a fork wait for one
+    engine = make_engine(model, char_tokenizer, max_num_seqs=3)
+    prompt, busy = [4, 5, 6, 7, 8, 9], SamplingParams(max_tokens=12, ignore_eos=True)
+    forked = run_all(engine, {0: [("busy", [3, 3], busy), ("f", prompt, params)]})["tokens"]
+    assert engine.num_prefill_tokens == len(prompt) + 2  # prefilled once for the three choices
     for index in range(3):
         single = SamplingParams(temperature=1.0, seed=11 + index, max_tokens=6, ignore_eos=True)
         alone = run_all(make_engine(model, char_tokenizer), {0: [("s", prompt, single)]})
         assert forked["f", index] == alone["tokens"]["s", 0]
-    assert engine.pool.num_free == 2
+    assert engine.pool.num_free == 3
 
 
 def test_prompt_logprobs_equal_log_softmax_of_the_model(model, char_tokenizer):

@@ -6,7 +6,8 @@ Llama with a KV cache, all in one run.
 
 The LLN models decode through compiled layers (`compile_decode`, the server's path); the
 column "lln_diag, eager decode" runs the same steps uncompiled. Decode at context L: the state
-(or KV cache) after a real prefill of L tokens, then single-token steps timed round-robin over
+(or KV cache) after a real prefill of L tokens, then single-token steps (LLN: in place, as the
+server's slot pool runs them) timed round-robin over
 all models and contexts (machine noise hits all alike); at 1M, a synthetic LLN state (a real
 state relabelled as 1M tokens: the step's cost and the state's size do not depend on its
 content). LLN prefill runs in chunks of 4,096 tokens carrying the state, as the engine
@@ -103,8 +104,12 @@ def prefill_once(model, name: str, context: int) -> tuple[float, int, Callable[[
 
 
 def lln_step(model: LLNForCausalLM, states, token) -> Callable[[], None]:
+    """A decode step as the server's slot pool runs it: in place, on its own copy of the
+    states (the context grows by the few dozen timed steps, nothing at these lengths)."""
+    held = [s.clone() for s in states]
+
     def step() -> None:
-        model.forward_states(token, states)  # states are not mutated: the context stays L
+        _, held[:] = model.forward_states(token, held, in_place=True)
 
     step.states, step.token = states, token
     return step

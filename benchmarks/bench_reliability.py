@@ -3,7 +3,7 @@ model, in one run:
 
     .venv/bin/python benchmarks/bench_reliability.py [--requests 2000] [--out benchmarks/results]
 
-1. Soak: --requests mixed requests (completions and chat, streamed or not, prompts of 1-300
+1. Soak: --requests mixed requests (completions and chat, streamed or not, prompts of 1-60
    words, max_tokens 1-24, 10% of clients dropping mid-request), 16 at a time, with the
    server's RSS sampled every second: it must be flat once the caches have filled.
 2. Storm: 200 streaming clients that drop after their first chunk; then the slots must all be
@@ -92,7 +92,7 @@ def gauge(url: str, name: str) -> float:
 
 
 def random_request(rng: random.Random) -> tuple[str, dict]:
-    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 300)))
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60)))
     fields = {"model": DEFAULT_MODEL, "max_tokens": rng.randint(1, 24),
               "stream": rng.random() < 0.5, "temperature": rng.choice([0.0, 0.8])}  # fmt: skip
     if rng.random() < 0.5:

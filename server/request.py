@@ -100,7 +100,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             self._set(name, _check_float(name, getattr(self, name), -2.0, 2.0))
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            _check_int("seed", self.seed, -(2**63), 2**63 - 1)  # a 64-bit integer
         self._set("stop", _check_stop(self.stop))
         self._set("stop_token_ids", _check_token_ids("stop_token_ids", self.stop_token_ids))
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):

@@ -67,7 +67,7 @@ class Sampler:
 
     def make_generator(self, seed: int) -> torch.Generator:
         """The per-request generator for `seed`: create it once, pass it at every step."""
-        return torch.Generator(self.device).manual_seed(seed)
+        return torch.Generator(self.device).manual_seed(seed % 2**64)  # n > 1: seed + index
 
     def __call__(
         self,

@@ -47,9 +47,10 @@ class _Model(BaseModel):
 
 class _Request(BaseModel):
     """Request bodies refuse fields they do not know: nothing a client asks for is silently
-    ignored (the fields in UNSUPPORTED get a message of their own first)."""
+    ignored (the fields in UNSUPPORTED get a message of their own first). Types are JSON's,
+    strictly: "yes" is not a boolean nor "5" a number (integers are accepted as numbers)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class JSONSchemaFormat(_Request):

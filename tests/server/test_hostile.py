@@ -40,6 +40,9 @@ def make_state() -> ServerState:
 
 STATE = make_state()
 APP = build_app(STATE)
+# Building a model turns on flush-to-zero for speed (`enable_flush_denormal`); hypothesis
+# refuses to generate floats under it, so it is off while this module's examples are made.
+torch.set_flush_denormal(False)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
@@ -48,6 +51,13 @@ def running_engine():
     STATE.engine.start()
     yield
     STATE.engine.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_flush_to_zero():
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(True)
 
 
 @schema.parametrize()
@@ -99,7 +109,7 @@ HOSTILE = {
     "invalid utf-8": b'{"model": "tiny", "prompt": "\xff\xfe\xfa"}',
     "not json": b"{model: tiny",
     "a json list": b"[1, 2, 3]",
-    "deep nesting": ("[" * 100_000 + "]" * 100_000).encode(),
+    "deep nesting": ("[" * 8000 + "]" * 8000).encode(),  # under the body limit
     "deep nesting in a field": completion(prompt=None)[:-1].replace("null", "[" * 5000 + "]" * 5000)
     + "}",
     "token id out of range": completion(prompt=[1, 2, VOCAB + 5]),

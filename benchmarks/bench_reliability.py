@@ -57,6 +57,7 @@ WORDS = [
     "city",
     "winter",
 ]
+LIMITS = httpx.Limits(max_connections=1000)  # every client on its own connection, at once
 GREEDY_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
 
@@ -145,7 +146,7 @@ async def soak(url: str, pid: int, total: int, seed: int) -> dict:
             await asyncio.sleep(1.0)
 
     done = asyncio.Event()
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as client:
         watcher = asyncio.create_task(sampler(done))
         await asyncio.gather(*(worker(client) for _ in range(16)))
         done.set()
@@ -165,7 +166,7 @@ async def storm(url: str) -> dict:
         except httpx.HTTPError as error:
             return type(error).__name__
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as client:
         results = await asyncio.gather(*(drop_after_first_chunk(client) for _ in range(200)))
     began = time.monotonic()
     while gauge(url, "lln:num_requests_running") > 0 and time.monotonic() - began < 120:
@@ -177,7 +178,7 @@ async def storm(url: str) -> dict:
 
 async def overload(url: str) -> dict:
     body = {"model": DEFAULT_MODEL, "prompt": "Count to ten:", "max_tokens": 16}
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as client:
         responses = await asyncio.gather(
             *(client.post("/v1/completions", json=body) for _ in range(10 * (SLOTS + QUEUE)))
         )

@@ -2,10 +2,10 @@
 grammar, compiled by llguidance into one matcher per sequence whose token mask is applied to
 that sequence's logits before sampling.
 
-llguidance (Microsoft's; a backend of vLLM and llama.cpp) was chosen over xgrammar because it
-has no dependencies (xgrammar pulls triton and a TVM runtime into a CPU server) and computes a
-mask in tens of microseconds per step with no precompilation per tokenizer beyond ~1 s once;
-the overhead per decode step is measured in `benchmarks/bench_engine.py`.
+llguidance (a backend of vLLM and llama.cpp) was chosen over xgrammar because it has no
+dependencies (xgrammar pulls triton and a TVM runtime into a CPU server) and needs no
+precompilation per tokenizer beyond building its tokenizer once; the masks of a JSON schema
+cost 0.27 ms per decode step at 1 sequence and 2 ms at 16 (`bench_engine.py --guided`).
 """
 
 from __future__ import annotations

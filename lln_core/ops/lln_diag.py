@@ -238,9 +238,11 @@ def _merged_step(
     size = cache_k.shape[2]
     index = merged.clamp(max=size - 1)[:, None, :, None]
     from_cache = (merged < size)[:, None, :, None]
-    pick = lambda cache, leaving: torch.where(  # noqa: E731
-        from_cache, cache.gather(2, index.expand(-1, cache.shape[1], -1, cache.shape[-1])), leaving
-    )
+
+    def pick(cache: Tensor, leaving: Tensor) -> Tensor:
+        row = cache.gather(2, index.expand(-1, cache.shape[1], -1, cache.shape[-1]))
+        return torch.where(from_cache, row, leaving)
+
     return pick(cache_k, leaving_k), pick(cache_v, leaving_v)
 
 

@@ -201,6 +201,11 @@ def greedy(url: str) -> list[str]:
     return out
 
 
+def outcomes(statuses: dict) -> str:
+    """{status or outcome: count} as text (keys are status codes and words)."""
+    return ", ".join(f"{key}: {count}" for key, count in sorted(statuses.items(), key=str))
+
+
 def report(results: dict, args, out: Path) -> str:
     samples = results["soak"]["samples"]
     rss = [r for _, r in samples]
@@ -212,11 +217,11 @@ def report(results: dict, args, out: Path) -> str:
         f"{time.strftime('%Y-%m-%d %H:%M')} UTC.",
         "",
         f"- Soak: {args.requests} mixed requests in {results['soak']['seconds']:.0f} s, 16 "
-        f"clients; outcomes {json.dumps(results['soak']['statuses'], sort_keys=True)}. RSS "
+        f"clients; outcomes {outcomes(results['soak']['statuses'])}. RSS "
         f"{rss[0]:.0f} MiB at start, {min(settled):.0f}-{max(settled):.0f} MiB over the last "
         f"three quarters (max / min = {max(settled) / min(settled):.3f}).",
         f"- Storm: 200 streaming clients dropping after their first chunk: "
-        f"{json.dumps(results['storm']['statuses'], sort_keys=True)}; sequences running "
+        f"{outcomes(results['storm']['statuses'])}; sequences running "
         f"afterwards {results['storm']['running_after']:.0f} (free after "
         f"{results['storm']['seconds_to_free']:.1f} s).",
         f"- Overload: {json.dumps(results['overload'], sort_keys=True)}.",

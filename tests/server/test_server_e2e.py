@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -109,6 +110,30 @@ def test_sdk_logprobs_stop_n_and_seed(client):
     assert chat.choices[0].message.role == "assistant"
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+
+def test_structured_output_through_the_sdk(client):
+    """response_format json_schema on the real model: n sampled answers all parse and validate;
+    tools are refused with a 400, not ignored."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30},
+                       "population": {"type": "integer", "minimum": 0}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL, n=3, temperature=0.8, seed=1, max_tokens=60,
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )  # fmt: skip
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    with pytest.raises(openai.BadRequestError, match="tool"):
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )  # fmt: skip
 
 
 def test_sdk_sees_openai_errors(client):

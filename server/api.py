@@ -548,7 +548,10 @@ async def _completion_events(body, request_id, first, choices, prompts, echo, to
 
 async def _chat(request: Request, state: ServerState, body: ChatCompletionRequest):
     tokenizer = state.engine.engine.tokenizer
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [  # a participant's name goes to the template, which may use it
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+        for m in body.messages
+    ]
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except Exception as error:  # the template refuses some conversations (e.g. role order)

@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import matplotlib
+from bench_serving import start_server  # benchmarks/, the script's folder
 
 from models.registry import DEFAULT_MODEL
 
@@ -59,25 +57,6 @@ WORDS = [
 ]
 LIMITS = httpx.Limits(max_connections=1000)  # every client on its own connection, at once
 GREEDY_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-
-
-def start_server(port: int) -> subprocess.Popen:
-    env = {**os.environ, "LLN_SERVE_PORT": str(port), "LLN_SERVE_MAX_NUM_SEQS": str(SLOTS),
-           "LLN_SERVE_MAX_WAITING": str(QUEUE)}  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError("the server exited")
-        time.sleep(1)
-    server.kill()
-    raise RuntimeError("the server did not become healthy")
 
 
 def rss_mib(pid: int) -> float:
@@ -251,7 +230,8 @@ def main() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port)
+    server = start_server(port, SLOTS, LLN_SERVE_MAX_WAITING=str(QUEUE),
+                          LLN_SERVE_PREFIX_CACHE_MB="256")  # fmt: skip
     try:
         before = greedy(url)
         results = {"soak": asyncio.run(soak(url, server.pid, args.requests, args.seed))}

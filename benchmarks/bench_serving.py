@@ -86,9 +86,10 @@ def offline_level(engine: LLMEngine, concurrency: int, args) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - start}
 
 
-def start_server(port: int, max_num_seqs: int) -> subprocess.Popen:
+def start_server(port: int, max_num_seqs: int, **settings: str) -> subprocess.Popen:
+    """`lln-serve serve` as a process, once healthy; settings: more LLN_SERVE_* variables."""
     env = {**os.environ, "LLN_SERVE_PORT": str(port), "LLN_SERVE_MAX_NUM_SEQS": str(max_num_seqs),
-           "LLN_SERVE_PREFIX_CACHE_MB": "0"}  # fmt: skip
+           "LLN_SERVE_PREFIX_CACHE_MB": "0", **settings}  # fmt: skip
     server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 900

@@ -253,6 +253,10 @@ def _add_playground(app: FastAPI) -> None:
     async def playground():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=headers)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it whatever the page links
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 

@@ -45,6 +45,7 @@ def test_the_page_and_its_assets_are_served():
         assert f"/static/{asset}" in page.text
         response = client.get(f"/static/{asset}")
         assert response.status_code == 200 and kind in response.headers["content-type"]
+    assert client.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
     missing = client.get("/static/nothing.js")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     assert "/" not in client.get("/openapi.json").json()["paths"]
@@ -59,7 +60,7 @@ def test_the_page_loads_nothing_from_elsewhere():
 
 def test_no_ui_serves_no_page():
     client = TestClient(build_app(ServerState(model_names=["m"], ui=False)))
-    for path in ("/", "/static/app.js", "/static/style.css"):
+    for path in ("/", "/static/app.js", "/static/style.css", "/favicon.ico"):
         response = client.get(path)
         assert response.status_code == 404 and response.json()["error"]["code"] == 404
     assert client.get("/health").status_code == 503  # the API is still there (loading)

@@ -625,14 +625,12 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
         for m in body.messages
     ]
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as error:  # the template refuses some conversations (e.g. role order)
-        raise APIError(
-            400, f"chat template: {error}", "invalid_request_error", "messages"
-        ) from None
-    if hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
+    session = (
+        None if body.session_id is None else state.engine.engine.sessions.peek(body.session_id)
+    )
+    ids = (session and _continuation_ids(tokenizer, messages, session.pending)) or _chat_ids(
+        tokenizer, messages
+    )
     top = body.top_logprobs
     if top is not None and not 0 <= top <= 20:
         raise APIError(400, "top_logprobs must be between 0 and 20", "invalid_request_error",
@@ -654,6 +652,43 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     return await _until_disconnect(
         request, _chat_full(body, request_id, stream, choices, tokenizer)
     )
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as error:  # the template refuses some conversations (e.g. role order)
+        raise APIError(
+            400, f"chat template: {error}", "invalid_request_error", "messages"
+        ) from None
+    return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+
+
+# a finished exchange that a continued session's new messages are rendered after
+_ANSWER = "lln-serve-earlier-answer"
+_EARLIER = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _ANSWER}]
+
+
+def _continuation_ids(tokenizer, messages: list[dict], pending: list[int]) -> list[int] | None:
+    """The new messages of a continued chat session as the template renders them after an
+    earlier answer: the rest of that answer's closing (what follows its last token, often
+    end-of-turn), then the new turns, without the template's opening (such as a default system
+    prompt) again. None where the template does not render that way: then plainly."""
+    try:
+        before = tokenizer.apply_chat_template(_EARLIER, tokenize=False)
+        after = tokenizer.apply_chat_template(
+            [*_EARLIER, *messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # e.g. a template that refuses a system message here
+        return None
+    if not isinstance(before, str) or not isinstance(after, str) or not after.startswith(before):
+        return None
+    closing = before[before.rindex(_ANSWER) + len(_ANSWER) :]
+    last = tokenizer.decode(pending)  # the state's last token, usually the end of the turn
+    if last and closing.startswith(last):
+        closing = closing[len(last) :]
+    text = closing + after[len(before) :]
+    return tokenizer(text, add_special_tokens=False).input_ids or None
 
 
 async def _chat_full(body, request_id, stream, choices, tokenizer):

@@ -130,3 +130,35 @@ def test_state_info_errors_are_openai_errors(keyed):
     assert too_long.status_code == 400 and "session_id" in too_long.json()["error"]["message"]
     loading = TestClient(build_app(ServerState(model_names=["m"])))
     assert loading.get("/v1/state_info").status_code == 503
+
+
+OPENING = (
+    "{% if messages[0]['role'] != 'system' %}sys {% endif %}{% for m in messages %}"
+    "{{ m['role'][0] }} {{ m['content'] }} e {% endfor %}"
+    "{% if add_generation_prompt %}a {% endif %}"
+)
+
+
+def test_a_continued_chat_session_does_not_repeat_the_templates_opening(model):  # noqa: F811
+    """The playground's session mode sends only the new message: the template's default
+    opening (a system prompt here: "sys ") is not rendered again inside the conversation, and
+    the earlier answer's turn is closed first (" e ")."""
+    from tests.conftest import make_char_tokenizer
+
+    chat_tokenizer = make_char_tokenizer()
+    chat_tokenizer.chat_template = OPENING
+    client, state = make_client(model, chat_tokenizer)
+    body = {"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "session_id": "c"}  # fmt: skip
+
+    def say(text: str) -> dict:
+        messages = [{"role": "user", "content": text}]
+        return client.post("/v1/chat/completions", json={**body, "messages": messages}).json()
+
+    with client:
+        first, second = say("hi")["usage"], say("there")["usage"]
+    state.engine.shutdown()
+    assert first["prompt_tokens"] == len("sys u hi e a ")
+    # the last answer's final token (not yet in the state), then the continuation
+    assert second["prompt_tokens"] == 1 + len(" e u there e a ")
+    assert second["prompt_tokens_details"]["cached_tokens"] == len("sys u hi e a ") + 4 - 1

@@ -180,6 +180,21 @@ def test_a_session_prefills_only_new_text_and_the_state_stays_flat(page, base_ur
     assert kv[0] < kv[1] < kv[2]  # grows
 
 
+def test_raw_completion_without_a_session_charts_each_prompt(page, base_url):
+    page.find_element("css selector", "input[name='mode'][value='completion']").click()
+    page.find_element("id", "session").click()  # off: every request stands alone
+    try:
+        answer = _send(page, "abc")
+        assert len(answer) >= 1 and _text(page, "context") == f"{3 + 12} tokens"
+        assert _text(page, "cached") == "0" and _text(page, "prefilled") == "3"
+        kv = page.find_element("css selector", "#chart circle[data-series='kv']")
+        info = httpx.get(f"{base_url}/v1/state_info", headers={"Authorization": f"Bearer {KEY}"})
+        assert int(kv.get_attribute("data-bytes")) == 15 * info.json()["kv_cache_bytes_per_token"]
+    finally:
+        page.find_element("id", "session").click()
+        page.find_element("css selector", "input[name='mode'][value='chat']").click()
+
+
 def test_the_page_asks_for_the_key_and_shows_nothing_without_it(driver, base_url):
     driver.execute_script("sessionStorage.clear()")
     driver.get(base_url)

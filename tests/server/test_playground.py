@@ -162,3 +162,13 @@ def test_a_continued_chat_session_does_not_repeat_the_templates_opening(model): 
     # the last answer's final token (not yet in the state), then the continuation
     assert second["prompt_tokens"] == 1 + len(" e u there e a ")
     assert second["prompt_tokens_details"]["cached_tokens"] == len("sys u hi e a ") + 4 - 1
+
+
+def test_no_ui_reaches_the_server_config(monkeypatch):
+    import server.serve
+    from server.cli import main
+
+    seen = []
+    monkeypatch.setattr(server.serve, "serve", lambda engine, http: seen.append(http) or 0)
+    assert main(["serve"]) == 0 and main(["serve", "--no-ui"]) == 0
+    assert [config.ui for config in seen] == [True, False]

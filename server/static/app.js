@@ -139,7 +139,10 @@ function chatMessages(text) {
 
 async function send(text) {
   if (!app.model) await connect();
-  if (!app.model) return;
+  if (!app.model) {
+    addMessage("error", `not sent: ${$("model-name").textContent}`);
+    return;
+  }
   const chat = mode() === "chat";
   const body = { model: app.model, ...sampling() };
   const turn = chat ? chatMessages(text) : null;
@@ -168,7 +171,9 @@ async function send(text) {
     setRunning(null);
   }
   if (chat) app.history.push(...turn.added, { role: "assistant", content: result.text });
-  await recordTurn(result.usage, timing, answer);
+  await recordTurn(result.usage, timing, answer).catch((error) => {
+    meta(answer, `figures unavailable: ${error.message}`);
+  });
 }
 
 async function readStream(response, answer, timing, chat) {

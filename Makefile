@@ -30,13 +30,19 @@ format: install
 test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# promtool (Debian's prometheus package) checks the /metrics output in the end-to-end tests
+# promtool (Debian's prometheus package) checks the /metrics output in the end-to-end tests;
+# chromium and chromium-driver run the playground's browser tests (they skip, saying so, without)
 tools:
 	@command -v promtool >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 				|| echo "could not install prometheus (promtool): its tests will say so" >&2; \
 		else echo "promtool missing: install Debian's prometheus package" >&2; fi; }
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
+				|| echo "could not install chromium (browser tests of the playground will skip)" >&2; \
+		else echo "chromium missing: install Debian's chromium and chromium-driver (the playground's browser tests skip without them)" >&2; fi; }
 
 bench-model: install
 	$(PY) benchmarks/bench_model.py

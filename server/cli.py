@@ -47,6 +47,10 @@ SERVE_OPTIONS = [
 ]
 
 
+NO_UI_ENV = "LLN_SERVE_NO_UI"
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _add_serve(parser: argparse.ArgumentParser) -> None:
     import os
 
@@ -54,6 +58,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         env = "LLN_SERVE_" + flag[2:].upper().replace("-", "_")
         value = os.environ.get(env, default)
         parser.add_argument(flag, type=kind, default=value, help=f"{text} [env {env}]")
+    # a switch: the flag sets it, the environment variable takes 1/0 (checked in run_serve)
+    parser.add_argument(
+        "--no-ui", action="store_const", const="1", default=os.environ.get(NO_UI_ENV, "0"),
+        help=f"do not serve the web playground at / (it answers 404) [env {NO_UI_ENV}=1]",
+    )  # fmt: skip
 
 
 def _add_analyze(parser: argparse.ArgumentParser) -> None:
@@ -317,6 +326,9 @@ def run_serve(args: argparse.Namespace) -> int:
             max_model_len=int(args.max_model_len),
             default_max_tokens=int(args.default_max_tokens),
         )
+        no_ui = SWITCH_VALUES.get(str(args.no_ui).strip().lower())
+        if no_ui is None:
+            raise ValueError(f"{NO_UI_ENV} must be 1 or 0, got {args.no_ui!r}")
         origins = tuple(o.strip() for o in str(args.cors_origins).split(",") if o.strip())
         server_config = ServerConfig(
             host=args.host,
@@ -325,6 +337,7 @@ def run_serve(args: argparse.Namespace) -> int:
             cors_origins=origins,
             max_body_bytes=int(args.max_body_bytes),
             served_model_name=args.served_model_name,
+            ui=not no_ui,
         )
     except ValueError as error:
         return _fail(str(error))

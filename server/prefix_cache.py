@@ -130,6 +130,11 @@ class SessionStore:
             self.bytes_used -= session.nbytes
         return session
 
+    def peek(self, session_id: str) -> Session | None:
+        """The saved session, without taking it or touching its age (for reporting; safe to
+        call from another thread: one dict read)."""
+        return self._sessions.get(session_id)
+
     def release(self, session_id: str, session: Session | None) -> None:
         """Give the session back: with its new state, or None to drop it (e.g. after an error)."""
         self._in_use.discard(session_id)

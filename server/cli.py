@@ -37,7 +37,12 @@ SERVE_OPTIONS = [
     ("--max-waiting", int, 256, "queued requests beyond the slots (more get 503)"),
     ("--prefill-chunk-size", int, 512, "longest prefill chunk per sequence and step"),
     ("--device", str, "cpu", "cpu or cuda[:N]"),
-    ("--dtype", str, "float32", "weights: float32, bfloat16 or float16 (states stay float32)"),
+    (
+        "--dtype",
+        str,
+        "float32",
+        "weights: float32, bfloat16, float16 or int8 (weight-only; states stay float32)",
+    ),
     ("--prefix-cache-mb", int, 256, "prefix-cache budget, MiB (0 disables)"),
     ("--session-mb", int, 256, "session-state budget, MiB (0 disables)"),
     ("--session-ttl", float, 3600.0, "seconds an idle session is kept"),

@@ -1,0 +1,84 @@
+"""Weight-only int8 (`--dtype int8`): the kernels against a float64 reference, the model."""
+
+import pytest
+import torch
+from torch import nn
+
+from models.quantize import (
+    MAX_INT8_ROWS,
+    Int8Embedding,
+    Int8Linear,
+    is_quantized,
+    quantize_int8,
+    quantize_per_channel,
+)
+from models.registry import load_model
+from tests.models.conftest import tiny_model
+
+
+def test_per_channel_rounding_is_within_half_a_step():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 24, generator=gen) * torch.logspace(-3, 1, 40)[:, None]
+    weight[7] = 0.0
+    q, scale = quantize_per_channel(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert torch.all((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-12)
+    assert torch.all(q[7] == 0) and scale[7] == 1.0
+
+
+@pytest.mark.parametrize("rows", [1, MAX_INT8_ROWS, MAX_INT8_ROWS + 1, 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_a_float64_reference(rows, bias):
+    """Both kernels (int8 for few rows, bfloat16 GEMM for many) compute x (bfloat16) times
+    q * scale, to the bfloat16 rounding of the output."""
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 80, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(80, 96, generator=gen) * 0.1)
+        if bias:
+            linear.bias.copy_(torch.randn(80, generator=gen))
+    layer = Int8Linear(linear)
+    x = torch.randn(rows, 96, generator=gen)
+    weight = layer.weight_int8.double() * layer.scale.double()[:, None]
+    expected = x.bfloat16().double() @ weight.T
+    if bias:
+        expected = expected + linear.bias.double()
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, 80)
+    tolerance = 2**-7 * expected.abs().max() + 1e-3
+    assert (got.double() - expected).abs().max() <= tolerance
+    # and the weights are the float ones to half a step of each channel
+    assert torch.all((weight - linear.weight.double()).abs() <= layer.scale.double()[:, None])
+
+
+def test_quantized_model_is_close_to_float32_and_decodes_compiled():
+    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=64, tie_word_embeddings=True,
+                       sparse_cache_size=3, sparse_span=1, kv_cache_dtype="bfloat16")  # fmt: skip
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference, _ = model.forward_states(ids)
+        quantize_int8(model)
+        assert is_quantized(model)
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        assert isinstance(model.get_input_embeddings(), Int8Embedding)
+        logits, states = model.forward_states(ids)
+        assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+        token = logits[:, -1:].argmax(-1)
+        clones = [s.clone() for s in states]
+        eager, _ = model.forward_states(token, states)
+        model.compile_decode()
+        compiled, _ = model.forward_states(token, clones, in_place=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+
+
+def test_load_model_int8_from_a_checkpoint(tmp_path, char_tokenizer):
+    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=29)
+    model.save_pretrained(tmp_path)
+    char_tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path), dtype=torch.int8)
+    assert is_quantized(loaded)
+    with torch.no_grad():
+        ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+        expected, _ = model.forward_states(ids)
+        got, _ = loaded.forward_states(ids)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()

@@ -24,7 +24,6 @@ from server.async_engine import AsyncEngine, EngineDeadError
 from server.engine import RequestOutput, TokenLogprob
 from server.errors import QueueFullError
 from server.metrics import Metrics
-from server.prefix_cache import SessionError
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -43,11 +42,14 @@ from server.protocol import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    SessionDeleted,
+    SessionObject,
     TopLogprob,
     Usage,
     new_id,
     unsupported_field,
 )
+from server.state_store import SessionError, StoreUnavailableError
 
 logger = logging.getLogger("lln_serve.api")
 VERSION = "0.1.0"
@@ -96,7 +98,7 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
         (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-        (409, "session in use or evicted"), (413, "body too large"),
+        (409, "session in use, evicted, or saved by another model"), (413, "body too large"),
         (503, "overloaded (Retry-After) or not ready"),
     ]
 }  # fmt: skip
@@ -188,7 +190,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         if state.engine is not None and state.engine.is_healthy:
-            return {"status": "ok"}
+            return _store_health(state.engine.engine.sessions)
         status = "loading" if state.engine is None and not state.loading_error else "unhealthy"
         return JSONResponse({"status": status, "error": state.loading_error}, status_code=503)
 
@@ -206,6 +208,22 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def models(request: Request):
         _authorize(request, state)
         return ModelList(data=[ModelCard(id=name) for name in state.model_names])
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionObject, responses=_ERRORS)
+    async def get_session(request: Request, session_id: str):
+        info = await _session_call(request, state, "info", session_id)
+        if info is None:
+            raise _no_session(session_id)
+        return SessionObject(
+            id=session_id, num_tokens=info.num_tokens, bytes=info.nbytes,
+            last_used=info.last_used, in_use=info.in_use, store=state.engine.engine.sessions.kind,
+        )  # fmt: skip
+
+    @app.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=_ERRORS)
+    async def delete_session(request: Request, session_id: str):
+        if not await _session_call(request, state, "delete", session_id):
+            raise _no_session(session_id)
+        return SessionDeleted(id=session_id)
 
     @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
@@ -270,6 +288,40 @@ async def _parse(request: Request, state: ServerState, schema):
         raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
                        headers={"Retry-After": "5"})  # fmt: skip
     return body
+
+
+def _store_health(store) -> dict:
+    """200 either way: requests without a session are served while the store is down (a 503
+    would take every replica out of its Service); the store's state is in the body."""
+    if store.is_available:
+        return {"status": "ok", "state_store": {"kind": store.kind, "status": "ok"}}
+    error = getattr(store, "last_error", "")
+    detail = {"kind": store.kind, "status": "unavailable", "error": error}
+    return {"status": "degraded", "state_store": detail}
+
+
+async def _session_call(request: Request, state: ServerState, action: str, session_id: str):
+    """store.info / store.delete off the event loop, with the API's errors."""
+    _authorize(request, state)
+    if len(session_id) > 256:
+        raise APIError(400, "session_id: at most 256 characters", "invalid_request_error",
+                       "session_id")  # fmt: skip
+    if state.engine is None or not state.engine.is_healthy:
+        raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+                       headers={"Retry-After": "5"})  # fmt: skip
+    store = state.engine.engine.sessions
+    try:
+        return await asyncio.to_thread(getattr(store, action), session_id)
+    except SessionError as error:
+        raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+    except StoreUnavailableError as error:
+        raise APIError(503, str(error), "service_unavailable", "session_id",
+                       headers={"Retry-After": "1"}) from None  # fmt: skip
+
+
+def _no_session(session_id: str) -> APIError:
+    return APIError(404, f"no saved session {session_id!r}", "not_found_error", "session_id",
+                    code="session_not_found")  # fmt: skip
 
 
 def _too_large(state: ServerState) -> APIError:
@@ -348,6 +400,9 @@ async def _outputs(
         ) from None
     except SessionError as error:
         raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+    except StoreUnavailableError as error:
+        raise APIError(503, str(error), "service_unavailable", "session_id",
+                       headers={"Retry-After": "1"}) from None  # fmt: skip
     except ValueError as error:
         raise APIError(400, str(error), "invalid_request_error") from None
     except EngineDeadError as error:
@@ -487,6 +542,9 @@ def _accumulate(choice: _Choice, out: RequestOutput) -> None:
         choice.finish_reason = out.finish_reason
     if out.error is not None:
         raise APIError(500, f"generation failed: {out.error}", "internal_error")
+    if out.store_error is not None:  # the session stays at its previous turn: retry it
+        raise APIError(503, out.store_error, "service_unavailable", "session_id",
+                       headers={"Retry-After": "1"})  # fmt: skip
 
 
 def _completion_logprobs(choice: _Choice, tokenizer, prompt_ids: list[int], echo: bool):

@@ -55,8 +55,14 @@ def state_tag(model: torch.nn.Module, model_name: str, template: Snapshot) -> St
 
 def encode(session: Session, tag: StateTag) -> bytes:
     """A session as safetensors bytes with its metadata."""
-    tensors = {f"{i}.{j}": t.detach().contiguous().cpu() for i, s in enumerate(session.snapshot)
-               for j, t in enumerate(s.flat())}  # fmt: skip
+    tensors, seen = {}, set()
+    for i, state in enumerate(session.snapshot):
+        for j, t in enumerate(state.flat()):
+            t = t.detach().contiguous().cpu()
+            if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared memory
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[f"{i}.{j}"] = t
     metadata = {
         "format": FORMAT,
         **asdict(tag),

@@ -251,14 +251,20 @@ class RedisStore(StateStore):
         self.client.close()
 
     def _watch(self) -> None:
-        """Ping every second (marks the store up or down), refresh held locks, count."""
-        ticks = 0
-        while not self._stop.wait(1.0):
-            ticks += 1
-            if self._ping():
-                self._refresh_locks(every_s=max(self.lock_ms / 3000, 0.5), ticks=ticks)
-                if ticks % 10 == 1:
-                    self._count_sessions()
+        """Ping Redis (marks the store up or down), refresh held locks at a third of their
+        expiry, count the sessions every 10 s."""
+        refresh_s = self.lock_ms / 3000
+        last_refresh = last_count = 0.0
+        while not self._stop.wait(min(1.0, refresh_s)):
+            if not self._ping():
+                continue
+            now = time.monotonic()
+            if now - last_refresh >= refresh_s * 0.9:
+                last_refresh = now
+                self._refresh_locks()
+            if now - last_count >= 10:
+                last_count = now
+                self._count_sessions()
 
     def _ping(self) -> bool:
         try:
@@ -271,9 +277,7 @@ class RedisStore(StateStore):
         self._available = True
         return True
 
-    def _refresh_locks(self, every_s: float, ticks: int) -> None:
-        if ticks % max(int(every_s), 1):
-            return
+    def _refresh_locks(self) -> None:
         with self._lock:
             held = list(self._held.items())
         for session_id, token in held:

@@ -160,6 +160,8 @@ class EngineCollector:
             ("lln:prefix_cache_queries", "Prefix-cache lookups.", cache.queries),
             ("lln:prefix_cache_hits", "Prefix-cache lookups that restored a state.", cache.hits),
             ("lln:session_evictions", "Sessions evicted.", engine.sessions.evictions),
+            ("lln:prefill_computed_tokens", "Prompt tokens computed by prefill (prefix-cache "
+             "and session hits excluded).", engine.num_prefill_tokens),
         ):  # fmt: skip
             family = CounterMetricFamily(metric, doc, labels=["model_name"])
             family.add_metric(name, value)

@@ -87,6 +87,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         extra = {}
         if session_id is not None:
+            self.engine.precheck(prompt_token_ids, params, session_id)  # before loading
             extra["acquired"] = (await self._acquire(session_id),)
         elif self.engine.sessions.shares_prefixes:
             extra["shared_prefix"] = await self._shared_prefix(prompt_token_ids)

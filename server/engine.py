@@ -177,14 +177,21 @@ class LLMEngine:
         state fetched from a shared store, put in the prefix cache first."""
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in the engine")
+        try:
+            self.precheck(prompt_token_ids, params, session_id)
+        except Exception:
+            if acquired is not None:
+                self._session_done(request_id, session_id, "abandon", acquired[0])
+            raise
         if session_id is None:
             session = None
         elif acquired is not None:
             session = acquired[0]
         else:
             session = self.sessions.acquire(session_id)
-        try:
-            params = self._checked(prompt_token_ids, params, session_id, session)
+        try:  # a session's context holds its history too
+            history = session.num_tokens if session is not None else 0
+            params = self._bounded(params, history + len(prompt_token_ids))
         except Exception:
             if session_id is not None:
                 self._session_done(request_id, session_id, "abandon", session)
@@ -204,11 +211,9 @@ class LLMEngine:
         self.scheduler.add(seq.request)
         self._groups[request_id] = [seq.request.request_id]
 
-    def _checked(
-        self, prompt: list[int], params: SamplingParams, session_id: str | None,
-        session: Session | None,
-    ) -> SamplingParams:  # fmt: skip
-        """params bounded by the limits; ValueError / QueueFullError for a request refused."""
+    def precheck(self, prompt: list[int], params: SamplingParams, session_id: str | None) -> None:
+        """ValueError / QueueFullError for a request refused whatever its session holds
+        (checked before a session is loaded)."""
         self._check_prompt(prompt)
         if session_id is not None and params.n != 1:
             raise ValueError("a request with a session_id must have n = 1")
@@ -218,8 +223,6 @@ class LLMEngine:
         self.check_admissible(1, params.n)
         if not self.scheduler.can_accept():
             raise QueueFullError(self.config.max_waiting)
-        history = session.num_tokens if session is not None else 0  # a session's context
-        return self._bounded(params, history + len(prompt))
 
     def check_admissible(self, num_prompts: int, n: int) -> None:
         """Raise ValueError for work that could never be admitted, whatever the load."""

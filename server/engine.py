@@ -175,9 +175,9 @@ class LLMEngine:
         acquired: the session's state, already taken from the store by the caller (a 1-tuple;
         AsyncEngine loads it off this thread). shared_prefix: (block index, state) of a prefix
         state fetched from a shared store, put in the prefix cache first."""
-        if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in the engine")
         try:
+            if request_id in self._groups:
+                raise ValueError(f"request_id {request_id!r} is already in the engine")
             self.precheck(prompt_token_ids, params, session_id)
         except Exception:
             if acquired is not None:

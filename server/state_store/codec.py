@@ -94,14 +94,26 @@ def decode(blob: bytes, tag: StateTag, template: Snapshot, session_id: str) -> S
         raise SessionError(f"session {session_id!r}: corrupt state ({error})") from None
     if _checksum(tensors) != meta.get("sha256"):
         raise SessionError(f"session {session_id!r}: corrupt state (checksum mismatch)")
-    snapshot = []
-    for i, empty in enumerate(template):
-        flat = empty.flat()
-        device = flat[0].device
-        snapshot.append(empty.unflat([tensors[f"{i}.{j}"].to(device) for j in range(len(flat))]))
+    try:
+        snapshot = [_unflat(empty, i, tensors) for i, empty in enumerate(template)]
+        pending, num_tokens = json.loads(meta["pending"]), int(meta["num_tokens"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise SessionError(f"session {session_id!r}: corrupt state ({error!r})") from None
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    pending = json.loads(meta["pending"])
-    return Session(snapshot, pending, int(meta["num_tokens"]), nbytes)
+    return Session(snapshot, pending, num_tokens, nbytes)
+
+
+def _unflat(empty, layer: int, tensors: dict[str, torch.Tensor]):
+    """Layer `layer`'s state from the loaded tensors, on the template's device, checked
+    against the template's shapes and dtypes."""
+    flat = empty.flat()
+    loaded = []
+    for j, like in enumerate(flat):
+        tensor = tensors[f"{layer}.{j}"]
+        if tensor.shape != like.shape or tensor.dtype != like.dtype:
+            raise ValueError(f"tensor {layer}.{j} is {tuple(tensor.shape)} {tensor.dtype}")
+        loaded.append(tensor.to(like.device))
+    return empty.unflat(loaded)
 
 
 def check_tag(meta: dict[str, str], tag: StateTag, session_id: str) -> None:

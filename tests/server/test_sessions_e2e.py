@@ -84,10 +84,13 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(checkpoint, redis_process):
     started = [Server(checkpoint, redis_process.url) for _ in range(2)]
+    ready = list(started)  # a test may replace one (a restart): every one is stopped
     try:
-        yield [s.wait_ready() for s in started]
-    finally:
         for server in started:
+            server.wait_ready()
+        yield ready
+    finally:
+        for server in {*started, *ready}:
             server.stop()
 
 

@@ -31,16 +31,19 @@ test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # promtool (Debian's prometheus package) checks the /metrics output, alert rules and dashboard
-# queries; redis-server (Debian's) backs the state-store tests, which start their own on loopback
+# queries; redis-server (Debian's) backs the state-store tests, which start their own on loopback;
+# chromium and chromium-driver run the playground's browser tests (they skip, saying so, without)
 tools:
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+		|| missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
-				|| echo "could not install$$missing: their tests will say so" >&2; \
-		else echo "missing Debian packages:$$missing (promtool, redis-server): install them" >&2; fi; \
+				|| echo "could not install$$missing: their tests will say so (the browser tests skip)" >&2; \
+		else echo "missing Debian packages:$$missing (promtool, redis-server, chromium): install them" >&2; fi; \
 	fi
 
 bench-model: install

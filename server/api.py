@@ -12,14 +12,17 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lln_core.state import kv_cache_bytes
 from server.async_engine import AsyncEngine, EngineDeadError
 from server.engine import RequestOutput, TokenLogprob
 from server.errors import QueueFullError
@@ -43,16 +46,25 @@ from server.protocol import (
     ModelList,
     PromptTokensDetails,
     SessionDeleted,
+    SessionInfo,
     SessionObject,
+    StateInfo,
     TopLogprob,
     Usage,
     new_id,
     unsupported_field,
 )
 from server.state_store import SessionError, StoreUnavailableError
+from server.state_store import SessionInfo as StoredSession
 
 logger = logging.getLogger("lln_serve.api")
 VERSION = "0.1.0"
+STATIC_DIR = Path(__file__).parent / "static"
+# the playground loads nothing from elsewhere and talks only to this server
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 class APIError(Exception):
@@ -74,6 +86,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     metrics: Metrics | None = None
     loading_error: str | None = None
+    ui: bool = True  # serve the playground at `/` (`--no-ui`: 404)
 
 
 def build_app(state: ServerState, cors_origins: list[str] | None = None) -> FastAPI:
@@ -88,6 +101,8 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None) -> Fast
         )
     _add_error_handlers(app)
     _add_routes(app, state)
+    if state.ui:
+        _add_playground(app)
     _add_request_schemas(app)
     return app
 
@@ -225,6 +240,29 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise _no_session(session_id)
         return SessionDeleted(id=session_id)
 
+    @app.get("/v1/state_info", response_model=StateInfo, responses=_ERRORS)
+    async def state_info(
+        request: Request,
+        session_id: str | None = Query(
+            None, max_length=256, description="also report this saved session"
+        ),
+    ):
+        """lln-serve extension: the state's bytes against a softmax KV cache's, the load,
+        and optionally one saved session (what the playground charts)."""
+        _authorize(request, state)
+        if state.engine is None:
+            raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+                           headers={"Retry-After": "5"})  # fmt: skip
+        saved = None
+        if session_id is not None:  # the store's info: no lock taken; off the event loop
+            saved = await _session_call(request, state, "info", session_id)
+            if saved is None:
+                raise APIError(
+                    404, f"no saved session {session_id!r} (never saved, expired or evicted)",
+                    "not_found_error", "session_id", code="session_not_found",
+                )  # fmt: skip
+        return _state_info(state, saved)
+
     @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
         body = await _parse(request, state, CompletionRequest)
@@ -234,6 +272,44 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = await _parse(request, state, ChatCompletionRequest)
         return await _chat(request, state, body)
+
+
+def _add_playground(app: FastAPI) -> None:
+    """`GET /` and `/static/*`: the playground, a static page that calls this server's own
+    API with the key the user types (the page itself holds nothing the key protects)."""
+    headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=headers)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it whatever the page links
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def _state_info(state: ServerState, saved: StoredSession | None) -> StateInfo:
+    """saved: the store's info on the session asked about (None: none asked about)."""
+    engine = state.engine.engine
+    config = engine.model.config
+    shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    session = None
+    if saved is not None:
+        session = SessionInfo(
+            id=saved.session_id, num_tokens=saved.num_tokens, state_bytes=saved.nbytes,
+            kv_cache_equivalent_bytes=kv_cache_bytes(saved.num_tokens, *shape),
+        )  # fmt: skip
+    return StateInfo(
+        model=state.model_names[0],
+        state_bytes_per_sequence=engine.pool.bytes_per_slot,
+        kv_cache_bytes_per_token=kv_cache_bytes(1, *shape),
+        num_layers=shape[0], num_key_value_heads=shape[1], head_dim=shape[2],
+        state_slots_allocated=engine.pool.num_slots, state_slots_used=engine.pool.num_used,
+        num_requests_running=engine.num_running, num_requests_waiting=engine.num_waiting,
+        session=session,
+    )  # fmt: skip
 
 
 # ---- request parsing ---------------------------------------------------------------------------
@@ -610,14 +686,12 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
         for m in body.messages
     ]
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as error:  # the template refuses some conversations (e.g. role order)
-        raise APIError(
-            400, f"chat template: {error}", "invalid_request_error", "messages"
-        ) from None
-    if hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
+    ids = None
+    if body.session_id is not None:  # a continued session: only its new turns
+        saved = await _stored_session(state, body.session_id)
+        if saved is not None and saved.pending is not None:
+            ids = _continuation_ids(tokenizer, messages, list(saved.pending))
+    ids = ids or _chat_ids(tokenizer, messages)
     top = body.top_logprobs
     if top is not None and not 0 <= top <= 20:
         raise APIError(400, "top_logprobs must be between 0 and 20", "invalid_request_error",
@@ -639,6 +713,53 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     return await _until_disconnect(
         request, _chat_full(body, request_id, stream, choices, tokenizer)
     )
+
+
+async def _stored_session(state: ServerState, session_id: str) -> StoredSession | None:
+    """The store's info on a session (no lock; off the event loop, as Redis is a network call).
+    None where there is none or the store cannot say (unreachable): the chat is then rendered
+    whole, and the engine answers for the session itself."""
+    try:
+        return await asyncio.to_thread(state.engine.engine.sessions.info, session_id)
+    except (SessionError, StoreUnavailableError):
+        return None
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as error:  # the template refuses some conversations (e.g. role order)
+        raise APIError(
+            400, f"chat template: {error}", "invalid_request_error", "messages"
+        ) from None
+    return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+
+
+# a finished exchange that a continued session's new messages are rendered after
+_ANSWER = "lln-serve-earlier-answer"
+_EARLIER = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _ANSWER}]
+
+
+def _continuation_ids(tokenizer, messages: list[dict], pending: list[int]) -> list[int] | None:
+    """The new messages of a continued chat session as the template renders them after an
+    earlier answer: the rest of that answer's closing (what follows its last token, often
+    end-of-turn), then the new turns, without the template's opening (such as a default system
+    prompt) again. None where the template does not render that way: then plainly."""
+    try:
+        before = tokenizer.apply_chat_template(_EARLIER, tokenize=False)
+        after = tokenizer.apply_chat_template(
+            [*_EARLIER, *messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # e.g. a template that refuses a system message here
+        return None
+    if not isinstance(before, str) or not isinstance(after, str) or not after.startswith(before):
+        return None
+    closing = before[before.rindex(_ANSWER) + len(_ANSWER) :]
+    last = tokenizer.decode(pending)  # the state's last token, usually the end of the turn
+    if last and closing.startswith(last):
+        closing = closing[len(last) :]
+    text = closing + after[len(before) :]
+    return tokenizer(text, add_special_tokens=False).input_ids or None
 
 
 async def _chat_full(body, request_id, stream, choices, tokenizer):

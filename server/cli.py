@@ -67,6 +67,10 @@ SERVE_OPTIONS = [
 ]
 
 
+NO_UI_ENV = "LLN_SERVE_NO_UI"
+SWITCH_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _add_serve(parser: argparse.ArgumentParser) -> None:
     import os
 
@@ -79,6 +83,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                                 help=f"{text} [env {env}]")  # fmt: skip
             continue
         parser.add_argument(flag, type=kind, default=value, help=f"{text} [env {env}]")
+    # a switch: the flag sets it, the environment variable takes 1/0 (checked in run_serve)
+    parser.add_argument(
+        "--no-ui", action="store_const", const="1", default=os.environ.get(NO_UI_ENV, "0"),
+        help=f"do not serve the web playground at / (it answers 404) [env {NO_UI_ENV}=1]",
+    )  # fmt: skip
 
 
 def _add_analyze(parser: argparse.ArgumentParser) -> None:
@@ -345,6 +354,9 @@ def run_serve(args: argparse.Namespace) -> int:
             share_prefix_states=bool(args.share_prefix_states),
             session_lock_ttl_s=float(args.session_lock_ttl),
         )
+        no_ui = SWITCH_VALUES.get(str(args.no_ui).strip().lower())
+        if no_ui is None:
+            raise ValueError(f"{NO_UI_ENV} must be 1 or 0, got {args.no_ui!r}")
         origins = tuple(o.strip() for o in str(args.cors_origins).split(",") if o.strip())
         server_config = ServerConfig(
             host=args.host,
@@ -353,6 +365,7 @@ def run_serve(args: argparse.Namespace) -> int:
             cors_origins=origins,
             max_body_bytes=int(args.max_body_bytes),
             served_model_name=args.served_model_name,
+            ui=not no_ui,
         )
     except ValueError as error:
         return _fail(str(error))

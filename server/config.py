@@ -102,6 +102,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 2**20
     served_model_name: str | None = None  # defaults to the engine's model
+    ui: bool = True  # the playground at `/` (`--no-ui` turns it off: 404)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -316,6 +316,35 @@ class ModelList(_Model):
     data: list[ModelCard]
 
 
+class SessionInfo(_Model):
+    """One saved conversation: what its state holds and what it costs."""
+
+    id: str
+    num_tokens: int = Field(description="tokens the saved state has seen (the context)")
+    state_bytes: int = Field(description="bytes of the saved state, at any context length")
+    kv_cache_equivalent_bytes: int = Field(
+        description="the KV cache a softmax model of the same shape would hold (bf16)"
+    )
+
+
+class StateInfo(_Model):
+    """lln-serve extension (`GET /v1/state_info`): the constant state against the KV cache a
+    softmax model of the same shape would need, and the live load."""
+
+    object: Literal["state_info"] = "state_info"
+    model: str
+    state_bytes_per_sequence: int
+    kv_cache_bytes_per_token: int = Field(description="softmax KV cache per token, bf16")
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    state_slots_allocated: int
+    state_slots_used: int
+    num_requests_running: int
+    num_requests_waiting: int
+    session: SessionInfo | None = None
+
+
 class ErrorInfo(_Model):
     message: str
     type: str

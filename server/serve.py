@@ -27,6 +27,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         model_names=[name],
         api_key=server_config.api_key,
         max_body_bytes=server_config.max_body_bytes,
+        ui=server_config.ui,
     )
     app = build_app(state, list(server_config.cors_origins))
     server = uvicorn.Server(

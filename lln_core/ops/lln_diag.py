@@ -181,16 +181,15 @@ def lln_diag_step(
             sparse, p.state.num_tokens, 1, window=local.size, num_sinks=local.num_sinks,
             evict_score=evict_score,
         )  # fmt: skip
+        # the merged pair is read before the leaving one takes its slot; the query then sees
+        # exactly the cache after the step (the pairs visible to it, `SparsePlan`)
         leaving_k, leaving_v = old_k, old_v
-        cache_k, cache_v = sparse.k.to(old_k.dtype), sparse.v.to(old_v.dtype)
-        old_k, old_v = _merged_step(cache_k, cache_v, leaving_k, leaving_v, sp.merged)
+        old_k, old_v = _merged_step(sparse.k, sparse.v, leaving_k, leaving_v, sp.merged)
+        sparse = _cache_after_step(sparse, sp, leaving_k, leaving_v, in_place=plan.in_place)
         evicted_bias = torch.where(sp.merged_valid, 0.0, float("-inf")).to(old_k.dtype)[:, None]
-        hidden = ~sp.visible[:, :, None]
-        for keys, vals, seen in ((cache_k, cache_v, hidden[..., :-1]),
-                                 (leaving_k, leaving_v, hidden[..., -1:])):  # fmt: skip
-            part = (p.qg[:, :, :, 0] * p.scale) @ keys.transpose(-1, -2)
-            logits.append(part.masked_fill(seen, float("-inf")))
-            values.append(vals)
+        part = (p.qg[:, :, :, 0] * p.scale) @ sparse.k.to(old_k.dtype).transpose(-1, -2)
+        logits.append(part + torch.where(sparse.pos >= 0, 0.0, float("-inf"))[:, None, None])
+        values.append(sparse.v.to(old_v.dtype))
     else:
         evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
@@ -204,8 +203,6 @@ def lln_diag_step(
     else:
         y_local = torch.softmax(logits[0], dim=-1) @ values[0]
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
-    if sparse is not None:  # after every read of the old cache: it may be written in place
-        sparse = _cache_after_step(sparse, sp, leaving_k, leaving_v, in_place=plan.in_place)
     new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
                          plan.num_tokens, cache, sparse)  # fmt: skip
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
@@ -236,12 +233,13 @@ def _merged_step(
     """A decode step's key and value merged into the LLN state: candidate merged [B, 1] of
     the cache [B, Hkv, G, D] then the leaving pair [B, Hkv, 1, D] (read, not copied)."""
     size = cache_k.shape[2]
-    index = merged.clamp(max=size - 1)[:, None, :, None]
+    rows = torch.arange(merged.shape[0], device=merged.device)
+    slot = merged[:, 0].clamp(max=size - 1)
     from_cache = (merged < size)[:, None, :, None]
 
     def pick(cache: Tensor, leaving: Tensor) -> Tensor:
-        row = cache.gather(2, index.expand(-1, cache.shape[1], -1, cache.shape[-1]))
-        return torch.where(from_cache, row, leaving)
+        row = cache[rows, :, slot][:, :, None]  # indexed as the write after it: no copy of cache
+        return torch.where(from_cache, row.to(leaving.dtype), leaving)
 
     return pick(cache_k, leaving_k), pick(cache_v, leaving_v)
 

@@ -71,7 +71,9 @@ def leaving_plan(
         leaving = leaving & valid
     if evict_score is None:
         evict_score = torch.zeros(pos.shape, dtype=cache.score.dtype, device=pos.device)
-    return sparse_plan(cache, pos, evict_score, leaving, compact=seq_len > 1)
+    if seq_len == 1:
+        return step_sparse_plan(cache, pos, evict_score, leaving)
+    return sparse_plan(cache, pos, evict_score, leaving, compact=True)
 
 
 def outranks(score: Tensor, pos: Tensor) -> Tensor:
@@ -122,6 +124,34 @@ def sparse_plan(
         visible=visible,
         merged=dropped.to(torch.float32).argmax(dim=-1),  # inductor mis-indexes int8 argmax
         merged_valid=dropped.any(dim=-1),
+        keep=keep,
+        pos=torch.where(keep_valid, pos.gather(1, keep), -1),
+        score=torch.where(keep_valid, score.gather(1, keep), float("-inf")),
+    )
+
+
+def step_sparse_plan(
+    cache: SparseKV, evict_pos: Tensor, evict_score: Tensor, evict_valid: Tensor
+) -> SparsePlan:
+    """`sparse_plan` for one query (T = 1, every candidate a column) in O(G) instead of O(G^2):
+    with at most G + 1 candidates present, the cache keeps all of them but the one that ranks
+    last, and lets that one go only when all G + 1 are present."""
+    pos = torch.cat([cache.pos, torch.where(evict_valid, evict_pos, -1)], dim=1)  # [B, G + 1]
+    score = torch.cat([cache.score, evict_score.to(cache.score.dtype)], dim=1)
+    present = pos >= 0
+    lowest = torch.where(present, score, float("inf")).amin(dim=1, keepdim=True)
+    tied = present & (score == lowest)  # the last-ranked: lowest score, then the oldest
+    oldest = torch.where(tied, pos, torch.iinfo(pos.dtype).max).amin(dim=1, keepdim=True)
+    full = present.sum(dim=1, keepdim=True) > cache.size
+    dropped = tied & (pos == oldest) & full
+    visible = present & ~dropped
+    keep, keep_valid = _compact(visible, cache.size)
+    score = torch.where(present, score, float("-inf"))
+    return SparsePlan(
+        columns=torch.arange(pos.shape[1], device=pos.device).expand(pos.shape[0], -1),
+        visible=visible[:, None],
+        merged=dropped.to(torch.float32).argmax(dim=-1, keepdim=True),
+        merged_valid=dropped.any(dim=-1, keepdim=True),
         keep=keep,
         pos=torch.where(keep_valid, pos.gather(1, keep), -1),
         score=torch.where(keep_valid, score.gather(1, keep), float("-inf")),

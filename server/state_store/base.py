@@ -40,13 +40,16 @@ class Session:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """What `GET /v1/sessions/{id}` reports: tokens seen, bytes, last use (Unix seconds)."""
+    """What `GET /v1/sessions/{id}` reports: tokens seen, bytes, last use (Unix seconds); and
+    the pending token(s) (how a continued chat is rendered; None where the store does not know
+    them, e.g. a session saved by an older server)."""
 
     session_id: str
     num_tokens: int
     nbytes: int
     last_used: float
     in_use: bool
+    pending: tuple[int, ...] | None = None
 
 
 class StateStore(ABC):
@@ -73,7 +76,8 @@ class StateStore(ABC):
 
     @abstractmethod
     def info(self, session_id: str) -> SessionInfo | None:
-        """The saved session, or None if there is none."""
+        """The saved session, or None if there is none. Takes no session lock (reporting, and
+        rendering a continued chat). Raises StoreUnavailableError."""
 
     @abstractmethod
     def delete(self, session_id: str) -> bool:

@@ -75,9 +75,8 @@ class InProcessStore(StateStore):
             if session is None:
                 return None
             age = time.monotonic() - session.last_used
-            return SessionInfo(
-                session_id, session.num_tokens, session.nbytes, time.time() - age, in_use
-            )
+            return SessionInfo(session_id, session.num_tokens, session.nbytes,
+                               time.time() - age, in_use, tuple(session.pending))  # fmt: skip
 
     def delete(self, session_id: str) -> bool:
         with self._lock:

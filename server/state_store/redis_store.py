@@ -3,9 +3,9 @@ replica and kept across restarts.
 
 Keys (hash tags keep one session's keys in one Redis Cluster slot; the id is hashed, so any
 string is a valid id): `lln:s:{H}:state` (the encoded state, expiring after the session TTL),
-`:info` (tokens, bytes, last use; kept a day longer, so that continuing an expired session is
-a 409 that says so), `:lock` (the replica serving it now; expires unless refreshed, so a
-crashed replica's lock frees itself), `:tmp:TOKEN` (a new state being written).
+`:info` (tokens, bytes, last use, the pending token(s); kept a day longer, so that continuing
+an expired session is a 409 that says so), `:lock` (the replica serving it now; expires unless
+refreshed, so a crashed replica's lock frees itself), `:tmp:TOKEN` (a new state being written).
 
 A save writes the new state under a temporary key, then one script swaps it in and unlocks,
 only if this replica still holds the lock: a crash mid-write leaves the previous state, and a
@@ -17,6 +17,7 @@ second and marks the store available again when it answers.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -47,7 +48,8 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then redis.call('DEL', KEYS[2]) return 
 redis.call('RENAME', KEYS[2], KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[4], 'tokens', ARGV[3], 'bytes', ARGV[4], 'last_use', ARGV[5])
+redis.call('HSET', KEYS[4], 'tokens', ARGV[3], 'bytes', ARGV[4], 'last_use', ARGV[5],
+           'pending', ARGV[7])
 redis.call('PEXPIRE', KEYS[4], ARGV[6])
 redis.call('DEL', KEYS[1])
 return 1
@@ -137,7 +139,7 @@ class RedisStore(StateStore):
         blob = encode(session, self.tag)
         tmp = keys["state"].replace(":state", f":tmp:{token}")
         info = [token, self.ttl_ms, session.num_tokens, len(blob), time.time(),
-                self.ttl_ms + INFO_GRACE_S * 1000]  # fmt: skip
+                self.ttl_ms + INFO_GRACE_S * 1000, json.dumps(session.pending)]  # fmt: skip
 
         def write():
             pipe = self.client.pipeline(transaction=False)
@@ -171,8 +173,10 @@ class RedisStore(StateStore):
         has_state, info, locked = self._call(read)
         if not has_state or not info:
             return None
+        pending = info.get(b"pending")  # absent where an older server saved the session
         return SessionInfo(session_id, int(info[b"tokens"]), int(info[b"bytes"]),
-                           float(info[b"last_use"]), bool(locked))  # fmt: skip
+                           float(info[b"last_use"]), bool(locked),
+                           None if pending is None else tuple(json.loads(pending)))  # fmt: skip
 
     def delete(self, session_id: str) -> bool:
         keys = session_keys(session_id)

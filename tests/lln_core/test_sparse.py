@@ -12,7 +12,7 @@ from lln_core.ops.lln_diag import (
     naive_lln_diag_attention,
 )
 from lln_core.ops.softmax import LocalSpec
-from lln_core.ops.sparse import naive_sparse_mask, sparse_plan
+from lln_core.ops.sparse import naive_sparse_mask, sparse_plan, step_sparse_plan
 from lln_core.state import SparseKV
 from tests.conftest import rel_err
 from tests.lln_core.test_lln_diag import make_inputs, mix_for, power_for
@@ -178,6 +178,30 @@ def test_plan_drops_the_lowest_and_merges_it():
     assert plan.pos.tolist() == [[7, 10]]
     assert plan.columns.tolist() == [[0, 2]]  # only the pairs some query sees
     assert plan.visible[0].tolist() == [[True, True], [True, True]]
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_step_plan_equals_the_general_plan(trial):
+    """The O(G) decode plan makes the general plan's decisions: caches full, part full or
+    empty, scores with ties (integers), leaving keys absent, batch rows in different states."""
+    gen = torch.Generator().manual_seed(trial)
+    batch, size = 4, 1 + trial % 6
+    cache = SparseKV.empty(batch, 1, 2, size, dtype=torch.float64)
+    for row in range(batch):
+        used = int(torch.randint(0, size + 1, (1,), generator=gen))
+        slots = torch.randperm(size, generator=gen)[:used]
+        cache.pos[row, slots] = torch.randperm(50, generator=gen)[:used]
+        cache.score[row, slots] = torch.randint(0, 3, (used,), generator=gen).double()
+    evict_pos = torch.randint(50, 60, (batch, 1), generator=gen)
+    evict_score = torch.randint(0, 3, (batch, 1), generator=gen).double()
+    evict_valid = torch.rand(batch, 1, generator=gen) < 0.8
+    fast = step_sparse_plan(cache, evict_pos, evict_score, evict_valid)
+    slow = sparse_plan(cache, evict_pos, evict_score, evict_valid, compact=False)
+    for name, a, b in zip(("columns", "visible", "merged", "merged_valid", "keep", "pos",
+                           "score"), fast.flat(), slow.flat(), strict=True):  # fmt: skip
+        if name == "merged":  # meaningless where nothing is merged
+            a, b = a[slow.merged_valid], b[slow.merged_valid]
+        assert torch.equal(a, b), name
 
 
 def test_state_bytes_do_not_grow(gen):

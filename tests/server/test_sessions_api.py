@@ -154,3 +154,47 @@ def test_shared_prefix_state_is_a_hit_on_another_replica(replicas, model, tokeni
     assert body["choices"][0]["text"] == tokenizer.decode(
         greedy_alone(model, ids, 5), skip_special_tokens=True
     )
+
+
+def test_a_continued_chat_session_in_redis_renders_only_its_new_turns(replicas, tokenizer):
+    """The playground's chat session across two replicas sharing Redis: the second turn is
+    rendered after the earlier answer (its closing, not the template's opening again), from
+    the pending token that the store's info record holds; /v1/state_info reports the session."""
+    from tests.server.test_playground import OPENING
+
+    tokenizer.chat_template = OPENING
+    a, b = replicas().client, replicas().client
+    body = {"model": MODEL, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "session_id": "c"}  # fmt: skip
+
+    def say(client, text: str) -> dict:
+        messages = [{"role": "user", "content": text}]
+        response = client.post("/v1/chat/completions", json={**body, "messages": messages})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]
+
+    first, second = say(a, "hi"), say(b, "there")
+    assert first["prompt_tokens"] == len("sys u hi e a ")
+    assert second["prompt_tokens"] == 1 + len(" e u there e a ")
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert cached == len("sys u hi e a ") + 4 - 1
+    info = a.get("/v1/state_info?session_id=c").json()["session"]
+    assert info["num_tokens"] == cached + second["prompt_tokens"] + second["completion_tokens"]
+    assert info["state_bytes"] == b.get("/v1/sessions/c").json()["bytes"]
+
+
+def test_redis_down_a_chat_session_is_a_503_not_a_500(replicas, tokenizer, redis_process):
+    """Rendering a continued chat asks the store first; unreachable, the chat is rendered whole
+    and the session's own load answers 503, as for completions."""
+    client = replicas().client
+    body = {"model": MODEL, "max_tokens": 4, "temperature": 0, "session_id": "c",
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    redis_process.stop()
+    try:
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 503, response.text
+        assert client.get("/v1/state_info?session_id=c").status_code == 503
+        assert client.get("/v1/state_info").status_code == 200
+    finally:
+        redis_process.start()

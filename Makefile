@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test tools lint format bench-ops bench-model bench-engine bench-serving bench-quality clean
+.PHONY: install run test tools lint format bench-ops bench-model bench-engine bench-serving bench-sessions bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,19 +30,21 @@ format: install
 test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# promtool (Debian's prometheus package) checks the /metrics output in the end-to-end tests;
+# promtool (Debian's prometheus package) checks the /metrics output, alert rules and dashboard
+# queries; redis-server (Debian's) backs the state-store tests, which start their own on loopback;
 # chromium and chromium-driver run the playground's browser tests (they skip, saying so, without)
 tools:
-	@command -v promtool >/dev/null || { \
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+		|| missing="$$missing chromium chromium-driver"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-				|| echo "could not install prometheus (promtool): its tests will say so" >&2; \
-		else echo "promtool missing: install Debian's prometheus package" >&2; fi; }
-	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } \
-				|| echo "could not install chromium (browser tests of the playground will skip)" >&2; \
-		else echo "chromium missing: install Debian's chromium and chromium-driver (the playground's browser tests skip without them)" >&2; fi; }
+			{ apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+				|| echo "could not install$$missing: their tests will say so (the browser tests skip)" >&2; \
+		else echo "missing Debian packages:$$missing (promtool, redis-server, chromium): install them" >&2; fi; \
+	fi
 
 bench-model: install
 	$(PY) benchmarks/bench_model.py
@@ -52,6 +54,9 @@ bench-engine: install
 
 bench-serving: install
 	$(PY) benchmarks/bench_serving.py
+
+bench-sessions: install tools
+	$(PY) benchmarks/bench_sessions.py
 
 bench-ops: install
 	$(PY) benchmarks/bench_ops.py

@@ -27,7 +27,6 @@ from server.async_engine import AsyncEngine, EngineDeadError
 from server.engine import RequestOutput, TokenLogprob
 from server.errors import QueueFullError
 from server.metrics import Metrics
-from server.prefix_cache import SessionError
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -46,13 +45,17 @@ from server.protocol import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    SessionDeleted,
     SessionInfo,
+    SessionObject,
     StateInfo,
     TopLogprob,
     Usage,
     new_id,
     unsupported_field,
 )
+from server.state_store import SessionError, StoreUnavailableError
+from server.state_store import SessionInfo as StoredSession
 
 logger = logging.getLogger("lln_serve.api")
 VERSION = "0.1.0"
@@ -110,7 +113,7 @@ _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
         (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-        (409, "session in use or evicted"), (413, "body too large"),
+        (409, "session in use, evicted, or saved by another model"), (413, "body too large"),
         (503, "overloaded (Retry-After) or not ready"),
     ]
 }  # fmt: skip
@@ -202,7 +205,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         if state.engine is not None and state.engine.is_healthy:
-            return {"status": "ok"}
+            return _store_health(state.engine.engine.sessions)
         status = "loading" if state.engine is None and not state.loading_error else "unhealthy"
         return JSONResponse({"status": status, "error": state.loading_error}, status_code=503)
 
@@ -221,6 +224,22 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _authorize(request, state)
         return ModelList(data=[ModelCard(id=name) for name in state.model_names])
 
+    @app.get("/v1/sessions/{session_id}", response_model=SessionObject, responses=_ERRORS)
+    async def get_session(request: Request, session_id: str):
+        info = await _session_call(request, state, "info", session_id)
+        if info is None:
+            raise _no_session(session_id)
+        return SessionObject(
+            id=session_id, num_tokens=info.num_tokens, bytes=info.nbytes,
+            last_used=info.last_used, in_use=info.in_use, store=state.engine.engine.sessions.kind,
+        )  # fmt: skip
+
+    @app.delete("/v1/sessions/{session_id}", response_model=SessionDeleted, responses=_ERRORS)
+    async def delete_session(request: Request, session_id: str):
+        if not await _session_call(request, state, "delete", session_id):
+            raise _no_session(session_id)
+        return SessionDeleted(id=session_id)
+
     @app.get("/v1/state_info", response_model=StateInfo, responses=_ERRORS)
     async def state_info(
         request: Request,
@@ -231,7 +250,18 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         """lln-serve extension: the state's bytes against a softmax KV cache's, the load,
         and optionally one saved session (what the playground charts)."""
         _authorize(request, state)
-        return _state_info(state, session_id)
+        if state.engine is None:
+            raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+                           headers={"Retry-After": "5"})  # fmt: skip
+        saved = None
+        if session_id is not None:  # the store's info: no lock taken; off the event loop
+            saved = await _session_call(request, state, "info", session_id)
+            if saved is None:
+                raise APIError(
+                    404, f"no saved session {session_id!r} (never saved, expired or evicted)",
+                    "not_found_error", "session_id", code="session_not_found",
+                )  # fmt: skip
+        return _state_info(state, saved)
 
     @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
@@ -260,24 +290,15 @@ def _add_playground(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-def _state_info(state: ServerState, session_id: str | None) -> StateInfo:
-    if state.engine is None:
-        raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
-                       headers={"Retry-After": "5"})  # fmt: skip
+def _state_info(state: ServerState, saved: StoredSession | None) -> StateInfo:
+    """saved: the store's info on the session asked about (None: none asked about)."""
     engine = state.engine.engine
     config = engine.model.config
     shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
     session = None
-    if session_id is not None:
-        saved = engine.sessions.peek(session_id)
-        if saved is None:
-            raise APIError(
-                404, f"no saved session {session_id!r} (never saved, expired, evicted, or in "
-                "use by a running request)", "not_found_error", "session_id",
-                code="session_not_found",
-            )  # fmt: skip
+    if saved is not None:
         session = SessionInfo(
-            id=session_id, num_tokens=saved.num_tokens, state_bytes=saved.nbytes,
+            id=saved.session_id, num_tokens=saved.num_tokens, state_bytes=saved.nbytes,
             kv_cache_equivalent_bytes=kv_cache_bytes(saved.num_tokens, *shape),
         )  # fmt: skip
     return StateInfo(
@@ -343,6 +364,40 @@ async def _parse(request: Request, state: ServerState, schema):
         raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
                        headers={"Retry-After": "5"})  # fmt: skip
     return body
+
+
+def _store_health(store) -> dict:
+    """200 either way: requests without a session are served while the store is down (a 503
+    would take every replica out of its Service); the store's state is in the body."""
+    if store.is_available:
+        return {"status": "ok", "state_store": {"kind": store.kind, "status": "ok"}}
+    error = getattr(store, "last_error", "")
+    detail = {"kind": store.kind, "status": "unavailable", "error": error}
+    return {"status": "degraded", "state_store": detail}
+
+
+async def _session_call(request: Request, state: ServerState, action: str, session_id: str):
+    """store.info / store.delete off the event loop, with the API's errors."""
+    _authorize(request, state)
+    if len(session_id) > 256:
+        raise APIError(400, "session_id: at most 256 characters", "invalid_request_error",
+                       "session_id")  # fmt: skip
+    if state.engine is None or not state.engine.is_healthy:
+        raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+                       headers={"Retry-After": "5"})  # fmt: skip
+    store = state.engine.engine.sessions
+    try:
+        return await asyncio.to_thread(getattr(store, action), session_id)
+    except SessionError as error:
+        raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+    except StoreUnavailableError as error:
+        raise APIError(503, str(error), "service_unavailable", "session_id",
+                       headers={"Retry-After": "1"}) from None  # fmt: skip
+
+
+def _no_session(session_id: str) -> APIError:
+    return APIError(404, f"no saved session {session_id!r}", "not_found_error", "session_id",
+                    code="session_not_found")  # fmt: skip
 
 
 def _too_large(state: ServerState) -> APIError:
@@ -421,6 +476,9 @@ async def _outputs(
         ) from None
     except SessionError as error:
         raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+    except StoreUnavailableError as error:
+        raise APIError(503, str(error), "service_unavailable", "session_id",
+                       headers={"Retry-After": "1"}) from None  # fmt: skip
     except ValueError as error:
         raise APIError(400, str(error), "invalid_request_error") from None
     except EngineDeadError as error:
@@ -560,6 +618,9 @@ def _accumulate(choice: _Choice, out: RequestOutput) -> None:
         choice.finish_reason = out.finish_reason
     if out.error is not None:
         raise APIError(500, f"generation failed: {out.error}", "internal_error")
+    if out.store_error is not None:  # the session stays at its previous turn: retry it
+        raise APIError(503, out.store_error, "service_unavailable", "session_id",
+                       headers={"Retry-After": "1"})  # fmt: skip
 
 
 def _completion_logprobs(choice: _Choice, tokenizer, prompt_ids: list[int], echo: bool):
@@ -625,12 +686,12 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
         for m in body.messages
     ]
-    session = (
-        None if body.session_id is None else state.engine.engine.sessions.peek(body.session_id)
-    )
-    ids = (session and _continuation_ids(tokenizer, messages, session.pending)) or _chat_ids(
-        tokenizer, messages
-    )
+    ids = None
+    if body.session_id is not None:  # a continued session: only its new turns
+        saved = await _stored_session(state, body.session_id)
+        if saved is not None and saved.pending is not None:
+            ids = _continuation_ids(tokenizer, messages, list(saved.pending))
+    ids = ids or _chat_ids(tokenizer, messages)
     top = body.top_logprobs
     if top is not None and not 0 <= top <= 20:
         raise APIError(400, "top_logprobs must be between 0 and 20", "invalid_request_error",
@@ -652,6 +713,16 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     return await _until_disconnect(
         request, _chat_full(body, request_id, stream, choices, tokenizer)
     )
+
+
+async def _stored_session(state: ServerState, session_id: str) -> StoredSession | None:
+    """The store's info on a session (no lock; off the event loop, as Redis is a network call).
+    None where there is none or the store cannot say (unreachable): the chat is then rendered
+    whole, and the engine answers for the session itself."""
+    try:
+        return await asyncio.to_thread(state.engine.engine.sessions.info, session_id)
+    except (SessionError, StoreUnavailableError):
+        return None
 
 
 def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:

@@ -49,6 +49,26 @@ SERVE_OPTIONS = [
     ("--compile", int, 1, "compile decode steps (1) or run them eagerly (0)"),
     ("--max-model-len", int, 1 << 20, "most tokens of prompt + generation per sequence"),
     ("--default-max-tokens", int, 4096, "generation bound of requests without max_tokens"),
+    (
+        "--state-store",
+        str,
+        "memory",
+        "where session states live: memory (this process) or "
+        "redis://host:port/db (shared by replicas, kept across restarts)",
+    ),
+    (
+        "--share-prefix-states",
+        bool,
+        False,
+        "with a Redis state store, share prefix-cache states between replicas too",
+    ),
+    (
+        "--session-lock-ttl",
+        float,
+        30.0,
+        "seconds a session in use stays locked in Redis "
+        "without a refresh (a crashed replica's lock frees itself after it)",
+    ),
 ]
 
 
@@ -62,6 +82,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     for flag, kind, default, text in SERVE_OPTIONS:
         env = "LLN_SERVE_" + flag[2:].upper().replace("-", "_")
         value = os.environ.get(env, default)
+        if kind is bool:  # --flag / --no-flag; the variable takes 1/0, true/false
+            value = str(value).strip().lower() in ("1", "true", "yes", "on")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
+                                help=f"{text} [env {env}]")  # fmt: skip
+            continue
         parser.add_argument(flag, type=kind, default=value, help=f"{text} [env {env}]")
     # a switch: the flag sets it, the environment variable takes 1/0 (checked in run_serve)
     parser.add_argument(
@@ -330,6 +355,9 @@ def run_serve(args: argparse.Namespace) -> int:
             compile_decode=bool(int(args.compile)),
             max_model_len=int(args.max_model_len),
             default_max_tokens=int(args.default_max_tokens),
+            state_store=args.state_store,
+            share_prefix_states=bool(args.share_prefix_states),
+            session_lock_ttl_s=float(args.session_lock_ttl),
         )
         no_ui = SWITCH_VALUES.get(str(args.no_ui).strip().lower())
         if no_ui is None:

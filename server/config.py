@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16", "int8")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class EngineConfig:
     plus generation; a request over it is refused before any work. A state does not grow
     with the context, so the default is a long-context server's 1M tokens, not a KV budget.
     default_max_tokens: the generation bound of a request that gives no max_tokens.
+    state_store: where session states live: None (this process) or a Redis URL
+    (redis://host:port/db), shared by replicas and kept across restarts.
+    share_prefix_states: with Redis, prefix-cache states are shared by every replica too.
+    session_lock_ttl_s: a session in use is locked in Redis for this long, refreshed while its
+    request runs (a crashed replica's lock frees itself after it).
     """
 
     model: str = "smollm2-135m-lln"
@@ -38,6 +44,9 @@ class EngineConfig:
     seed: int | None = None
     max_model_len: int = 1 << 20
     default_max_tokens: int = 4096
+    state_store: str | None = None
+    share_prefix_states: bool = False
+    session_lock_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         ints = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size",
@@ -61,10 +70,26 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.session_ttl_s <= 0:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
+        self._check_state_store()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def _check_state_store(self) -> None:
+        url = self.state_store
+        if url not in (None, "", "memory") and not url.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"state_store must be 'memory' or a Redis URL (redis://host:port/db), got {url!r}"
+            )
+        if self.share_prefix_states and not self.uses_redis:
+            raise ValueError("share_prefix_states needs a Redis state_store (redis://...)")
+        if self.session_lock_ttl_s <= 0:
+            raise ValueError(f"session_lock_ttl_s must be > 0, got {self.session_lock_ttl_s}")
+
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.state_store) and self.state_store.startswith(REDIS_SCHEMES)
 
 
 @dataclass(frozen=True)

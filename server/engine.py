@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +23,13 @@ from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.errors import QueueFullError
 from server.guided import GuidedDecoding
-from server.prefix_cache import PrefixCache, Session, SessionStore, Snapshot, prefix_hashes
+from server.prefix_cache import PrefixCache, Snapshot, prefix_hashes
 from server.request import Request, RequestStatus, SamplingParams
 from server.runner import ModelRunner, RunnerOutput
 from server.sampler import Sampler, SamplerOutput, compute_logprobs
 from server.scheduler import ScheduledBatch, Scheduler
 from server.state_pool import StatePool, snapshot_bytes
+from server.state_store import Session, StoreUnavailableError, open_store, state_tag
 
 logger = logging.getLogger("lln_serve.engine")
 
@@ -73,6 +76,10 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
     emitted: float = field(default_factory=time.monotonic)
+    # a session's final output: the store write of its new state (result: None or an error
+    # message); the client hears of the end only once the state is saved
+    session_saved: Future | None = None
+    store_error: str | None = None
 
 
 @dataclass(eq=False)
@@ -94,6 +101,7 @@ class _Sequence:
     prompt_logprobs_sent: bool = False
     forked: bool = False
     matcher: object | None = None  # llguidance.LLMatcher of a structured output
+    session_saved: Future | None = None
 
 
 class LLMEngine:
@@ -131,7 +139,16 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(
             config.prefill_chunk_size, config.prefix_cache_bytes, snapshot_bytes
         )
-        self.sessions = SessionStore(config.session_bytes, config.session_ttl_s)
+        self.state_template: Snapshot = model.empty_states(1)
+        self.state_tag = state_tag(model, config.model, self.state_template)
+        self.sessions = open_store(
+            config.state_store, self.state_tag, self.state_template,
+            max_bytes=config.session_bytes, ttl_s=config.session_ttl_s,
+            lock_ttl_s=config.session_lock_ttl_s, share_prefixes=config.share_prefix_states,
+        )  # fmt: skip
+        # store writes: done at once here; AsyncEngine moves them off the engine thread
+        self.session_writer: SessionWriter = self._write_now
+        self.prefix_writer: Callable[[bytes, Snapshot], None] = self.sessions.put_prefix
         self._seqs: dict[str, _Sequence] = {}
         self._groups: dict[str, list[str]] = {}
         self.num_prefill_tokens = 0  # prompt tokens actually computed (cache hits excluded)
@@ -147,12 +164,57 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         session_id: str | None = None,
+        *,
+        acquired: tuple[Session | None] | None = None,
+        shared_prefix: tuple[int, Snapshot] | None = None,
     ) -> None:
         """Queue a request (n choices). Raises ValueError for bad input, QueueFullError when
-        the waiting queue is full, SessionError for a session that cannot be continued."""
-        if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in the engine")
-        self._check_prompt(prompt_token_ids)
+        the waiting queue is full, SessionError for a session that cannot be continued,
+        StoreUnavailableError when the session store cannot be reached.
+
+        acquired: the session's state, already taken from the store by the caller (a 1-tuple;
+        AsyncEngine loads it off this thread). shared_prefix: (block index, state) of a prefix
+        state fetched from a shared store, put in the prefix cache first."""
+        try:
+            if request_id in self._groups:
+                raise ValueError(f"request_id {request_id!r} is already in the engine")
+            self.precheck(prompt_token_ids, params, session_id)
+        except Exception:
+            if acquired is not None:
+                self._session_done(request_id, session_id, "abandon", acquired[0])
+            raise
+        if session_id is None:
+            session = None
+        elif acquired is not None:
+            session = acquired[0]
+        else:
+            session = self.sessions.acquire(session_id)
+        try:  # a session's context holds its history too
+            history = session.num_tokens if session is not None else 0
+            params = self._bounded(params, history + len(prompt_token_ids))
+        except Exception:
+            if session_id is not None:
+                self._session_done(request_id, session_id, "abandon", session)
+            raise
+        prompt = [*(session.pending if session else ()), *prompt_token_ids]
+        seq = self._new_sequence(request_id, 0, prompt, params)
+        seq.session_id, seq.session = session_id, session
+        if session is not None:
+            seq.restore = session.snapshot
+            seq.num_cached_tokens = session.num_tokens - len(session.pending)
+        elif session_id is None:
+            seq.hashes = prefix_hashes(prompt, self.prefix_cache.block)
+            if shared_prefix is not None and shared_prefix[0] < len(seq.hashes):
+                index, snapshot = shared_prefix
+                end = (index + 1) * self.prefix_cache.block
+                self.prefix_cache.insert(seq.hashes, end, snapshot)
+        self.scheduler.add(seq.request)
+        self._groups[request_id] = [seq.request.request_id]
+
+    def precheck(self, prompt: list[int], params: SamplingParams, session_id: str | None) -> None:
+        """ValueError / QueueFullError for a request refused whatever its session holds
+        (checked before a session is loaded)."""
+        self._check_prompt(prompt)
         if session_id is not None and params.n != 1:
             raise ValueError("a request with a session_id must have n = 1")
         vocab = self.model.config.vocab_size
@@ -161,24 +223,6 @@ class LLMEngine:
         self.check_admissible(1, params.n)
         if not self.scheduler.can_accept():
             raise QueueFullError(self.config.max_waiting)
-        session = self.sessions.acquire(session_id) if session_id is not None else None
-        try:  # a session's context holds its history too
-            history = session.num_tokens if session is not None else 0
-            params = self._bounded(params, history + len(prompt_token_ids))
-        except ValueError:
-            if session is not None:
-                self.sessions.release(session_id, session)
-            raise
-        prompt = [*(session.pending if session else ()), *prompt_token_ids]
-        seq = self._new_sequence(request_id, 0, prompt, params)
-        seq.session_id, seq.session = session_id, session
-        if session is not None:
-            seq.restore = session.snapshot
-            seq.num_cached_tokens = session.num_tokens - len(session.pending)
-        else:
-            seq.hashes = prefix_hashes(prompt, self.prefix_cache.block)
-        self.scheduler.add(seq.request)
-        self._groups[request_id] = [seq.request.request_id]
 
     def check_admissible(self, num_prompts: int, n: int) -> None:
         """Raise ValueError for work that could never be admitted, whatever the load."""
@@ -241,9 +285,11 @@ class LLMEngine:
         for chunk in batch.prefills:
             seq = self._seqs[chunk.request.request_id]
             if seq.hashes and self.prefix_cache.wants(seq.hashes, chunk.end):
-                self.prefix_cache.insert(
-                    seq.hashes, chunk.end, self.pool.snapshot(chunk.request.slot)
-                )
+                snapshot = self.pool.snapshot(chunk.request.slot)
+                self.prefix_cache.insert(seq.hashes, chunk.end, snapshot)
+                if self.sessions.shares_prefixes:
+                    self.prefix_writer(seq.hashes[chunk.end // self.prefix_cache.block - 1],
+                                       snapshot)  # fmt: skip
             logits = result.prompt_logits.get(chunk.request.request_id)
             if logits is not None:
                 self._add_prompt_logprobs(seq, chunk.start, chunk.end, logits)
@@ -334,6 +380,9 @@ class LLMEngine:
         self._forget(seq)
         out = self._output(seq, text, finished=True)
         out.prompt_logprobs = self._take_prompt_logprobs(seq)
+        out.session_saved = seq.session_saved
+        if out.session_saved is not None and out.session_saved.done():
+            out.store_error = out.session_saved.result()
         return out
 
     def _fail(self, seq: _Sequence, message: str) -> RequestOutput:
@@ -356,19 +405,32 @@ class LLMEngine:
 
     def _release_session(self, seq: _Sequence, *, keep_new_state: bool) -> None:
         """A session gets its state after every token but the last sampled one (which the
-        next request prefills first); after a failure or abort it gets back its old state."""
+        next request prefills first); after a failure or abort it keeps its old state."""
         if seq.session_id is None:
             return
         session_id, seq.session_id = seq.session_id, None
         request = seq.request
         if not keep_new_state or request.slot is None or not request.is_prefill_done:
-            self.sessions.release(session_id, seq.session)
+            self._session_done(seq.api_id, session_id, "abandon", seq.session)
             return
         snapshot = self.pool.snapshot(request.slot)
         pending = request.output_token_ids[-1:]
         num_tokens = int(snapshot[0].num_tokens[0]) + len(pending)
         session = Session(snapshot, pending, num_tokens, snapshot_bytes(snapshot))
-        self.sessions.release(session_id, session)
+        seq.session_saved = self._session_done(seq.api_id, session_id, "release", session)
+
+    def _session_done(
+        self, request_id: str, session_id: str, action: str, session: Session | None
+    ) -> Future:
+        return self.session_writer(request_id, session_id, action, session)
+
+    def _write_now(
+        self, request_id: str, session_id: str, action: str, session: Session | None
+    ) -> Future:
+        """Release (save) or abandon a session in the store, here and now."""
+        done: Future = Future()
+        done.set_result(write_session(self.sessions, session_id, action, session))
+        return done
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -491,6 +553,28 @@ class LLMEngine:
         restored session or prefix counts in full)."""
         slots = [r.slot for r in list(self.scheduler.running) if r.slot is not None]
         return self.pool.context_lengths(slots)
+
+
+SessionWriter = Callable[[str, str, str, "Session | None"], Future]
+
+
+def write_session(store, session_id: str, action: str, session: Session | None) -> str | None:
+    """store.release (action 'release') or store.abandon; None, or why the state was not
+    saved (the previous turn's state stays)."""
+    from server.state_store import SessionError
+
+    try:
+        if action == "release":
+            store.release(session_id, session)
+        else:
+            store.abandon(session_id, session)
+    except (StoreUnavailableError, SessionError) as error:
+        logger.warning("session %r: state not saved: %s", session_id, error)
+        return f"the session state was not saved: {error}"
+    except Exception as error:  # never leave a caller waiting on a failed write
+        logger.exception("session %r: state not saved", session_id)
+        return f"the session state was not saved: {type(error).__name__}: {error}"
+    return None
 
 
 def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase]:

@@ -26,6 +26,7 @@ from server.engine import LLMEngine, RequestOutput
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
 TOKEN_BUCKETS = tuple(2**i for i in range(21))  # 1 .. 1M tokens
+STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -68,6 +69,17 @@ class Metrics:
             [*labels, "finished_reason"],
             registry=reg,
         )
+        self.store_latency = Histogram(
+            "lln:state_store_operation_seconds",
+            "State store operations: load (lock + read + decode), save (encode + write + swap), "
+            "prefix_load, prefix_save.",
+            [*labels, "operation"],
+            buckets=STORE_BUCKETS,
+            registry=reg,
+        )
+        engine.sessions.observe = lambda op, seconds: self.store_latency.labels(
+            model_name, op
+        ).observe(seconds)
         reg.register(EngineCollector(engine, model_name))
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
@@ -126,8 +138,11 @@ class EngineCollector:
              "hold for the live contexts (bf16): the memory saved.", self._kv_bytes(contexts)),
             ("lln:prefix_cache_bytes", "Bytes of cached prefix states.",
              engine.prefix_cache.bytes_used),
-            ("lln:session_states", "Saved sessions.", len(engine.sessions)),
+            ("lln:session_states", "Saved sessions (in Redis: all replicas', counted every "
+             "10 s).", engine.sessions.num_sessions),
             ("lln:session_bytes", "Bytes of saved session states.", engine.sessions.bytes_used),
+            ("lln:state_store_up", "1 while the state store is reachable (always 1 in process).",
+             int(engine.sessions.is_available)),
         ]  # fmt: skip
         if torch.cuda.is_available():
             gauges += [
@@ -145,6 +160,8 @@ class EngineCollector:
             ("lln:prefix_cache_queries", "Prefix-cache lookups.", cache.queries),
             ("lln:prefix_cache_hits", "Prefix-cache lookups that restored a state.", cache.hits),
             ("lln:session_evictions", "Sessions evicted.", engine.sessions.evictions),
+            ("lln:prefill_computed_tokens", "Prompt tokens computed by prefill (prefix-cache "
+             "and session hits excluded).", engine.num_prefill_tokens),
         ):  # fmt: skip
             family = CounterMetricFamily(metric, doc, labels=["model_name"])
             family.add_metric(name, value)

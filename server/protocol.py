@@ -358,3 +358,23 @@ class ErrorResponse(_Model):
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class SessionObject(BaseModel):
+    """`GET /v1/sessions/{id}` (lln-serve extension): a saved conversation state."""
+
+    id: str
+    object: Literal["session"] = "session"
+    num_tokens: int = Field(description="tokens the state has seen (the whole conversation)")
+    bytes: int = Field(description="bytes of the saved state, the same at any length")
+    last_used: float = Field(description="Unix time of the last save")
+    in_use: bool = Field(description="a request is continuing it now")
+    store: str = Field(description="memory (this process) or redis")
+
+
+class SessionDeleted(BaseModel):
+    """`DELETE /v1/sessions/{id}`."""
+
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_serve_rejects_bad_settings_with_a_message():
     result = subprocess.run(
@@ -43,3 +45,39 @@ def test_unknown_command_is_a_usage_error():
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_serve_rejects_a_bad_state_store_with_a_message():
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--state-store", "mysql://x"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "state_store must be 'memory' or a Redis URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    from server.config import EngineConfig
+
+    with pytest.raises(ValueError, match="share_prefix_states needs a Redis state_store"):
+        EngineConfig(share_prefix_states=True)
+    with pytest.raises(ValueError, match="session_lock_ttl_s"):
+        EngineConfig(state_store="redis://h:1/0", session_lock_ttl_s=0)
+
+
+def test_state_store_flags_and_their_environment_variables():
+    import os
+
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.state_store == "memory" and args.share_prefix_states is False
+    os.environ["LLN_SERVE_SHARE_PREFIX_STATES"] = "1"
+    os.environ["LLN_SERVE_STATE_STORE"] = "redis://r:6379/0"
+    try:
+        args = build_parser().parse_args(["serve"])
+        assert args.share_prefix_states is True and args.state_store == "redis://r:6379/0"
+        assert (
+            build_parser().parse_args(["serve", "--no-share-prefix-states"]).share_prefix_states
+            is False
+        )
+    finally:
+        del os.environ["LLN_SERVE_SHARE_PREFIX_STATES"], os.environ["LLN_SERVE_STATE_STORE"]

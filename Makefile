@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test tools lint format bench-ops bench-model bench-engine bench-serving bench-sessions bench-quality clean
+.PHONY: install run test tools lint format bench-ops bench-model bench-cpu bench-engine bench-serving bench-sessions bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ tools:
 
 bench-model: install
 	$(PY) benchmarks/bench_model.py
+
+# llama.cpp's side needs llama-cpp-python in its own environment (see benchmarks/bench_cpu.py)
+bench-cpu: install
+	$(PY) benchmarks/bench_cpu.py
 
 bench-engine: install
 	$(PY) benchmarks/bench_engine.py

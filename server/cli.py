@@ -8,6 +8,7 @@ from pathlib import Path
 
 from models.configuration_lln import ATTENTION_KERNELS as KERNELS
 from models.configuration_lln import FEATURE_MAPS
+from server.config import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +157,9 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=_positive_int, default=64)
     parser.add_argument("--chat", action="store_true", help="apply the chat template")
     parser.add_argument("--kernel", choices=KERNELS, help="run the weights with this kernel")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="weights (states stay float32)"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=_non_negative_int, default=0)
@@ -221,7 +225,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         return _fail("need temperature >= 0 and 0 < top-p <= 1")
-    model, tokenizer = load_model(args.model, kernel=args.kernel)
+    model, tokenizer = load_model(args.model, kernel=args.kernel, dtype=getattr(torch, args.dtype))
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

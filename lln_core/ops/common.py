@@ -159,3 +159,31 @@ def enable_flush_denormal() -> bool:
     changes results by less than float32 resolution.
     """
     return torch.set_flush_denormal(True)
+
+
+def fused_softmax_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `fused_softmax_parts` can take these: PyTorch's fused CPU flash kernel takes one
+    dtype and equal key and value widths, and has no backward with a mask."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in (torch.float32, torch.float64)
+        and q.shape[-1] == v.shape[-1]
+        and not grad
+    )
+
+
+def fused_softmax_parts(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, seen: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Unnormalised softmax parts (num, den, log_scale) of q [B, H, Lq, D] over k, v [B, H, Lk,
+    D] with an additive mask (0 or -inf, broadcastable to [B, H, Lq, Lk]), in one fused kernel:
+    the logits stay in cache in blocks instead of a pass over a [Lq, Lk] tensor per elementwise
+    step. The kernel returns the normalised output and its log-sum-exp, i.e. num with den = 1;
+    seen [B, H or 1, Lq] bool: whether the query sees any key (den = 0 where not)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=mask, scale=scale
+    )
+    den = seen.to(q.dtype).expand(lse.shape)
+    return out, den, torch.where(seen, lse, 0.0)

@@ -23,6 +23,8 @@ from lln_core.ops.common import (
     count_tokens,
     exp_ftz,
     finite_or_zero,
+    fused_softmax_fits,
+    fused_softmax_parts,
     group_queries,
     ungroup,
     valid_tokens,
@@ -138,6 +140,10 @@ def local_softmax_parts(
     keys = _block_keys(tail_k, k, new_cache.k[:, :, :sinks], block, pad)  # [B, Hkv, N, L, D]
     values = _block_keys(tail_v, v, new_cache.v[:, :, :sinks], block, pad)
     qb = _to_blocks(q * scale, block, pad)  # [B, Hkv, N, G C, D]
+    if fused_softmax_fits(qb, keys, values):
+        num, den, log_scale = _fused_blocks(qb, keys, values, bias, group)
+        return (_from_blocks(num, group, seq_len), _from_blocks(den, group, seq_len)[..., 0],
+                _from_blocks(log_scale, group, seq_len)[..., 0], new_cache)  # fmt: skip
     logits = qb @ keys.transpose(-1, -2)  # [B, Hkv, N, G C, L]
     inplace = not logits.requires_grad
     blocks = logits.view(batch, num_kv, num_blocks, group, block, -1)
@@ -149,6 +155,28 @@ def local_softmax_parts(
     num = _from_blocks(weights @ values, group, seq_len)
     den = _from_blocks(weights.sum(-1, keepdim=True), group, seq_len)[..., 0]
     return num, den, _from_blocks(log_scale, group, seq_len)[..., 0], new_cache
+
+
+def _fused_blocks(
+    qb: Tensor, keys: Tensor, values: Tensor, bias: Tensor, group: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The blocks' softmax parts in one fused kernel, the (KV head, block) pairs as its heads:
+    qb [B, Hkv, N, G C, D], keys/values [B, Hkv, N, L, D], bias [B, N, 1, C, L] -> num [B,
+    Hkv, N, G C, Dv], den and log_scale [B, Hkv, N, G C, 1]."""
+    batch, num_kv, num_blocks, rows, _ = qb.shape
+    heads, width = num_kv * num_blocks, keys.shape[-2]
+    full = (batch, num_kv, num_blocks, group, rows // group, width)
+    mask = bias[:, None].expand(full).reshape(batch, heads, rows, width)
+    seen = (bias > float("-inf")).any(-1)[:, None].expand(full[:-1]).reshape(batch, heads, rows)
+    num, den, log_scale = fused_softmax_parts(
+        qb.reshape(batch, heads, rows, -1), keys.reshape(batch, heads, width, -1),
+        values.reshape(batch, heads, width, -1), mask, seen, 1.0,
+    )  # fmt: skip
+    return (
+        num.view(*full[:3], rows, -1),
+        den.view(*full[:3], rows, 1),
+        log_scale.view(*full[:3], rows, 1),
+    )
 
 
 def _write_new(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor, unpadded: bool) -> LocalKV:

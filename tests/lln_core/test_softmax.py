@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from lln_core.ops.softmax import softmax_attention
+from lln_core.ops.softmax import LocalSpec, local_softmax_parts, softmax_attention
 from tests.conftest import randn, rel_err
 
 
@@ -30,3 +30,32 @@ def test_kv_cache_offset(gen):
     full = softmax_attention(q, k, v)
     tail = softmax_attention(q[:, :, -3:], k, v)
     assert rel_err(tail, full[:, :, -3:]) < 1e-12
+
+
+def test_local_parts_fused_equal_unfused(gen):
+    """The window's fused CPU kernel (no autograd) and the elementwise path (autograd) agree
+    over two chunks with padding; a row with no key yet sees nothing (den 0) in both."""
+    spec = LocalSpec("window", 5, num_sinks=2)
+    results = []
+    for grad in (False, True):
+        cache = spec.empty_cache(2, 2, 8, dtype=torch.float64)
+        num_tokens = torch.tensor([0, 0])
+        parts = []
+        for seq_len, lengths in ((7, torch.tensor([7, 0])), (9, torch.tensor([9, 4]))):
+            g = torch.Generator().manual_seed(seq_len)
+            q = torch.randn(2, 2, 3, seq_len, 8, generator=g, dtype=torch.float64)
+            k, v = (torch.randn(2, 2, seq_len, 8, generator=g, dtype=torch.float64) for _ in "kv")
+            valid = torch.arange(seq_len)[None] < lengths[:, None]
+            with torch.enable_grad():
+                num, den, log_scale, cache = local_softmax_parts(
+                    q.requires_grad_(grad), k, v, cache, num_tokens, spec, scale=0.35,
+                    valid=valid,
+                )  # fmt: skip
+            parts.append((num.detach() * log_scale.detach().exp()[..., None],
+                          den.detach() * log_scale.detach().exp(), den.detach() == 0))  # fmt: skip
+            num_tokens = num_tokens + lengths
+        results.append(parts)
+    for fused, plain in zip(*results, strict=True):
+        assert torch.equal(fused[2], plain[2])
+        assert rel_err(fused[0], plain[0]) < 1e-12 and rel_err(fused[1], plain[1]) < 1e-12
+    assert bool(results[0][0][2][1].all())  # the empty row of the first chunk sees nothing

@@ -4,7 +4,7 @@ bounded state, and the selection keeps what the LLN state cannot represent."""
 import pytest
 import torch
 
-from lln_core.ops.common import round_to
+from lln_core.ops.common import fused_softmax_fits, round_to
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
     lln_diag_attention,
@@ -12,7 +12,7 @@ from lln_core.ops.lln_diag import (
     naive_lln_diag_attention,
 )
 from lln_core.ops.softmax import LocalSpec
-from lln_core.ops.sparse import naive_sparse_mask, sparse_plan, step_sparse_plan
+from lln_core.ops.sparse import naive_sparse_mask, sparse_parts, sparse_plan, step_sparse_plan
 from lln_core.state import SparseKV
 from tests.conftest import rel_err
 from tests.lln_core.test_lln_diag import make_inputs, mix_for, power_for
@@ -218,3 +218,26 @@ def test_state_bytes_do_not_grow(gen):
         states.append(state)
     assert states[0].nbytes == states[1].nbytes
     assert int((states[1].sparse.pos >= 0).sum()) == size
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_parts_equal_the_unfused_ones(gen, dtype):
+    """The fused CPU kernel (no autograd) and the elementwise path (taken when autograd needs
+    the inputs) give the same parts, queries that see no candidate included (den 0)."""
+    q = torch.randn(2, 3, 2, 9, 8, generator=gen, dtype=torch.float64).to(dtype)
+    k, v = (torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64).to(dtype) for _ in "kv")
+    visible = torch.rand(2, 9, 11, generator=gen) < 0.4
+    visible[0, 3] = False
+    visible[1, :, :5] = False
+    assert fused_softmax_fits(q, k, v)
+    fused = sparse_parts(q.clone(), k, v, visible, 0.3)
+    unfused = sparse_parts(q.clone().requires_grad_(), k, v, visible, 0.3)
+    assert not fused_softmax_fits(q.requires_grad_(), k, v)
+    num_f, den_f, scale_f = fused
+    num_u, den_u, scale_u = (x.detach() for x in unfused)
+    assert torch.equal(den_f == 0, den_u == 0) and bool((den_f[0, :, :, 3] == 0).all())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    total_f = (num_f * scale_f.exp()[..., None], den_f * scale_f.exp())
+    total_u = (num_u * scale_u.exp()[..., None], den_u * scale_u.exp())
+    for a, b in zip(total_f, total_u, strict=True):
+        assert rel_err(a, b) < tol

@@ -319,6 +319,7 @@ class LLMEngine:
             [s.generator for s in seqs],
             self.guided.allowed([s.matcher for s in seqs], logits.device),
         )
+        sampled = sampled.to_host()
         token_ids = sampled.token_ids.tolist()
         for i, seq in enumerate(seqs):
             try:

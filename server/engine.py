@@ -131,7 +131,7 @@ class LLMEngine:
             prefill_chunk_size=config.prefill_chunk_size,
             on_admit=self._on_admit,
         )
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, use_graphs=config.uses_cuda_graphs)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         device = model.lm_head.weight.device
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=device)
@@ -581,7 +581,7 @@ def write_session(store, session_id: str, action: str, session: Session | None) 
 def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase]:
     from models.registry import load_model
 
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, config.weight_dtype)
     return load_model(config.model, dtype=dtype, device=config.device)
 
 

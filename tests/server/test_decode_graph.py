@@ -85,11 +85,14 @@ SCHEDULE = [(1, 0), (0, 0), (2, 0), (2, 0), (4, 1), (5, 0), (7, 0), (0, 3), (3, 
             (0, 12), (3, 0), (0, 0), (0, 9)]  # fmt: skip
 
 
-def run_against_reference(model, sample, *, pad: bool = True, seed: int = 0) -> None:
-    """Decode the same schedule through StaticDecoder and the reference, each on its own pool;
-    sample(logits, rows) -> tokens. Checks tokens, live states and untouched slots each step."""
-    pool, ref_pool = StatePool(model, MAX_SEQS), StatePool(model, MAX_SEQS)
-    decoder, reference = StaticDecoder(model, pool, MAX_SEQS, pad=pad), Reference(model, ref_pool)
+def run_against_reference(model, sample, *, pad: bool = True, seed: int = 0, ref_model=None):
+    """Decode the same schedule through StaticDecoder and the reference (on ref_model, default
+    model), each on its own pool; sample(logits, slots, step) -> tokens. Checks tokens, live
+    states and untouched slots each step."""
+    ref_model = model if ref_model is None else ref_model
+    pool, ref_pool = StatePool(model, MAX_SEQS), StatePool(ref_model, MAX_SEQS)
+    decoder = StaticDecoder(model, pool, MAX_SEQS, pad=pad)
+    reference = Reference(ref_model, ref_pool)
     rng = random.Random(seed)
     free = list(range(MAX_SEQS))
     rng.shuffle(free)  # slots in no order: never consecutive by luck
@@ -236,3 +239,9 @@ def test_eager_step_does_not_sync_on_cuda():
         decoder.step(4)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_layers_in_the_padded_step_equal_plain_forward():
+    model = lln_diag(sparse=3, kv="bfloat16")
+    model.compile_decode()
+    run_against_reference(model, greedy, seed=2, ref_model=lln_diag(sparse=3, kv="bfloat16"))

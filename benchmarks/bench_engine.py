@@ -50,12 +50,13 @@ GENERATE = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
 def make_engine(max_num_seqs: int, device: str, **overrides) -> LLMEngine:
+    chunk = overrides.pop("prefill_chunk_size", 512)
     config = EngineConfig(
         model=DEFAULT_MODEL,
         device=device,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=512 + max_num_seqs,  # every decode plus one full chunk
-        prefill_chunk_size=512,
+        max_num_batched_tokens=chunk + max_num_seqs,  # every decode plus one full chunk
+        prefill_chunk_size=chunk,
         prefix_cache_bytes=0,
         **overrides,
     )

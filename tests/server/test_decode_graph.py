@@ -16,8 +16,16 @@ from tests.models.conftest import tiny_model
 
 VOCAB = 29
 MAX_SEQS = 20  # buckets 1, 2, 4, 8, 16, 20
-# ops whose result the host must wait for: none may run inside a step
-SYNC_OPS = ("nonzero", "_local_scalar_dense", "is_nonzero", "masked_select", "equal", "unique")
+# ops that make the host wait for the device or copy host data to it: none may run in a step
+SYNC_OPS = (
+    "nonzero",
+    "_local_scalar_dense",
+    "is_nonzero",
+    "masked_select",
+    "equal",
+    "unique",
+    "lift_fresh",
+)  # lift_fresh: a tensor made from host data (a copy to the device)
 
 
 def lln_diag(sparse: int = 0, kv: str = "auto", device: str = "cpu"):
@@ -29,6 +37,14 @@ def lln_diag(sparse: int = 0, kv: str = "auto", device: str = "cpu"):
 MODELS = {
     "window": lambda: lln_diag(),
     "window+sparse-bf16": lambda: lln_diag(sparse=3, kv="bfloat16"),
+    "block-average": lambda: tiny_model(
+        "lln_diag",
+        dtype=torch.float32,
+        vocab_size=VOCAB,
+        combine="average",
+        local_kind="block",
+        local_size=4,
+    ),
     "lln": lambda: tiny_model("lln", dtype=torch.float32, vocab_size=VOCAB),
     "ea": lambda: tiny_model("ea", dtype=torch.float32, vocab_size=VOCAB),
 }

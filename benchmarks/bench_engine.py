@@ -219,7 +219,7 @@ def goals_report(device: str, quick: bool, out: Path) -> str:
     one = statistics.median(step_times(engine, 1, new_tokens, "one")) * 1e3
     peak = decode_throughput(engine, peak_n, "-peak")
     profile = step_profile(engine, min(peak_n, 64), device, out / f"{name}_profile.txt")
-    config = engine.config
+    config, graphs = engine.config, bool(engine.runner.decoder.graphs)
     peer_model = softmax_peer(engine.model)
     del engine
     ttft_engine = make_engine(1, device, prefill_chunk_size=2048 if quick else 8192)
@@ -236,7 +236,7 @@ def goals_report(device: str, quick: bool, out: Path) -> str:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     text = "\n".join([
         f"# Issue 18's goals, {DEFAULT_MODEL} on {where}, weights {config.weight_dtype}, "
-        f"CUDA graphs {'on' if config.uses_cuda_graphs else 'off'}, torch {torch.__version__}",
+        f"CUDA graphs {'on' if graphs else 'off'}, torch {torch.__version__}",
         "",
         f"`bench_engine.py --goals --device {device}{' --quick' if quick else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M')} UTC. Peer: the same weights as a softmax Llama in "

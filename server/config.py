@@ -101,10 +101,6 @@ class EngineConfig:
         return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     @property
-    def uses_cuda_graphs(self) -> bool:
-        return self.device.startswith("cuda") and not self.enforce_eager
-
-    @property
     def uses_redis(self) -> bool:
         return bool(self.state_store) and self.state_store.startswith(REDIS_SCHEMES)
 

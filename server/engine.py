@@ -131,9 +131,10 @@ class LLMEngine:
             prefill_chunk_size=config.prefill_chunk_size,
             on_admit=self._on_admit,
         )
-        self.runner = ModelRunner(model, self.pool, use_graphs=config.uses_cuda_graphs)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
         device = model.lm_head.weight.device
+        use_graphs = device.type == "cuda" and not config.enforce_eager
+        self.runner = ModelRunner(model, self.pool, use_graphs=use_graphs)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=device)
         self.guided = GuidedDecoding(tokenizer, model.config.vocab_size)
         self.prefix_cache = PrefixCache(

@@ -13,6 +13,13 @@
    shape would hold. On CUDA: the GPU memory allocated by torch (peak) instead of RSS, and
    results in bench_engine_cuda.md / .png.
 
+`--goals` measures instead issue 18's GPU goals (tables in bench_engine_goals.md, or
+bench_engine_cuda_goals.md on CUDA, and the step's profile in *_profile.txt): batch-1 decode ms
+per token (engine only), peak decode tokens/s at 1,024 sequences, time to first token of a
+32K-token prompt, a torch.profiler summary of one decode step (device kernel time against wall
+time), and the peer: the same weights as a softmax Llama in transformers with its static KV
+cache (`softmax_peer.py`). `--quick` shrinks every size (a CPU smoke run).
+
 `--guided` measures instead what structured outputs cost per decode step (the llguidance mask
 and token bookkeeping), 1 and 16 sequences under a JSON schema next to the same number
 unconstrained, in one run: bench_engine_guided.md.
@@ -43,12 +50,13 @@ GENERATE = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
 def make_engine(max_num_seqs: int, device: str, **overrides) -> LLMEngine:
+    chunk = overrides.pop("prefill_chunk_size", 512)
     config = EngineConfig(
         model=DEFAULT_MODEL,
         device=device,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=512 + max_num_seqs,  # every decode plus one full chunk
-        prefill_chunk_size=512,
+        max_num_batched_tokens=chunk + max_num_seqs,  # every decode plus one full chunk
+        prefill_chunk_size=chunk,
         prefix_cache_bytes=0,
         **overrides,
     )
@@ -141,6 +149,111 @@ def guided_report(engine: LLMEngine, out: Path) -> str:
     ]) + "\n"  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_engine_guided.md").write_text(text)
+    return text
+
+
+def step_times(engine: LLMEngine, count: int, max_tokens: int, tag: str) -> list[float]:
+    """Seconds of each decode step of `count` sequences generating max_tokens each."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(count):
+        engine.add_request(f"{tag}-{i}", random_prompt(16, i), params)
+    while any(not r.is_prefill_done for r in [*engine.scheduler.waiting,
+                                              *engine.scheduler.running]):  # fmt: skip
+        engine.step()
+    times = []
+    while engine.has_unfinished():
+        began = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def time_to_first_token(engine: LLMEngine, length: int, tag: str) -> float:
+    """Seconds from add_request to the first generated token of a `length`-token prompt."""
+    began = time.perf_counter()
+    engine.add_request(tag, random_prompt(length, 11), SamplingParams(max_tokens=1))
+    while engine.has_unfinished():
+        if any(out.token_ids for out in engine.step()):
+            break
+    return time.perf_counter() - began
+
+
+def step_profile(engine: LLMEngine, count: int, device: str, path: Path) -> dict:
+    """torch.profiler over 5 decode steps of `count` sequences: wall ms per step and, on CUDA,
+    the device's kernel time per step (the rest of the wall time is the host's); the top ops
+    by device (else CPU) time go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    for i in range(count):
+        engine.add_request(f"prof-{i}", random_prompt(16, i), params)
+    for _ in range(8):
+        engine.step()  # prefilled, decoding
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    steps = 5
+    with profile(activities=activities) as prof:
+        began = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - began) / steps
+    for i in range(count):
+        engine.abort(f"prof-{i}")
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=key, row_limit=25) + "\n")
+    kernel = sum(e.self_device_time_total for e in events) / steps / 1e6 if cuda else None
+    return {"wall_ms": wall * 1e3, "kernel_ms": None if kernel is None else kernel * 1e3}
+
+
+def goals_report(device: str, quick: bool, out: Path) -> str:
+    """Issue 18's goals on `device`, next to the softmax peer; see the module docstring."""
+    from softmax_peer import peer_decode, softmax_peer  # benchmarks/, the script's folder
+
+    cuda = device.startswith("cuda")
+    peak_n, prompt, new_tokens = (4, 256, 8) if quick else (1024, 32768, 64)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "bench_engine_cuda_goals" if cuda else "bench_engine_goals"
+    engine = make_engine(peak_n, device)
+    step_times(engine, 2, 4, "warm-up")  # compiles (graphs were captured at start)
+    one = statistics.median(step_times(engine, 1, new_tokens, "one")) * 1e3
+    peak = decode_throughput(engine, peak_n, "-peak")
+    profile = step_profile(engine, min(peak_n, 64), device, out / f"{name}_profile.txt")
+    config, graphs = engine.config, bool(engine.runner.decoder.graphs)
+    peer_model = softmax_peer(engine.model)
+    del engine
+    ttft_engine = make_engine(1, device, prefill_chunk_size=2048 if quick else 8192)
+    time_to_first_token(ttft_engine, 64, "ttft-warm-up")
+    ttft = time_to_first_token(ttft_engine, prompt, "ttft")
+    del ttft_engine
+    peer_one = peer_decode(peer_model, 1, 16, new_tokens)
+    peer_batch = 2 if quick else 256
+    peer_many = peer_decode(peer_model, peer_batch, 16, new_tokens)
+    kernel = profile["kernel_ms"]
+    host = "" if kernel is None else (
+        f", device kernels {kernel:.2f} ms ({kernel / profile['wall_ms']:.0%}), host and idle "
+        f"the rest")  # fmt: skip
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    text = "\n".join([
+        f"# Issue 18's goals, {DEFAULT_MODEL} on {where}, weights {config.weight_dtype}, "
+        f"CUDA graphs {'on' if graphs else 'off'}, torch {torch.__version__}",
+        "",
+        f"`bench_engine.py --goals --device {device}{' --quick' if quick else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC. Peer: the same weights as a softmax Llama in "
+        "transformers, static KV cache (`generate(cache_implementation='static')`, compiled on "
+        "CUDA).",
+        "",
+        "| measure | engine | softmax peer | goal |",
+        "|---|---|---|---|",
+        f"| batch-1 decode, ms/token | {one:.2f} | {peer_one['ms_per_step']:.2f} | <= 3 |",
+        f"| decode tokens/s, {peak_n:,} sequences (peer: {peer_batch}) | {peak:,.0f} | "
+        f"{peer_many['tokens_per_s']:,.0f} | >= 40,000 |",
+        f"| time to first token, {prompt:,}-token prompt, s | {ttft:.2f} | | <= 1 |",
+        "",
+        f"One decode step of {min(peak_n, 64)} sequences under torch.profiler: wall "
+        f"{profile['wall_ms']:.2f} ms per step{host}. Top ops: `{name}_profile.txt`.",
+    ]) + "\n"  # fmt: skip
+    (out / f"{name}.md").write_text(text)
     return text
 
 
@@ -283,7 +396,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--guided", action="store_true", help="structured-output cost only")
+    parser.add_argument("--goals", action="store_true", help="issue 18's GPU goals only")
     args = parser.parse_args()
+    if args.goals:
+        print(goals_report(args.device, args.quick, args.out))
+        return
     if args.guided:
         print(guided_report(make_engine(16, args.device), args.out))
         return

@@ -156,12 +156,15 @@ class SparseKV(BatchedState):
 
     def write_step_(self, index: Tensor, source: BatchedState) -> None:
         """Rows `index` take `source`'s rows after one decode token: pairs keep their slots,
-        so only the slot whose position changed (at most one per row) is copied."""
+        so only the slot whose position changed (at most one per row) is copied. No host sync
+        (a row with no change rewrites one slot with itself), so a CUDA graph can hold it."""
         changed = self.pos.index_select(0, index) != source.pos  # [n, G]
-        rows = changed.any(dim=1).nonzero().flatten()
-        slot = changed.to(torch.float32).argmax(dim=1)[rows]
-        self.k[index[rows], :, slot] = source.k[rows, :, slot].to(self.k.dtype)
-        self.v[index[rows], :, slot] = source.v[rows, :, slot].to(self.v.dtype)
+        has_change = changed.any(dim=1)[:, None, None]
+        slot = changed.to(torch.float32).argmax(dim=1)
+        rows = torch.arange(len(index), device=index.device)
+        for dst, src in ((self.k, source.k), (self.v, source.v)):
+            current = dst[index, :, slot]
+            dst[index, :, slot] = torch.where(has_change, src[rows, :, slot].to(dst.dtype), current)
         self.pos.index_copy_(0, index, source.pos)
         self.score.index_copy_(0, index, source.score.to(self.score.dtype))
 

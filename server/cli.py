@@ -8,7 +8,7 @@ from pathlib import Path
 
 from models.configuration_lln import ATTENTION_KERNELS as KERNELS
 from models.configuration_lln import FEATURE_MAPS
-from server.config import DTYPES
+from server.config import WEIGHT_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,13 +41,15 @@ SERVE_OPTIONS = [
     (
         "--dtype",
         str,
-        "float32",
-        "weights: float32, bfloat16, float16 or int8 (weight-only; states stay float32)",
+        "auto",
+        "weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 or int8 "
+        "(weight-only); states stay float32",
     ),
     ("--prefix-cache-mb", int, 256, "prefix-cache budget, MiB (0 disables)"),
     ("--session-mb", int, 256, "session-state budget, MiB (0 disables)"),
     ("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     ("--compile", int, 1, "compile decode steps (1) or run them eagerly (0)"),
+    ("--enforce-eager", bool, False, "CUDA: run decode steps eagerly, without CUDA graphs"),
     ("--max-model-len", int, 1 << 20, "most tokens of prompt + generation per sequence"),
     ("--default-max-tokens", int, 4096, "generation bound of requests without max_tokens"),
     (
@@ -158,7 +160,7 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the chat template")
     parser.add_argument("--kernel", choices=KERNELS, help="run the weights with this kernel")
     parser.add_argument(
-        "--dtype", choices=DTYPES, default="float32", help="weights (states stay float32)"
+        "--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights (states stay float32)"
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -357,6 +359,7 @@ def run_serve(args: argparse.Namespace) -> int:
             session_bytes=int(args.session_mb) * 2**20,
             session_ttl_s=float(args.session_ttl),
             compile_decode=bool(int(args.compile)),
+            enforce_eager=bool(args.enforce_eager),
             max_model_len=int(args.max_model_len),
             default_max_tokens=int(args.default_max_tokens),
             state_store=args.state_store,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("auto", *WEIGHT_DTYPES)  # auto: by device (`EngineConfig.weight_dtype`)
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -18,7 +19,11 @@ class EngineConfig:
     prefill_chunk_size: longest prefill chunk; prefix-cache snapshots land on its multiples.
     prefix_cache_bytes / session_bytes: byte budgets of saved states (0 disables).
     session_ttl_s: idle sessions older than this are evicted.
+    dtype: of the weights; "auto" is bfloat16 on CUDA and float32 on CPU (states and LLN
+    features are float32 whatever it is); int8 is weight-only (`models/quantize.py`).
     compile_decode: decode steps through torch.compile'd layers (`LLNModel.compile_decode`).
+    enforce_eager: on CUDA, run decode steps eagerly instead of replaying CUDA graphs
+    (`server/decode_graph.py`); the step is the same static, in-place one.
     max_model_len: the most tokens one sequence may hold, prompt (with a session's history)
     plus generation; a request over it is refused before any work. A state does not grow
     with the context, so the default is a long-context server's 1M tokens, not a KV budget.
@@ -36,11 +41,12 @@ class EngineConfig:
     max_waiting: int = 256
     prefill_chunk_size: int = 512
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     prefix_cache_bytes: int = 256 * 2**20
     session_bytes: int = 256 * 2**20
     session_ttl_s: float = 3600.0
     compile_decode: bool = True
+    enforce_eager: bool = False
     seed: int | None = None
     max_model_len: int = 1 << 20
     default_max_tokens: int = 4096
@@ -86,6 +92,13 @@ class EngineConfig:
             raise ValueError("share_prefix_states needs a Redis state_store (redis://...)")
         if self.session_lock_ttl_s <= 0:
             raise ValueError(f"session_lock_ttl_s must be > 0, got {self.session_lock_ttl_s}")
+
+    @property
+    def weight_dtype(self) -> str:
+        """`dtype` with "auto" resolved for the device."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
 
     @property
     def uses_redis(self) -> bool:

@@ -131,9 +131,10 @@ class LLMEngine:
             prefill_chunk_size=config.prefill_chunk_size,
             on_admit=self._on_admit,
         )
-        self.runner = ModelRunner(model, self.pool)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
         device = model.lm_head.weight.device
+        use_graphs = device.type == "cuda" and not config.enforce_eager
+        self.runner = ModelRunner(model, self.pool, use_graphs=use_graphs)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=device)
         self.guided = GuidedDecoding(tokenizer, model.config.vocab_size)
         self.prefix_cache = PrefixCache(
@@ -319,6 +320,7 @@ class LLMEngine:
             [s.generator for s in seqs],
             self.guided.allowed([s.matcher for s in seqs], logits.device),
         )
+        sampled = sampled.to_host()
         token_ids = sampled.token_ids.tolist()
         for i, seq in enumerate(seqs):
             try:
@@ -580,7 +582,7 @@ def write_session(store, session_id: str, action: str, session: Session | None) 
 def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase]:
     from models.registry import load_model
 
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, config.weight_dtype)
     return load_model(config.model, dtype=dtype, device=config.device)
 
 

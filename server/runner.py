@@ -1,7 +1,8 @@
 """ScheduledBatch -> tensors -> model forward with slot states -> logits.
 
-Decodes and prefill chunks run as two forwards: decode rows are one token each (compiled
-layers when enabled), prefill rows are chunks right-padded to the longest. Putting decodes in
+Decodes and prefill chunks run as two forwards: decode rows are one token each, through the
+static in-place step (`server/decode_graph.py`; CUDA graphs on a GPU, compiled layers when
+enabled), prefill rows are chunks right-padded to the longest. Putting decodes in
 the padded prefill batch would compute every decode row at the chunk's length.
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from models.modeling_lln import LLNForCausalLM
+from server.decode_graph import StaticDecoder
 from server.scheduler import PrefillChunk, ScheduledBatch
 from server.state_pool import StatePool
 
@@ -28,10 +30,14 @@ class RunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: LLNForCausalLM, pool: StatePool) -> None:
+    """use_graphs: decode batches replay CUDA graphs (`StaticDecoder`); else the same static
+    step runs eagerly."""
+
+    def __init__(self, model: LLNForCausalLM, pool: StatePool, *, use_graphs: bool = False) -> None:
         self.model = model
         self.pool = pool
         self.device = model.lm_head.weight.device
+        self.decoder = StaticDecoder(model, pool, pool.num_slots, use_graphs=use_graphs)
 
     @torch.no_grad()
     def run(self, batch: ScheduledBatch) -> RunnerOutput:
@@ -48,20 +54,8 @@ class ModelRunner:
         return RunnerOutput(logits.float(), prompt_logits)
 
     def _decode(self, batch: ScheduledBatch) -> Tensor:
-        # in slot order, so that consecutive slots are gathered as views
-        order = sorted(range(len(batch.decodes)), key=lambda i: batch.decodes[i].slot)
-        requests = [batch.decodes[i] for i in order]
-        slots = [r.slot for r in requests]
-        ids = torch.tensor([[r.last_token_id] for r in requests], device=self.device)
-        # the gathered states are views of the pool's rows or copies of them: the step may
-        # write its token into them, and the write-back copies only that slot
-        logits, states = self.model.forward_states(ids, self.pool.gather(slots), in_place=True)
-        self.pool.scatter(slots, states, one_token=True)
-        inverse = torch.empty(len(order), dtype=torch.long, device=self.device)
-        inverse[torch.tensor(order, device=self.device)] = torch.arange(
-            len(order), device=self.device
-        )
-        return logits[inverse, -1]
+        requests = batch.decodes
+        return self.decoder.run([r.last_token_id for r in requests], [r.slot for r in requests])
 
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[Tensor, dict[str, Tensor]]:
         """Last-position logits of every chunk [C, V], and full logits where asked."""

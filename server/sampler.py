@@ -39,6 +39,17 @@ class SamplerOutput:
     top_token_ids: Tensor | None = None
     top_logprobs: Tensor | None = None
 
+    def to_host(self) -> SamplerOutput:
+        """The same on the CPU: one device-to-host copy of the ids (and of the logprobs when
+        computed) per step, instead of one per row."""
+        if self.token_ids.device.type == "cpu":
+            return self
+        tensors = (self.token_ids, self.logprobs, self.top_token_ids, self.top_logprobs)
+        host = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True)
+                               for t in tensors))  # fmt: skip
+        torch.cuda.current_stream(self.token_ids.device).synchronize()
+        return host
+
     def row_logprobs(self, row: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
         """Row `row`'s sampled-token logprob and its `num_top` best alternatives, as Python."""
         if self.logprobs is None or self.top_token_ids is None or self.top_logprobs is None:
@@ -203,7 +214,7 @@ def apply_penalties(
     x = logits[rows]
     penalties = [params[i] for i in rows]
     repetition = torch.tensor([p.repetition_penalty for p in penalties], device=device)[:, None]
-    if (repetition != 1.0).any():
+    if any(p.repetition_penalty != 1.0 for p in penalties):  # asked of the host: no device sync
         # A long prompt is scanned only for the rows that need it.
         prompts = [prompt_token_ids[i] if params[i].repetition_penalty != 1.0 else [] for i in rows]
         seen = (counts > 0) | (_token_counts(prompts, vocab, device) > 0)

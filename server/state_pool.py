@@ -14,7 +14,11 @@ States = list[BatchedState]
 
 class StatePool:
     """Slots are rows of one batched state per layer. A sequence holds one slot from admission
-    to finish; `gather` / `scatter` move the rows of a step's batch in and out."""
+    to finish; `gather` / `scatter` move the rows of a step's batch in and out.
+
+    One row more than `num_slots`, the pad slot, takes the padding rows of a static decode
+    batch (`server/decode_graph.py`): never allocated, not counted in the slot or byte totals.
+    """
 
     def __init__(self, model: LLNForCausalLM, num_slots: int) -> None:
         if model.config.attention_kernel == "softmax":
@@ -23,11 +27,16 @@ class StatePool:
                 "cache grows with the context and does not fit a fixed slot pool"
             )
         self.num_slots = num_slots
-        self.states: States = model.empty_states(num_slots)
+        self.pad_slot = num_slots
+        self.states: States = model.empty_states(num_slots + 1)
         self._empty: States = model.empty_states(1)
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: lowest slot first
         self._used: set[int] = set()
         self.bytes_per_slot = sum(s.nbytes for s in self._empty)
+
+    @property
+    def device(self) -> torch.device:
+        return self.states[0].num_tokens.device
 
     @property
     def num_free(self) -> int:
@@ -103,7 +112,7 @@ class StatePool:
         self.scatter([slot], snapshot)
 
     def _index(self, slots: list[int]) -> Tensor:
-        return torch.tensor(slots, dtype=torch.long, device=self.states[0].num_tokens.device)
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
 
 
 def _first_if_consecutive(slots: list[int]) -> int | None:

@@ -106,6 +106,10 @@ def test_engine_on_cuda_gives_the_cpu_tokens(char_tokenizer):
     requests = {0: [(f"r{i}", p, greedy(6)) for i, p in enumerate(cases)]}
     want = run_all(make_engine(cpu_model, char_tokenizer), dict(requests))["tokens"]
     engine = make_engine(cuda_model, char_tokenizer, compile_decode=True)
+    assert engine.runner.decoder.graphs  # decode replays CUDA graphs
     got = run_all(engine, dict(requests))["tokens"]
     assert got == want
+    eager = make_engine(cuda_model, char_tokenizer, enforce_eager=True)
+    assert not eager.runner.decoder.graphs
+    assert run_all(eager, dict(requests))["tokens"] == want
     assert engine.pool.num_free == engine.pool.num_slots

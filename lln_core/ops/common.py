@@ -52,7 +52,10 @@ def per_head(
     `value` is a scalar, `[Hkv]` or (query side only) `[Hq]`. Returns `[1, Hkv, G, 1, 1]` for the
     query side (grouped queries `[B, Hkv, G, T, D]`) and `[1, Hkv, 1, 1]` for the key side.
     """
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if isinstance(value, Tensor):
+        t = value.to(like.device, like.dtype)
+    else:  # filled on the device: no host-to-device copy (a CUDA graph can capture it)
+        t = torch.full((), value, dtype=like.dtype, device=like.device)
     if t.dim() == 1 and t.numel() == num_kv_heads:  # the common case, one view
         return t.view(1, num_kv_heads, 1, 1, 1) if query_side else t.view(1, num_kv_heads, 1, 1)
     if t.dim() == 0:

@@ -81,3 +81,30 @@ def test_state_store_flags_and_their_environment_variables():
         )
     finally:
         del os.environ["LLN_SERVE_SHARE_PREFIX_STATES"], os.environ["LLN_SERVE_STATE_STORE"]
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
+    from server.config import EngineConfig
+
+    assert EngineConfig().dtype == "auto"
+    assert EngineConfig(device="cpu").weight_dtype == "float32"
+    assert EngineConfig(device="cuda:0").weight_dtype == "bfloat16"
+    assert EngineConfig(device="cuda", dtype="float32").weight_dtype == "float32"
+    assert EngineConfig(device="cuda", dtype="int8").weight_dtype == "int8"
+
+
+def test_enforce_eager_flag_and_environment_variable():
+    import os
+
+    from server.cli import build_parser
+    from server.config import EngineConfig
+
+    args = build_parser().parse_args(["serve"])
+    assert args.enforce_eager is False and args.dtype == "auto"
+    assert build_parser().parse_args(["serve", "--enforce-eager"]).enforce_eager is True
+    os.environ["LLN_SERVE_ENFORCE_EAGER"] = "1"
+    try:
+        assert build_parser().parse_args(["serve"]).enforce_eager is True
+    finally:
+        del os.environ["LLN_SERVE_ENFORCE_EAGER"]
+    assert EngineConfig(device="cuda", enforce_eager=True).enforce_eager

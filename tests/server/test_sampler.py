@@ -102,12 +102,13 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     assert out.token_ids.item() != 5
 
 
-def test_seed_reproduces_whatever_the_batch(gen):
-    steps = [torch.randn(8, 1000, generator=gen) for _ in range(5)]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_seed_reproduces_whatever_the_batch(gen, device):
+    steps = [torch.randn(8, 1000, generator=gen).to(device) for _ in range(5)]
     seeded = SamplingParams(seed=7)
 
     def run(row: int, batch: list[SamplingParams]) -> list[int]:
-        sampler = Sampler(seed=123 + len(batch))
+        sampler = Sampler(seed=123 + len(batch), device=device)
         generators = [sampler.make_generator(p.seed) if p.seed is not None else None for p in batch]
         tokens = []
         for step_logits in steps:
@@ -178,3 +179,14 @@ def test_unseeded_rows_differ_and_seeded_generators_are_per_row(gen):
     generators = [sampler.make_generator(5), sampler.make_generator(5)]
     out = sample(sampler, logits, [SamplingParams(seed=5)] * 2, generators=generators)
     assert out.token_ids[0] == out.token_ids[1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_to_host_moves_ids_and_logprobs_once(logits, device):
+    params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0)]
+    out = Sampler(device=device)(logits[:2].to(device), params, [[], []], [[], []])
+    host = out.to_host()
+    assert all(t.device.type == "cpu" for t in (host.token_ids, host.logprobs, host.top_logprobs))
+    assert host.token_ids.tolist() == out.token_ids.tolist()
+    assert host.row_logprobs(0, 2) == out.row_logprobs(0, 2)
+    assert Sampler()(logits[:1], params[1:], [[]], [[]]).to_host().logprobs is None

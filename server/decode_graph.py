@@ -83,20 +83,33 @@ class StaticDecoder:
         """Row i decodes token_ids[i] in slots[i] (distinct slots); returns logits [n, V]
         float32 in that order, a view of a buffer that the next step overwrites."""
         batch = len(slots)
+        if not self.pad:  # in slot order: consecutive slots are then read as views
+            order = sorted(range(batch), key=slots.__getitem__)
+            token_ids, slots = [token_ids[i] for i in order], [slots[i] for i in order]
         size = self.bucket(batch) if self.pad else batch
         self._load(token_ids, slots, size)
         graph = self.graphs.get(size)
         if graph is not None:
             graph.replay()
         else:
-            self.step(size)
-        return self.logits[:batch]
+            self.step(size, None if self.pad else _first_if_consecutive(slots))
+        if self.pad:
+            return self.logits[:batch]
+        inverse = torch.empty(batch, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(batch)
+        return self.logits[inverse.to(self.logits.device)]
 
-    def step(self, size: int) -> None:
+    def step(self, size: int, first: int | None = None) -> None:
         """The step over the first `size` rows of the buffers: everything between the input
-        and the logits buffer, device work only (what a graph captures)."""
+        and the logits buffer, device work only (what a graph captures). first: the rows are
+        the pool's slots first.. first + size - 1, read as views instead of copies (eager only:
+        a graph's slots change from replay to replay; on CPU the copy of a 32 MiB state costs
+        a few ms per sequence and step)."""
         ids, index = self.inputs[0, :size, None], self.inputs[1, :size]
-        states = [state.index_select(index) for state in self.pool.states]
+        if first is None:
+            states = [state.index_select(index) for state in self.pool.states]
+        else:
+            states = [state.rows(first, size) for state in self.pool.states]
         logits, states = self.model.forward_states(ids, states, in_place=True)
         for pool_state, new in zip(self.pool.states, states, strict=True):
             pool_state.write_step_(index, new)
@@ -134,3 +147,9 @@ class StaticDecoder:
         self.inputs[:, :size].copy_(staging, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+
+
+def _first_if_consecutive(slots: list[int]) -> int | None:
+    """slots[0] if the slots are consecutive and increasing (a narrow view covers them)."""
+    first = slots[0]
+    return first if slots == list(range(first, first + len(slots))) else None

@@ -30,9 +30,9 @@ from bench_model import (  # benchmarks/, the script's folder
     lln_step,
     synthetic_states,
 )
+from bench_quality import CHATS, chat_samples
 
-from models.quantize import quantize_int8
-from models.registry import DEFAULT_MODEL, from_checkpoint, load_model, resolve, smollm2_gguf
+from models.registry import DEFAULT_MODEL, load_model, smollm2_gguf
 
 VARIANTS = {  # name -> (dtype, overrides)
     "float32": (torch.float32, {}),
@@ -46,12 +46,7 @@ LLAMACPP_CONTEXTS = (256, 1024, 4096, 16384, 32768)
 
 
 def load_variant(dtype: torch.dtype, overrides: dict):
-    if not overrides:
-        return load_model(DEFAULT_MODEL, dtype=dtype, progress=False)[0]
-    int8 = dtype == torch.int8
-    model = from_checkpoint(resolve(DEFAULT_MODEL), dtype=torch.float32 if int8 else dtype,
-                            **overrides)  # fmt: skip
-    return quantize_int8(model) if int8 else model
+    return load_model(DEFAULT_MODEL, dtype=dtype, progress=False, **overrides)[0]
 
 
 @torch.no_grad()
@@ -162,6 +157,25 @@ def goals(lln: dict, cpp: dict, contexts: list[int]) -> list[str]:
     return lines
 
 
+def write_samples(out: Path) -> str:
+    """Greedy answers to bench_quality's chat prompts by float32 and int8 weights, a table in
+    out/bench_cpu_samples.md (issue 19's quality bar: samples side by side)."""
+    answers = {}
+    for name in ("float32", "int8"):
+        model, tokenizer = load_model(DEFAULT_MODEL, dtype=VARIANTS[name][0], progress=False)
+        answers[name] = chat_samples(model, tokenizer, max_tokens=48)
+    rows = [
+        f"| {question} | {f32} | {i8} |"
+        for question, f32, i8 in zip(CHATS, answers["float32"], answers["int8"], strict=True)
+    ]
+    table = "\n".join(["| prompt | float32 | int8 |", "|---|---|---|", *rows])
+    command = "`.venv/bin/python benchmarks/bench_cpu.py --samples` (48 tokens at most)"
+    text = f"# Greedy chat answers, {DEFAULT_MODEL}, float32 and int8\n\n{command}\n\n{table}\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_cpu_samples.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096, 16384])
@@ -170,8 +184,12 @@ def main() -> None:
                         default=Path("/work/llamacpp-venv/bin/python"))  # fmt: skip
     parser.add_argument("--decode-tokens", type=int, default=32, help="llama.cpp decode steps")
     parser.add_argument("--quick", action="store_true", help="small contexts, smoke test")
+    parser.add_argument("--samples", action="store_true", help="only chat answers, f32 / int8")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.samples:
+        print(write_samples(args.out))
+        return
     contexts = [256, 1024] if args.quick else args.contexts
     cpp_contexts = contexts if args.quick else list(LLAMACPP_CONTEXTS)
     rounds = 2 if args.quick else args.rounds

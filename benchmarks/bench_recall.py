@@ -130,6 +130,8 @@ def main() -> None:
         "default": ("LLN+Diag, no sparse cache (revision 6)",
                     dict(sparse_cache_size=0, kv_cache_dtype="auto")),
         "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}{kv}", sparse),
+        "sparse-int8": (f"LLN+Diag + sparse cache G={args.sparse_cache}{kv}, int8 weights",
+                        {**sparse, "int8": True}),
         "sparse-no-lln": (f"window + sparse cache G={args.sparse_cache}{kv}, LLN removed",
                           {**sparse, "mix": float("-inf")}),
     }  # fmt: skip

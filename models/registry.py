@@ -108,11 +108,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     progress: bool = True,
+    **overrides,
 ):
-    """(model, tokenizer); `kernel` runs the same weights with another attention kernel.
-    dtype torch.int8: float32 weights quantized to int8 per channel (`models.quantize`)."""
+    """(model, tokenizer); `kernel` runs the same weights with another attention kernel, and
+    `overrides` change other config fields (`from_checkpoint`). dtype torch.int8: float32
+    weights quantized to int8 per channel (`models.quantize`)."""
     path = resolve(name_or_path, progress=progress)
-    overrides = {} if kernel is None else {"attention_kernel": kernel}
+    if kernel is not None:
+        overrides["attention_kernel"] = kernel
     int8 = dtype == torch.int8
     model = from_checkpoint(path, dtype=torch.float32 if int8 else dtype, **overrides)
     if int8:

@@ -1,13 +1,18 @@
-"""Fixtures shared by the server tests: a real redis-server on a free loopback port."""
+"""Shared by the server tests: `lln-serve serve` as a process, and a real redis-server, each on
+a free loopback port."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -16,6 +21,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`python -m server.cli serve ARGS --port P` on a free port; its stderr goes to a file
+    (a pipe nobody reads would block a chatty server), shown when it fails."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "server.cli", "serve", *args, "--port", str(self.port)]
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop)
+        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})},
+                                        stdout=subprocess.DEVNULL, stderr=self.log)  # fmt: skip
+
+    def stderr_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:]
+
+    def wait_ready(self, seconds: float) -> ServeProcess:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited: {self.stderr_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"the server did not become healthy in {seconds:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
 
 
 class RedisProcess:

@@ -3,11 +3,7 @@ chromium-driver, against `lln-serve serve` as a process on a saved tiny random m
 API key, typed into the page). Skipped, saying why, only where no chromium or chromedriver is
 installed (`make tools` installs them as root)."""
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,6 +14,7 @@ from tokenizers import models as token_models
 from transformers import PreTrainedTokenizerFast
 
 from tests.models.conftest import tiny_model
+from tests.server.conftest import ServeProcess
 
 CHROMIUM = next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
@@ -50,33 +47,15 @@ def tiny_checkpoint(path):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
     checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint),
-         "--served-model-name", MODEL, "--port", str(port), "--api-key", KEY, "--compile", "0",
-         "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--prefill-chunk-size", "16"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: _healthy(url, process), 180, "the server did not become healthy")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    args = ["--model", str(checkpoint), "--served-model-name", MODEL, "--api-key", KEY,
+            "--compile", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "64",
+            "--prefill-chunk-size", "16"]  # fmt: skip
+    server = ServeProcess(args, {"OMP_NUM_THREADS": "1"}).wait_ready(180)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -210,15 +189,6 @@ def test_the_page_asks_for_the_key_and_shows_nothing_without_it(driver, base_url
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def _healthy(url: str, process: subprocess.Popen) -> bool:
-    if process.poll() is not None:
-        pytest.fail(f"the server exited: {process.stderr.read()[-2000:]}")
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _wait(condition, seconds: float, message: str) -> None:

@@ -3,11 +3,8 @@ model, called with the `openai` SDK; metrics checked by promtool. Slow: loads an
 model (the first use also prepares it)."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -17,49 +14,17 @@ import pytest
 
 from models.evaluate import evaluation_text
 from models.registry import DEFAULT_MODEL
+from tests.server.conftest import ServeProcess, free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url():
-    port = _free_port()
-    env = {**os.environ, "LLN_SERVE_PORT": str(port), "LLN_SERVE_MAX_NUM_SEQS": "4",
-           "LLN_SERVE_API_KEY": "test-key"}  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", DEFAULT_MODEL],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited: {process.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("the server did not become healthy in 10 minutes")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    env = {"LLN_SERVE_MAX_NUM_SEQS": "4", "LLN_SERVE_API_KEY": "test-key"}
+    server = ServeProcess(["--model", DEFAULT_MODEL], env).wait_ready(600)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
@@ -232,7 +197,7 @@ def test_metrics_pass_promtool(base_url):
 def test_a_real_prometheus_scrapes_the_server(base_url, tmp_path):
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus is missing: `apt-get install prometheus` (.ci/run installs it)"
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lln-serve\n"

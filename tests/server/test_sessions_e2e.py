@@ -5,10 +5,7 @@ nothing finished and never leaves a corrupt state; Redis stopped and restarted u
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,44 +15,23 @@ import torch
 
 from tests.conftest import make_char_tokenizer
 from tests.models.conftest import tiny_model
-from tests.server.conftest import free_port
+from tests.server.conftest import ServeProcess
 
 NO_SPECIAL = {"0": -100, "1": -100}  # no [UNK] or </s>: every output token is one character
 
 
-class Server:
+class Server(ServeProcess):
     """`lln-serve serve` on the checkpoint, its sessions in Redis (2 s lock expiry)."""
 
     def __init__(self, checkpoint, redis_url: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint),
-                "--port", str(self.port), "--compile", "0", "--max-num-seqs", "4",
+        args = ["--model", str(checkpoint), "--compile", "0", "--max-num-seqs", "4",
                 "--served-model-name", "tiny", "--state-store", redis_url,
                 "--session-lock-ttl", "2"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        super().__init__(args, {"OMP_NUM_THREADS": "1"})
 
-    def wait_ready(self) -> Server:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail("the server did not become healthy")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+    def wait_ready(self, seconds: float = 120) -> Server:
+        super().wait_ready(seconds)
+        return self
 
     def complete(self, prompt: str, session: str | None = None, max_tokens: int = 5):
         body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,

@@ -20,6 +20,9 @@ per token (engine only), peak decode tokens/s at 1,024 sequences, time to first 
 time), and the peer: the same weights as a softmax Llama in transformers with its static KV
 cache (`softmax_peer.py`). `--quick` shrinks every size (a CPU smoke run).
 
+`--dtypes float32 int8` measures instead decode tokens/s at 1 and 16 sequences for each weight
+dtype (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md.
+
 `--guided` measures instead what structured outputs cost per decode step (the llguidance mask
 and token bookkeeping), 1 and 16 sequences under a JSON schema next to the same number
 unconstrained, in one run: bench_engine_guided.md.
@@ -390,6 +393,35 @@ def plot(throughput: dict, memory: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
+    """Decode tokens/s at 1 and 16 sequences for each weight dtype, engines one after another
+    in one process (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md."""
+    rows = []
+    for dtype in dtypes:
+        engine = make_engine(16, device, dtype=dtype)
+        for n in (1, 2):  # warm-up: compiles the decode layers
+            decode_throughput(engine, n, "-warm-up")
+        one, sixteen = (decode_throughput(engine, n) for n in (1, 16))
+        rows.append(f"| {dtype} | {one:.1f} | {sixteen:.1f} | {sixteen / one:.2f} |")
+        print(rows[-1], flush=True)
+        del engine
+        gc.collect()
+    text = "\n".join([
+        f"# Decode tokens/s by weight dtype, {DEFAULT_MODEL}, {device}, "
+        f"{torch.get_num_threads()} threads",
+        "",
+        f"`.venv/bin/python benchmarks/bench_engine.py --dtypes {' '.join(dtypes)}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| weights | 1 sequence tok/s | 16 sequences tok/s | 16 / 1 |",
+        "|---|---|---|---|",
+        *rows,
+    ])  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_engine_dtypes.md").write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, smoke test")
@@ -397,7 +429,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--guided", action="store_true", help="structured-output cost only")
     parser.add_argument("--goals", action="store_true", help="issue 18's GPU goals only")
+    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE",
+                        help="only decode tok/s at 1 and 16 sequences per dtype")  # fmt: skip
     args = parser.parse_args()
+    if args.dtypes:
+        print(dtypes_report(args.dtypes, args.device, args.out))
+        return
     if args.goals:
         print(goals_report(args.device, args.quick, args.out))
         return

@@ -416,7 +416,8 @@ def _forward(
     if combine == "joint":
         if sparse is not None:
             seen_k = gather_candidates(cand_k, sp.columns)
-            exact = sparse_parts(p.qg, seen_k, gather_candidates(cand_v, sp.columns), sp, p.scale)
+            seen_v = gather_candidates(cand_v, sp.columns)
+            exact = sparse_parts(p.qg, seen_k, seen_v, sp.visible, p.scale, plan=sp)
             num, den, log_scale = add_parts((num, den, log_scale), exact)
         positions = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
         y = _joint(lln, num, den, log_scale, _log_weight(p, positions, local))

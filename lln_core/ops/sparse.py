@@ -200,20 +200,18 @@ def sparse_parts(
     q: Tensor,
     cand_k: Tensor,
     cand_v: Tensor,
-    visible: Tensor | SparsePlan,
+    visible: Tensor,
     scale: float,
+    plan: SparsePlan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Unnormalised softmax of queries q [B, Hkv, G, T, D] over the cached candidates
-    cand_k/cand_v [B, Hkv, N, D] visible to each query (visible [B, T, N], or the plan whose
-    `visible` it is: its masks are then shared by the layers): num [B, Hkv, G, T, Dv], den and
-    log_scale [B, Hkv, G, T] (den = 0 where no pair is cached)."""
-    plan = visible if isinstance(visible, SparsePlan) else None
-    if plan is not None:
-        visible = plan.visible
+    cand_k/cand_v [B, Hkv, N, D] visible to each query (visible [B, T, N]): num [B, Hkv, G, T,
+    Dv], den and log_scale [B, Hkv, G, T] (den = 0 where no pair is cached). plan: the plan
+    whose `visible` this is, so that the layers share its fused kernel's mask."""
     if fused_softmax_fits(q, cand_k, cand_v):
         group = q.shape[2]
-        masks = plan.fused_mask(group, q.dtype) if plan else fused_mask(visible, group, q.dtype)
-        mask, any_seen = masks
+        mask, any_seen = (plan.fused_mask(group, q.dtype) if plan is not None
+                          else fused_mask(visible, group, q.dtype))  # fmt: skip
         return _fused_sparse_parts(q, cand_k, cand_v, mask, any_seen, scale)
     logits = (q * scale) @ cand_k[:, :, None].transpose(-1, -2)  # [B, Hkv, G, T, N]
     seen = visible[:, None, None].to(logits.dtype)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from models.modeling_lln import LLNForCausalLM
-from server.state_pool import StatePool
+from server.state_pool import StatePool, first_if_consecutive
 
 SMALL_BUCKETS = (1, 2, 4, 8)
 BUCKET_STEP = 16
@@ -92,7 +92,7 @@ class StaticDecoder:
         if graph is not None:
             graph.replay()
         else:
-            self.step(size, None if self.pad else _first_if_consecutive(slots))
+            self.step(size, None if self.pad else first_if_consecutive(slots))
         if self.pad:
             return self.logits[:batch]
         inverse = torch.empty(batch, dtype=torch.long)
@@ -147,9 +147,3 @@ class StaticDecoder:
         self.inputs[:, :size].copy_(staging, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-
-
-def _first_if_consecutive(slots: list[int]) -> int | None:
-    """slots[0] if the slots are consecutive and increasing (a narrow view covers them)."""
-    first = slots[0]
-    return first if slots == list(range(first, first + len(slots))) else None

@@ -73,7 +73,7 @@ class StatePool:
         """The states of `slots` as a batch: views when the slots are consecutive and in
         order (no copy), else a copy. The model writes into them only when asked to
         (`forward_states(in_place=True)`, a decode step's one slot)."""
-        first = _first_if_consecutive(slots)
+        first = first_if_consecutive(slots)
         if first is not None:
             return [s.rows(first, len(slots)) for s in self.states]
         index = self._index(slots)
@@ -87,7 +87,7 @@ class StatePool:
             for pool_state, new in zip(self.states, states, strict=True):
                 pool_state.write_step_(index, new)
             return
-        first = _first_if_consecutive(slots)
+        first = first_if_consecutive(slots)
         if first is not None:
             for pool_state, new in zip(self.states, states, strict=True):
                 for dst, src in zip(pool_state.rows(first, len(slots)).flat(), new.flat(),
@@ -115,7 +115,7 @@ class StatePool:
         return torch.tensor(slots, dtype=torch.long, device=self.device)
 
 
-def _first_if_consecutive(slots: list[int]) -> int | None:
+def first_if_consecutive(slots: list[int]) -> int | None:
     """slots[0] if the slots are consecutive and increasing (a narrow view covers them)."""
     first = slots[0]
     return first if slots == list(range(first, first + len(slots))) else None

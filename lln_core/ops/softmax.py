@@ -139,11 +139,9 @@ def local_softmax_parts(
 
     keys = _block_keys(tail_k, k, new_cache.k[:, :, :sinks], block, pad)  # [B, Hkv, N, L, D]
     values = _block_keys(tail_v, v, new_cache.v[:, :, :sinks], block, pad)
+    if fused_softmax_fits(q, keys, values):
+        return (*_fused_blocks(q * scale, keys, values, bias, block, pad), new_cache)
     qb = _to_blocks(q * scale, block, pad)  # [B, Hkv, N, G C, D]
-    if fused_softmax_fits(qb, keys, values):
-        num, den, log_scale = _fused_blocks(qb, keys, values, bias, group)
-        return (_from_blocks(num, group, seq_len), _from_blocks(den, group, seq_len)[..., 0],
-                _from_blocks(log_scale, group, seq_len)[..., 0], new_cache)  # fmt: skip
     logits = qb @ keys.transpose(-1, -2)  # [B, Hkv, N, G C, L]
     inplace = not logits.requires_grad
     blocks = logits.view(batch, num_kv, num_blocks, group, block, -1)
@@ -158,25 +156,35 @@ def local_softmax_parts(
 
 
 def _fused_blocks(
-    qb: Tensor, keys: Tensor, values: Tensor, bias: Tensor, group: int
+    q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, block: int, pad: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The blocks' softmax parts in one fused kernel, the (KV head, block) pairs as its heads:
-    qb [B, Hkv, N, G C, D], keys/values [B, Hkv, N, L, D], bias [B, N, 1, C, L] -> num [B,
-    Hkv, N, G C, Dv], den and log_scale [B, Hkv, N, G C, 1]."""
-    batch, num_kv, num_blocks, rows, _ = qb.shape
-    heads, width = num_kv * num_blocks, keys.shape[-2]
-    full = (batch, num_kv, num_blocks, group, rows // group, width)
-    mask = bias[:, None].expand(full).reshape(batch, heads, rows, width)
-    seen = (bias > float("-inf")).any(-1)[:, None].expand(full[:-1]).reshape(batch, heads, rows)
-    num, den, log_scale = fused_softmax_parts(
-        qb.reshape(batch, heads, rows, -1), keys.reshape(batch, heads, width, -1),
-        values.reshape(batch, heads, width, -1), mask, seen, 1.0,
+    """The blocks' softmax parts in one fused kernel, each block of C queries as one batch
+    entry: q [B, Hkv, G, T, D] (scaled), keys/values [B, Hkv, N, L, D], bias [B, N, 1, C, L]
+    -> num [B, Hkv, G, T, Dv], den and log_scale [B, Hkv, G, T]. The kernel maps query head h
+    to KV head h // G and broadcasts the mask over heads, so neither keys nor mask are copied
+    per query head."""
+    batch, num_kv, group, seq_len, dim = q.shape
+    num_blocks, width = keys.shape[2], keys.shape[3]
+    heads = num_kv * group
+    q = F.pad(q, (0, 0, 0, pad)).view(batch, heads, num_blocks, block, dim).transpose(1, 2)
+
+    def per_block(x: Tensor) -> Tensor:  # [B, Hkv, N, L, E] -> [B N, Hkv, L, E]
+        return x.transpose(1, 2).reshape(batch * num_blocks, num_kv, width, -1)
+
+    mask = bias.reshape(batch * num_blocks, 1, block, width)
+    seen = (bias > float("-inf")).any(-1).reshape(batch * num_blocks, 1, block)
+    parts = fused_softmax_parts(
+        q.reshape(batch * num_blocks, heads, block, dim), per_block(keys), per_block(values),
+        mask, seen, 1.0,
     )  # fmt: skip
-    return (
-        num.view(*full[:3], rows, -1),
-        den.view(*full[:3], rows, 1),
-        log_scale.view(*full[:3], rows, 1),
-    )
+
+    def back(x: Tensor) -> Tensor:  # [B N, Hq, C, ...] -> [B, Hkv, G, T, ...]
+        x = x.view(batch, num_blocks, num_kv, group, block, *x.shape[3:])
+        x = x.permute(0, 2, 3, 1, 4, *range(5, x.dim()))
+        return x.reshape(batch, num_kv, group, num_blocks * block, *x.shape[5:])[:, :, :, :seq_len]
+
+    num, den, log_scale = parts
+    return back(num), back(den), back(log_scale)
 
 
 def _write_new(cache: LocalKV, k: Tensor, v: Tensor, pos: Tensor, unpadded: bool) -> LocalKV:

@@ -2,7 +2,7 @@
 state memory against context length, LLN kernels next to the same weights in transformers' own
 Llama with a KV cache, all in one run.
 
-    .venv/bin/python benchmarks/bench_model.py [--quick] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_model.py [--quick] [--gemm-dtype float32] [--out ...]
 
 The LLN models decode through compiled layers (`compile_decode`, the server's path); the
 column "lln_diag, eager decode" runs the same steps uncompiled. Decode at context L: the state
@@ -13,7 +13,8 @@ state relabelled as 1M tokens: the step's cost and the state's size do not depen
 content). LLN prefill runs in chunks of 4,096 tokens carrying the state, as the engine
 prefills (linear in the prompt, bounded activations); transformers' softmax takes the whole
 sequence. The floor is one batch-1 pass through the model's linear layers alone, i.e. the cost
-of reading the weights.
+of reading the weights. Weights are float32; matmuls over more than 4 rows run in bfloat16 as
+the server's CPU default does (`--gemm-dtype`, every model alike, the softmax peer included).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lln_core.state import kv_cache_bytes
 from models.modeling_lln import LLNForCausalLM
+from models.quantize import bf16_gemm_is_fast, use_bf16_gemms
 from models.registry import DEFAULT_MODEL, from_checkpoint, resolve
 
 matplotlib.use("Agg")
@@ -44,7 +46,7 @@ NO_SPARSE = "lln_diag, no sparse cache"
 LLN_MODELS = ("lln", "lln_diag", NO_SPARSE)
 
 
-def load_models(path: Path) -> dict[str, torch.nn.Module]:
+def load_models(path: Path, bf16_gemms: bool) -> dict[str, torch.nn.Module]:
     """The LLN models decode through compiled layers, as the server does (`compile_decode`)."""
     lln_diag = from_checkpoint(path)
     lln = from_checkpoint(path, attention_kernel="lln")
@@ -56,6 +58,8 @@ def load_models(path: Path) -> dict[str, torch.nn.Module]:
     })  # fmt: skip
     hf = LlamaForCausalLM(config).eval()
     hf.load_state_dict(lln_diag.state_dict(), strict=False)
+    for model in (lln_diag, lln, no_sparse, hf) if bf16_gemms else ():
+        use_bf16_gemms(model)
     return {"lln": lln, "lln_diag": lln_diag, NO_SPARSE: no_sparse,
             "softmax (transformers, KV cache)": hf}  # fmt: skip
 
@@ -151,8 +155,8 @@ def synthetic_states(states, num_tokens: int = SYNTHETIC_CONTEXT):
     return out
 
 
-def run(contexts: list[int], softmax_max: int, rounds: int) -> tuple[dict, float]:
-    models = load_models(resolve(DEFAULT_MODEL))
+def run(contexts: list[int], softmax_max: int, rounds: int, bf16_gemms: bool) -> tuple[dict, float]:
+    models = load_models(resolve(DEFAULT_MODEL), bf16_gemms)
     results: dict[str, dict[int, dict]] = {name: {} for name in models}
     steps: dict = {"floor": floor_step(models["lln_diag"])}
     for context in contexts:
@@ -165,6 +169,8 @@ def run(contexts: list[int], softmax_max: int, rounds: int) -> tuple[dict, float
             results[name][context] = {"prefill": seconds, "bytes": state_bytes}
             print(f"{name:34s} L={context:>7,}: prefill {context / seconds:7.1f} tok/s", flush=True)
     eager = from_checkpoint(resolve(DEFAULT_MODEL))  # same weights, decode left eager
+    if bf16_gemms:
+        use_bf16_gemms(eager)
     results[EAGER] = {}
     for context in contexts:
         diag_step = steps["lln_diag", context]
@@ -186,15 +192,16 @@ def run(contexts: list[int], softmax_max: int, rounds: int) -> tuple[dict, float
     return results, medians["floor"]
 
 
-def report(results: dict, floor: float, contexts: list[int], out: Path) -> str:
+def report(results: dict, floor: float, contexts: list[int], out: Path, gemm: str) -> str:
     names = list(results)
     others = [n for n in names if n != EAGER]  # the eager variant has decode columns only
     all_contexts = [*contexts, SYNTHETIC_CONTEXT]
     lines = [
-        f"# Default model ({DEFAULT_MODEL}), batch 1, float32, CPU, "
+        f"# Default model ({DEFAULT_MODEL}), batch 1, float32 weights, {gemm} GEMMs, CPU, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
-        f"`.venv/bin/python benchmarks/bench_model.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC. "
+        f"`.venv/bin/python benchmarks/bench_model.py --gemm-dtype {gemm}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC. "
         f"Floor (one token through the linear layers alone): {floor * 1e3:.1f} ms.",
         "",
         "| context | " + " | ".join(f"{n}: decode ms (x floor)" for n in names) + " | "
@@ -285,13 +292,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small contexts, smoke test")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--rounds", type=int, default=8, help="decode: rounds of 4 steps each")
+    parser.add_argument("--gemm-dtype", choices=["float32", "bfloat16"],
+                        default="bfloat16" if bf16_gemm_is_fast() else "float32",
+                        help="matmuls over more than 4 rows (default: the server's)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         contexts, softmax_max, rounds = [256, 1024], 1024, 2
     else:
         contexts, softmax_max, rounds = [256, 1024, 4096, 16384, 32768], 16384, args.rounds
-    results, floor = run(contexts, softmax_max, rounds)
-    print(report(results, floor, contexts, args.out))
+    results, floor = run(contexts, softmax_max, rounds, args.gemm_dtype == "bfloat16")
+    print(report(results, floor, contexts, args.out, args.gemm_dtype))
 
 
 if __name__ == "__main__":

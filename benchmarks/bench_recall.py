@@ -132,6 +132,8 @@ def main() -> None:
         "sparse": (f"LLN+Diag + sparse cache G={args.sparse_cache}{kv}", sparse),
         "sparse-int8": (f"LLN+Diag + sparse cache G={args.sparse_cache}{kv}, int8 weights",
                         {**sparse, "int8": True}),
+        "sparse-bf16gemm": (f"LLN+Diag + sparse cache G={args.sparse_cache}{kv}, float32 "
+                            "weights, bfloat16 GEMMs", {**sparse, "bf16_gemms": True}),
         "sparse-no-lln": (f"window + sparse cache G={args.sparse_cache}{kv}, LLN removed",
                           {**sparse, "mix": float("-inf")}),
     }  # fmt: skip

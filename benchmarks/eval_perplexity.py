@@ -17,7 +17,7 @@ import torch
 
 from models.evaluate import EVALUATION_FILE, evaluation_text, perplexity
 from models.modeling_lln import LLNForCausalLM
-from models.quantize import quantize_int8
+from models.quantize import quantize_int8, use_bf16_gemms
 from models.registry import DEFAULT_MODEL, REGISTRY, from_checkpoint, load_model, resolve
 
 _LOCAL = REGISTRY[DEFAULT_MODEL].config
@@ -47,14 +47,18 @@ VARIANTS = {
 def load_variant(path: Path, overrides: dict) -> LLNForCausalLM:
     """The default checkpoint with overrides; every variant keeps the distilled parameters
     except `calibrated=True`, which restores the conversion's calibrated alpha/beta/mix (and a
-    count_power of 0); `int8=True` quantizes the weights (`models.quantize`)."""
+    count_power of 0); `int8=True` quantizes the weights (`models.quantize`), `bf16_gemms=True`
+    runs matmuls over more than 4 rows in bfloat16 (`--gemm-dtype bfloat16`)."""
     overrides = dict(overrides)
     mix = overrides.pop("mix", None)
     calibrated = overrides.pop("calibrated", False)
     int8 = overrides.pop("int8", False)
+    bf16_gemms = overrides.pop("bf16_gemms", False)
     model = from_checkpoint(path, **overrides)
     if int8:
         model = quantize_int8(model)
+    elif bf16_gemms:
+        model = use_bf16_gemms(model)
     if calibrated:
         calibration = json.loads((path / "lln_conversion.json").read_text())["calibration"]
         with torch.no_grad():

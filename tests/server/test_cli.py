@@ -93,6 +93,25 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
     assert EngineConfig(device="cuda", dtype="int8").weight_dtype == "int8"
 
 
+def test_gemm_dtype_auto_is_bfloat16_for_float32_weights_on_a_bf16_cpu():
+    import torch
+
+    from models.quantize import bf16_gemm_is_fast
+    from server.cli import build_parser
+    from server.config import EngineConfig
+    from server.engine import gemm_dtype
+
+    fast = torch.bfloat16 if bf16_gemm_is_fast() else None
+    assert build_parser().parse_args(["serve"]).gemm_dtype == "auto"
+    assert gemm_dtype(EngineConfig()) == fast
+    assert gemm_dtype(EngineConfig(gemm_dtype="float32")) is None
+    assert gemm_dtype(EngineConfig(gemm_dtype="bfloat16")) == torch.bfloat16
+    assert gemm_dtype(EngineConfig(dtype="int8")) is None  # int8 picks its own kernels
+    assert gemm_dtype(EngineConfig(device="cuda")) is None  # bfloat16 weights there
+    with pytest.raises(ValueError, match="gemm_dtype must be one of"):
+        EngineConfig(gemm_dtype="int4")
+
+
 def test_enforce_eager_flag_and_environment_variable():
     import os
 

@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lln_core.state import kv_cache_bytes
 from models.modeling_lln import LLNForCausalLM
-from models.quantize import bf16_gemm_is_fast, use_bf16_gemms
+from models.quantize import Bf16GemmLinear, bf16_gemm_is_fast, use_bf16_gemms
 from models.registry import DEFAULT_MODEL, from_checkpoint, resolve
 
 matplotlib.use("Agg")
@@ -66,7 +66,7 @@ def load_models(path: Path, bf16_gemms: bool) -> dict[str, torch.nn.Module]:
 
 def floor_step(model: LLNForCausalLM) -> Callable[[], None]:
     """One token through every linear layer (q, k, v, o, MLP, lm_head): reading the weights."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Bf16GemmLinear))]
     inputs = [torch.randn(1, 1, m.in_features) for m in linears]
 
     def step() -> None:

@@ -395,14 +395,16 @@ def plot(throughput: dict, memory: dict, path: Path) -> None:
 
 def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
     """Decode tokens/s at 1 and 16 sequences for each weight dtype, engines one after another
-    in one process (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md."""
+    in one process (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md. An entry
+    DTYPE:GEMM also sets `--gemm-dtype` (float32 weights: float32:float32, float32:bfloat16)."""
     rows = []
-    for dtype in dtypes:
-        engine = make_engine(16, device, dtype=dtype)
-        for n in (1, 2):  # warm-up: compiles the decode layers
+    for entry in dtypes:
+        dtype, _, gemm = entry.partition(":")
+        engine = make_engine(16, device, dtype=dtype, gemm_dtype=gemm or "auto")
+        for n in (1, 16):  # warm-up: compiles the decode step for both batch sizes
             decode_throughput(engine, n, "-warm-up")
         one, sixteen = (decode_throughput(engine, n) for n in (1, 16))
-        rows.append(f"| {dtype} | {one:.1f} | {sixteen:.1f} | {sixteen / one:.2f} |")
+        rows.append(f"| {entry} | {one:.1f} | {sixteen:.1f} | {sixteen / one:.2f} |")
         print(rows[-1], flush=True)
         del engine
         gc.collect()
@@ -413,7 +415,7 @@ def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
         f"`.venv/bin/python benchmarks/bench_engine.py --dtypes {' '.join(dtypes)}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        "| weights | 1 sequence tok/s | 16 sequences tok/s | 16 / 1 |",
+        "| weights[:GEMMs] | 1 sequence tok/s | 16 sequences tok/s | 16 / 1 |",
         "|---|---|---|---|",
         *rows,
     ])  # fmt: skip

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 # bfloat16 GEMM (measured: float32 ahead up to 4 rows, bfloat16 2-4x ahead from 8 on 1536 x 576
 # and the 49,152 x 576 LM head)
 MAX_GEMV_ROWS = 4
+# float32 models: rows from which matmuls run in bfloat16 (Bf16GemmLinear): prefill chunks, not
+# decode batches, so that a sequence's decode is float32 whatever the batch
+MIN_BF16_ROWS = 64
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,10 +104,10 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 class Bf16GemmLinear(nn.Module):
-    """A float32 nn.Linear whose inputs of more than MAX_GEMV_ROWS rows (prefill, batched decode)
-    go through a bfloat16 copy of its weights: oneDNN's bfloat16 GEMM (AMX, float32
-    accumulation, output rounded to bfloat16) is 2-4x faster than the float32 GEMM on CPUs with
-    bfloat16 units, while at 1-4 rows the float32 GEMV is the fastest kernel and stays exact.
+    """A float32 nn.Linear whose eager inputs of MIN_BF16_ROWS rows or more (prefill chunks) go
+    through a bfloat16 copy of its weights: oneDNN's bfloat16 GEMM (AMX, float32 accumulation,
+    output rounded to bfloat16) is 2-4x faster than the float32 GEMM on CPUs with bfloat16
+    units. Decode (fewer rows, or a compiled step) stays float32 and exact at any batch size.
     `weight` is the float32 Parameter itself, so a tied embedding stays tied."""
 
     def __init__(self, linear: nn.Linear):
@@ -116,7 +119,9 @@ class Bf16GemmLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
         training = torch.is_grad_enabled() and self.weight.requires_grad
-        if rows.shape[0] <= MAX_GEMV_ROWS or training:
+        # compiled (decode) steps: the bfloat16 GEMM made 16 sequences no faster there (51.8 vs
+        # 55.8 tok/s, bench_engine --dtypes)
+        if rows.shape[0] < MIN_BF16_ROWS or training or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
         y = F.linear(rows.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)

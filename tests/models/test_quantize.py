@@ -7,6 +7,7 @@ from torch import nn
 
 from models.quantize import (
     MAX_GEMV_ROWS,
+    MIN_BF16_ROWS,
     Bf16GemmLinear,
     Int8Embedding,
     Int8Linear,
@@ -87,11 +88,12 @@ def test_load_model_int8_from_a_checkpoint(tmp_path, char_tokenizer):
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1, 37])
+@pytest.mark.parametrize("rows", [1, MIN_BF16_ROWS // 2 - 1, MIN_BF16_ROWS // 2, 37])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_gemm_linear_equals_a_float64_reference(rows, bias):
-    """Up to MAX_GEMV_ROWS rows the float32 weights, exactly as nn.Linear; above, x and W in
-    bfloat16 with the output to bfloat16's rounding; with autograd on, always float32."""
+    """Below MIN_BF16_ROWS rows (2 x rows here) the float32 weights, exactly as nn.Linear; from
+    it, x and W in bfloat16 with the output to bfloat16's rounding; with autograd on, always
+    float32."""
     gen = torch.Generator().manual_seed(rows)
     linear = nn.Linear(96, 80, bias=bias)
     with torch.no_grad():
@@ -103,7 +105,7 @@ def test_bf16_gemm_linear_equals_a_float64_reference(rows, bias):
         got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (2, rows, 80)
     exact = linear(x)
-    if 2 * rows <= MAX_GEMV_ROWS:
+    if 2 * rows < MIN_BF16_ROWS:
         assert torch.equal(got, exact)
     else:
         expected = x.bfloat16().double() @ linear.weight.bfloat16().double().T
@@ -116,9 +118,8 @@ def test_bf16_gemm_linear_equals_a_float64_reference(rows, bias):
 
 
 def test_bf16_gemm_model_keeps_decode_exact_and_prefill_close():
-    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=64, tie_word_embeddings=True,
-                       sparse_cache_size=3, sparse_span=1, kv_cache_dtype="bfloat16")  # fmt: skip
-    ids = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(3))
+    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=64, tie_word_embeddings=True)
+    ids = torch.randint(0, 64, (2, MIN_BF16_ROWS // 2), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference, ref_states = model.forward_states(ids)
         token = reference[:, -1:].argmax(-1)

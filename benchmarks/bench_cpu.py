@@ -3,7 +3,8 @@ model's GGUF files, batch 1, one run.
 
     .venv/bin/python benchmarks/bench_cpu.py [--contexts 256 1024 4096 16384] [--quick]
 
-lln-serve: the default model in float32, bfloat16 and int8 (`--dtype`), and float32 / int8
+lln-serve: the default model in float32, float32 with bfloat16 prefill GEMMs (`--gemm-dtype`,
+the server's CPU default), bfloat16 and int8 (`--dtype`), and float32 / int8
 without the sparse cache (the decode cost of the cache, issue 16's ratio), decode compiled and
 in place as the server runs it (`bench_model`'s steps, timed round-robin so machine noise hits
 all alike); prefill chunked by 4,096 tokens as the engine prefills. Decode at 32K and 1M: a real
@@ -36,6 +37,7 @@ from models.registry import DEFAULT_MODEL, load_model, smollm2_gguf
 
 VARIANTS = {  # name -> (dtype, overrides)
     "float32": (torch.float32, {}),
+    "float32, bfloat16 GEMMs": (torch.float32, dict(gemm_dtype=torch.bfloat16)),  # CPU default
     "bfloat16": (torch.bfloat16, {}),
     "int8": (torch.int8, {}),
     "float32, no sparse cache": (torch.float32, dict(sparse_cache_size=0, kv_cache_dtype="auto")),
@@ -158,19 +160,21 @@ def goals(lln: dict, cpp: dict, contexts: list[int]) -> list[str]:
 
 
 def write_samples(out: Path) -> str:
-    """Greedy answers to bench_quality's chat prompts by float32 and int8 weights, a table in
-    out/bench_cpu_samples.md (issue 19's quality bar: samples side by side)."""
-    answers = {}
-    for name in ("float32", "int8"):
-        model, tokenizer = load_model(DEFAULT_MODEL, dtype=VARIANTS[name][0], progress=False)
-        answers[name] = chat_samples(model, tokenizer, max_tokens=48)
-    rows = [
-        f"| {question} | {f32} | {i8} |"
-        for question, f32, i8 in zip(CHATS, answers["float32"], answers["int8"], strict=True)
-    ]
-    table = "\n".join(["| prompt | float32 | int8 |", "|---|---|---|", *rows])
+    """Greedy answers to bench_quality's chat prompts by float32, float32 with bfloat16 GEMMs
+    and int8 weights, a table in out/bench_cpu_samples.md (issue 19's quality bar: samples side
+    by side)."""
+    names = ("float32", "float32, bfloat16 GEMMs", "int8")
+    answers = []
+    for name in names:
+        dtype, overrides = VARIANTS[name]
+        model, tokenizer = load_model(DEFAULT_MODEL, dtype=dtype, progress=False, **overrides)
+        answers.append(chat_samples(model, tokenizer, max_tokens=48))
+    rows = [f"| {question} | " + " | ".join(texts) + " |"
+            for question, *texts in zip(CHATS, *answers, strict=True)]  # fmt: skip
+    header = ["| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    table = "\n".join([*header, *rows])
     command = "`.venv/bin/python benchmarks/bench_cpu.py --samples` (48 tokens at most)"
-    text = f"# Greedy chat answers, {DEFAULT_MODEL}, float32 and int8\n\n{command}\n\n{table}\n"
+    text = f"# Greedy chat answers, {DEFAULT_MODEL}, by weight format\n\n{command}\n\n{table}\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_cpu_samples.md").write_text(text)
     return text

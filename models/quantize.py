@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # rows (tokens x sequences) up to which the GEMV kernel (int8 or float32) runs; above it the
-# bfloat16 GEMM (measured: float32 ahead up to 4 rows, bfloat16 2-4x ahead from 8 on 1536 x 576
-# and the 49,152 x 576 LM head)
+# bfloat16 GEMM (measured on 1536 x 576 and the 49,152 x 576 LM head: float32 ahead up to 4
+# rows, bfloat16 from 8, 2-4x from 16)
 MAX_GEMV_ROWS = 4
 # float32 models: rows from which matmuls run in bfloat16 (Bf16GemmLinear): prefill chunks, not
 # decode batches, so that a sequence's decode is float32 whatever the batch

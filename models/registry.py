@@ -114,7 +114,7 @@ def load_model(
     """(model, tokenizer); `kernel` runs the same weights with another attention kernel, and
     `overrides` change other config fields (`from_checkpoint`). dtype torch.int8: float32
     weights quantized to int8 per channel (`models.quantize`). gemm_dtype torch.bfloat16 with
-    float32 weights: matmuls over more than a few rows in bfloat16 (`Bf16GemmLinear`)."""
+    float32 weights: prefill matmuls (64+ rows) in bfloat16 (`Bf16GemmLinear`)."""
     path = resolve(name_or_path, progress=progress)
     if kernel is not None:
         overrides["attention_kernel"] = kernel

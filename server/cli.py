@@ -49,8 +49,8 @@ SERVE_OPTIONS = [
         "--gemm-dtype",
         str,
         "auto",
-        "float32 weights: matmuls over more than 4 rows (prefill, batched decode) in float32 "
-        "or bfloat16; auto: bfloat16 on a CPU with bfloat16 units",
+        "float32 weights: eager matmuls of 64+ rows (prefill chunks) in float32 or bfloat16; "
+        "auto: bfloat16 on a CPU with bfloat16 units; decode stays float32",
     ),
     ("--prefix-cache-mb", int, 256, "prefix-cache budget, MiB (0 disables)"),
     ("--session-mb", int, 256, "session-state budget, MiB (0 disables)"),
@@ -171,8 +171,8 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gemm-dtype", choices=GEMM_DTYPES, default="auto",
-        help="float32 weights: dtype of matmuls over more than 4 rows (auto: bfloat16 on a CPU "
-        "with bfloat16 units)",
+        help="float32 weights: dtype of eager matmuls of 64+ rows, i.e. prefill (auto: bfloat16 "
+        "on a CPU with bfloat16 units)",
     )  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -22,9 +22,9 @@ class EngineConfig:
     session_ttl_s: idle sessions older than this are evicted.
     dtype: of the weights; "auto" is bfloat16 on CUDA and float32 on CPU (states and LLN
     features are float32 whatever it is); int8 is weight-only (`models/quantize.py`).
-    gemm_dtype: with float32 weights, the dtype of matmuls over more than 4 rows (prefill,
-    batched decode); "auto" is bfloat16 on a CPU with bfloat16 units (`models/quantize.py`:
-    2-4x faster GEMMs, perplexity within 0.1%), else float32. Decode of 1-4 rows stays float32.
+    gemm_dtype: with float32 weights, the dtype of eager matmuls of 64 rows or more (prefill
+    chunks); "auto" is bfloat16 on a CPU with bfloat16 units (`models/quantize.py`: 2.6-3.4x
+    faster GEMMs, perplexity within 0.1%), else float32. Decode steps stay float32.
     compile_decode: decode steps through torch.compile'd layers (`LLNModel.compile_decode`).
     enforce_eager: on CUDA, run decode steps eagerly instead of replaying CUDA graphs
     (`server/decode_graph.py`); the step is the same static, in-place one.

@@ -141,6 +141,15 @@ def use_bf16_gemms(model: nn.Module) -> nn.Module:
     return model
 
 
+def resolve_gemm_dtype(choice: str, weight_dtype: str, device: str) -> torch.dtype | None:
+    """`--gemm-dtype` resolved: "auto" is bfloat16 for float32 weights on a CPU with bfloat16
+    units; None keeps the weights' dtype."""
+    if choice == "auto":
+        fast = device == "cpu" and bf16_gemm_is_fast()
+        return torch.bfloat16 if fast and weight_dtype == "float32" else None
+    return torch.bfloat16 if choice == "bfloat16" else None
+
+
 def bf16_gemm_is_fast() -> bool:
     """Whether this CPU has bfloat16 units (AVX-512 BF16 or AMX) that oneDNN uses."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

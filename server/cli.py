@@ -239,15 +239,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         return _fail("need temperature >= 0 and 0 < top-p <= 1")
-    from server.config import EngineConfig
-    from server.engine import gemm_dtype
+    from models.quantize import resolve_gemm_dtype
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, gemm_dtype=args.gemm_dtype)
     model, tokenizer = load_model(
         args.model,
         kernel=args.kernel,
         dtype=getattr(torch, args.dtype),
-        gemm_dtype=gemm_dtype(config),
+        gemm_dtype=resolve_gemm_dtype(args.gemm_dtype, args.dtype, "cpu"),
     )
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]

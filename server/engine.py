@@ -589,14 +589,9 @@ def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase
 
 
 def gemm_dtype(config: EngineConfig) -> torch.dtype | None:
-    """`config.gemm_dtype` resolved: "auto" is bfloat16 for float32 weights on a CPU with
-    bfloat16 units; None keeps the weights' dtype."""
-    from models.quantize import bf16_gemm_is_fast
+    from models.quantize import resolve_gemm_dtype
 
-    if config.gemm_dtype == "auto":
-        fast = config.device == "cpu" and bf16_gemm_is_fast()
-        return torch.bfloat16 if fast and config.weight_dtype == "float32" else None
-    return torch.bfloat16 if config.gemm_dtype == "bfloat16" else None
+    return resolve_gemm_dtype(config.gemm_dtype, config.weight_dtype, config.device)
 
 
 def _eos_ids(model: LLNForCausalLM, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -354,7 +354,10 @@ def compile_decode_layer(template: BatchedState) -> Callable:
     # on recompilations: a process with several models (benchmarks, tests) would run past the
     # default 8 and fall back to eager without saying more than a warning
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(run, dynamic=None)
+    # the step writes its one new slot per cache after every read of the cache; inductor's
+    # reordering for locality would hoist the write above the reads, and a write with later
+    # reads cannot be done in place: it copied each window and sparse cache twice per layer
+    return torch.compile(run, dynamic=None, options={"reorder_for_locality": False})
 
 
 class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):

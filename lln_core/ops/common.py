@@ -190,3 +190,21 @@ def fused_softmax_parts(
     )
     den = seen.to(q.dtype).expand(lse.shape)
     return out, den, torch.where(seen, lse, 0.0)
+
+
+def slot_logits(q: Tensor, k: Tensor) -> Tensor:
+    """Decode queries q [..., G, D] against stored keys k [..., N, D] -> [..., G, N] in q's
+    dtype. Keys stored narrower (bfloat16) are read as they are when compiled: inductor fuses
+    the widening into the reduction, where a matmul would need a widened copy of every key in
+    every step (measured 53 vs 97 us for 912 keys of 3 KV heads at batch 1)."""
+    if k.dtype != q.dtype and torch.compiler.is_compiling():
+        return (q.unsqueeze(-2) * k.unsqueeze(-3).to(q.dtype)).sum(-1)
+    return q @ k.to(q.dtype).transpose(-1, -2)
+
+
+def slot_values(weights: Tensor, v: Tensor) -> Tensor:
+    """weights [..., G, N] over stored values v [..., N, Dv] -> [..., G, Dv], weights' dtype;
+    narrower stored values as in `slot_logits`."""
+    if v.dtype != weights.dtype and torch.compiler.is_compiling():
+        return (weights.unsqueeze(-1) * v.unsqueeze(-3).to(weights.dtype)).sum(-2)
+    return weights @ v.to(weights.dtype)

@@ -35,6 +35,8 @@ from lln_core.ops.common import (
     feature_logits,
     group_queries,
     per_head,
+    slot_logits,
+    slot_values,
     ungroup,
     valid_tokens,
 )
@@ -50,9 +52,10 @@ from lln_core.ops.softmax import (
     LocalSpec,
     LocalStepPlan,
     local_softmax_parts,
-    local_softmax_step,
+    local_step_parts,
     local_step_plan,
     read_window_tail,
+    write_local_step,
 )
 from lln_core.ops.sparse import (
     SparsePlan,
@@ -171,25 +174,28 @@ def lln_diag_step(
     p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
     if plan is None:
         plan = local_step_plan(p.state.local, p.state.num_tokens, local)
-    logits, cache, old_k, old_v = local_softmax_step(
-        p.qg[:, :, :, 0], p.k, p.v, p.state.local, plan, scale=p.scale
+    qg = p.qg[:, :, :, 0]
+    logits, values, old_k, old_v = local_step_parts(
+        qg, p.k, p.v, p.state.local, plan, scale=p.scale
     )
     sparse = p.state.sparse
-    logits, values = [logits], [cache.v.to(logits.dtype)]
     if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
         sp = sparse_plan or leaving_plan(
             sparse, p.state.num_tokens, 1, window=local.size, num_sinks=local.num_sinks,
             evict_score=evict_score,
         )  # fmt: skip
-        # the merged pair is read before the leaving one takes its slot; the query then sees
-        # exactly the cache after the step (the pairs visible to it, `SparsePlan`)
         leaving_k, leaving_v = old_k, old_v
         old_k, old_v = _merged_step(sparse.k, sparse.v, leaving_k, leaving_v, sp.merged)
-        sparse = _cache_after_step(sparse, sp, leaving_k, leaving_v, in_place=plan.in_place)
         evicted_bias = torch.where(sp.merged_valid, 0.0, float("-inf")).to(old_k.dtype)[:, None]
-        part = (p.qg[:, :, :, 0] * p.scale) @ sparse.k.to(old_k.dtype).transpose(-1, -2)
-        logits.append(part + torch.where(sparse.pos >= 0, 0.0, float("-inf"))[:, None, None])
-        values.append(sparse.v.to(old_v.dtype))
+        # the query sees the cache after the step (`SparsePlan.visible`): the cached pairs
+        # that stay, and the leaving pair if it enters; read before the write, as the window
+        seen = torch.where(sp.visible, 0.0, float("-inf")).to(qg.dtype)[:, :, None]
+        q_scaled = qg * p.scale
+        logits += [
+            slot_logits(q_scaled, sparse.k) + seen[..., : sparse.size],
+            q_scaled @ leaving_k.transpose(-1, -2) + seen[..., sparse.size :],
+        ]
+        values += [sparse.v, leaving_v]
     else:
         evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
@@ -201,8 +207,12 @@ def lln_diag_step(
         log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
         y = _joint_step(lln, logits, values, log_weight)
     else:
-        y_local = torch.softmax(logits[0], dim=-1) @ values[0]
+        y_local = _weighted_values(torch.softmax(torch.cat(logits, dim=-1), dim=-1), values)
         y = p.weight * lln.normalised() + (1 - p.weight) * y_local
+    # the writes come last: nothing reads the window or the cache after them
+    cache = write_local_step(p.state.local, p.k, p.v, plan)
+    if sparse is not None:
+        sparse = _cache_after_step(sparse, sp, leaving_k, leaving_v, in_place=plan.in_place)
     new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
                          plan.num_tokens, cache, sparse)  # fmt: skip
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
@@ -213,17 +223,22 @@ def _joint_step(
 ) -> Tensor:
     """One softmax over the exact slots and one pseudo-slot for the LLN part: its logit is the
     log of its total (weighted) mass, its value the LLN output. The slots come in parts (the
-    window, the sparse cache, the leaving key), logits [B, Hkv, G, L_i] and values [B, Hkv,
-    L_i, Dv], so that no part is copied to join the others; log_weight [1, Hkv, G] -> [B, Hkv,
-    G, Dv]."""
+    window, the new token, the sparse cache, the leaving key), logits [B, Hkv, G, L_i] and
+    values [B, Hkv, L_i, Dv] as stored, so that no part is copied to join the others;
+    log_weight [1, Hkv, G] -> [B, Hkv, G, Dv]."""
     lln_logit = torch.log(lln.den) + lln.log_scale + log_weight  # -inf when no key is old yet
     weights = torch.softmax(torch.cat([*logits, lln_logit[..., None]], dim=-1), dim=-1)
     lln_value = lln.num / lln.den.clamp_min(TINY)[..., None]
-    y = weights[..., -1:] * lln_value
-    start = 0
-    for part, vals in zip(logits, values, strict=True):
-        y = y + weights[..., start : start + part.shape[-1]] @ vals
-        start += part.shape[-1]
+    return weights[..., -1:] * lln_value + _weighted_values(weights, values)
+
+
+def _weighted_values(weights: Tensor, values: list[Tensor]) -> Tensor:
+    """weights [B, Hkv, G, >= sum L_i] over the value parts [B, Hkv, L_i, Dv], in order."""
+    y, start = None, 0
+    for vals in values:
+        part = slot_values(weights[..., start : start + vals.shape[-2]], vals)
+        y = part if y is None else y + part
+        start += vals.shape[-2]
     return y
 
 

@@ -26,6 +26,7 @@ from lln_core.ops.common import (
     fused_softmax_fits,
     fused_softmax_parts,
     group_queries,
+    slot_logits,
     ungroup,
     valid_tokens,
 )
@@ -412,47 +413,42 @@ def _log_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(mask, 0.0, float("-inf")).to(dtype)
 
 
-def local_softmax_step(
+def local_step_parts(
     q: Tensor, k: Tensor, v: Tensor, cache: LocalKV, plan: LocalStepPlan, *, scale: float
-) -> tuple[Tensor, LocalKV, Tensor, Tensor]:
+) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     """Decode: one new token per row, q [B, Hkv, G, D] (grouped), k, v [B, Hkv, 1, D].
 
-    The token takes its slot in a copy of the cache (in the cache itself with `plan.in_place`).
-    Returns the query's masked logits over the slots [B, Hkv, G, L], the new cache, and the key
-    and value its slot held before ([B, Hkv, 1, D]; `plan.evicted_bias` says whether that is the
-    key leaving the window).
+    Reads the cache before the token's write (`write_local_step`): the query sees the slots as
+    they were, less the one being overwritten, plus the new token. Returns the logits and
+    values of those two parts ([B, Hkv, G, L] and [B, Hkv, G, 1]; values as stored), and the
+    key and value the overwritten slot held ([B, Hkv, 1, D]; `plan.evicted_bias` says whether
+    that is the key leaving the window). Nothing is written here, so a compiled step reads the
+    cache where it is and then writes one slot, with no copy of the cache.
     """
-    write = _write_slot_in_place if plan.in_place else _write_slot_in_copy
-    new, evicted_k, evicted_v = write(cache, k, v, plan)
-    logits = (q * scale) @ new.k.to(q.dtype).transpose(-1, -2) + plan.bias
-    return logits, new, evicted_k.to(k.dtype), evicted_v.to(v.dtype)
+    q = q * scale
+    kept = plan.bias.masked_fill(plan.write.transpose(-1, -2), float("-inf"))
+    logits = [slot_logits(q, cache.k) + kept, q @ k.to(q.dtype).transpose(-1, -2)]
+    if plan.in_place:  # advanced indexing: reads one slot
+        rows = torch.arange(k.shape[0], device=k.device)
+        evicted_k = cache.k[rows, :, plan.slot][:, :, None]
+        evicted_v = cache.v[rows, :, plan.slot][:, :, None]
+    else:  # one-hot products: cheaper than advanced indexing for small windows, uncompiled
+        evicted = plan.evicted.to(cache.k.dtype)  # one-hot: exact in any dtype
+        evicted_k, evicted_v = evicted @ cache.k, evicted @ cache.v
+    return logits, [cache.v, v], evicted_k.to(k.dtype), evicted_v.to(v.dtype)
 
 
-def _write_slot_in_copy(
-    cache: LocalKV, k: Tensor, v: Tensor, plan: LocalStepPlan
-) -> tuple[LocalKV, Tensor, Tensor]:
-    """The cache with the new token in its slot (a copy), and what that slot held."""
-    # one-hot products and writes: much cheaper than advanced indexing for small windows
-    evicted = plan.evicted.to(cache.k.dtype)  # one-hot: exact in any dtype
-    evicted_k = evicted @ cache.k
-    evicted_v = evicted @ cache.v
-    new = LocalKV(
+def write_local_step(cache: LocalKV, k: Tensor, v: Tensor, plan: LocalStepPlan) -> LocalKV:
+    """The cache with the new token in its slot: the given cache itself with `plan.in_place`
+    (the caller gives it up; one slot per row is touched), else a copy."""
+    if plan.in_place:
+        rows = torch.arange(k.shape[0], device=k.device)
+        cache.k[rows, :, plan.slot] = k[:, :, 0].to(cache.k.dtype)
+        cache.v[rows, :, plan.slot] = v[:, :, 0].to(cache.v.dtype)
+        return LocalKV(cache.k, cache.v, plan.pos, cache.num_sinks)
+    return LocalKV(
         torch.where(plan.write, k.to(cache.k.dtype), cache.k),
         torch.where(plan.write, v.to(cache.v.dtype), cache.v),
         plan.pos,
         cache.num_sinks,
     )
-    return new, evicted_k, evicted_v
-
-
-def _write_slot_in_place(
-    cache: LocalKV, k: Tensor, v: Tensor, plan: LocalStepPlan
-) -> tuple[LocalKV, Tensor, Tensor]:
-    """`_write_slot_in_copy` touching one slot per row: a wide window is read once per step
-    (by the attention) instead of also being copied."""
-    rows = torch.arange(k.shape[0], device=k.device)
-    evicted_k = cache.k[rows, :, plan.slot][:, :, None]  # advanced indexing: copies
-    evicted_v = cache.v[rows, :, plan.slot][:, :, None]
-    cache.k[rows, :, plan.slot] = k[:, :, 0].to(cache.k.dtype)
-    cache.v[rows, :, plan.slot] = v[:, :, 0].to(cache.v.dtype)
-    return LocalKV(cache.k, cache.v, plan.pos, cache.num_sinks), evicted_k, evicted_v

@@ -127,6 +127,15 @@ class Bf16GemmLinear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def narrow_forward(self, x: Tensor) -> Tensor:
+        """`forward` without widening a bfloat16 GEMM's output (bias-free layers): for callers
+        that only reduce it, such as the surprise scores over the vocabulary."""
+        rows = x.reshape(-1, self.in_features)
+        if self.bias is not None or rows.shape[0] < MIN_BF16_ROWS or torch.is_grad_enabled():
+            return self(x)
+        y = F.linear(rows.to(torch.bfloat16), self.weight_bf16)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 GEMM"
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lln_core.state import BatchedState
+from models.quantize import Bf16GemmLinear
 
 # A token's own surprise breaks ties between tokens of one span (exact in binary).
 OWN_SHARE = 1.0 / 1024
@@ -112,15 +113,15 @@ def record_surprise(
     surprises, last_logits = [], None
     for start in range(0, seq_len, SCORE_BLOCK):
         block = slice(start, min(start + SCORE_BLOCK, seq_len))
-        logits = lm_head(hidden[:, block]).to(state.lse.dtype)  # [B, C, V]
-        here = logits[rows, (last - start).clamp(0, logits.shape[1] - 1)]
+        logits = _head_logits(lm_head, hidden[:, block])  # [B, C, V]
+        here = logits[rows, (last - start).clamp(0, logits.shape[1] - 1)].to(state.lse.dtype)
         in_block = ((last >= block.start) & (last < block.stop))[:, None]
         last_logits = here if last_logits is None else torch.where(in_block, here, last_logits)
-        lse = _logsumexp(logits)
+        lse = _logsumexp(logits).to(state.lse.dtype)
         nxt = ids[:, block.start + 1 : block.stop + 1]
         if nxt.shape[1] < logits.shape[1]:  # the last position has no next token here
             nxt = torch.cat([nxt, nxt.new_zeros(batch, logits.shape[1] - nxt.shape[1])], dim=1)
-        surprises.append(lse - logits.gather(-1, nxt[..., None])[..., 0])
+        surprises.append(lse - logits.gather(-1, nxt[..., None])[..., 0].to(lse.dtype))
     surprise = torch.cat(surprises, dim=1)[:, : seq_len - 1]  # of tokens 1..T-1
     positions = num_tokens[:, None] + 1 + torch.arange(seq_len - 1, device=ids.device)
     valid = torch.arange(1, seq_len, device=ids.device)[None] < lengths[:, None]
@@ -135,11 +136,25 @@ def record_surprise(
     return new, last_logits
 
 
+def _head_logits(lm_head: nn.Module, hidden: Tensor) -> Tensor:
+    """The LM head's logits; a bfloat16 GEMM's stay bfloat16 (they are only reduced here)."""
+    if isinstance(lm_head, Bf16GemmLinear):
+        return lm_head.narrow_forward(hidden)
+    return lm_head(hidden)
+
+
 def _logsumexp(logits: Tensor) -> Tensor:
-    """torch.logsumexp over the last dim of finite logits, in two passes instead of its four
-    (measured 2x faster over [128, 49,152])."""
-    top = logits.amax(-1, keepdim=True)
-    return (logits - top).exp_().sum(-1).log_() + top[..., 0]
+    """Log-sum-exp over the vocabulary (last dim) in float32 or wider, compiled: one fused
+    kernel reads the logits in their own dtype, where eager widened a copy and made four
+    passes over it (over [128, 49,152] bfloat16 logits: 2-4 ms vs 30 ms, the LM head's GEMM
+    itself 15 ms). Rows go in flattened: one compilation serves every batch and block size
+    above one row."""
+    return _compiled_logsumexp(logits.reshape(-1, logits.shape[-1])).view(logits.shape[:-1])
+
+
+@torch.compile(dynamic=True)
+def _compiled_logsumexp(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _write(state: SurpriseState, positions: Tensor, values: Tensor, valid: Tensor) -> SurpriseState:

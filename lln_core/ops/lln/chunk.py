@@ -81,17 +81,30 @@ def lln_chunk_parts(
 
     S_in, z_in, S, z = _scan_states(k_t, v, m_prev, ref, state)
 
-    w = aq + ref[:, :, None, :, None]
-    log_scale = w.amax(dim=-1)  # [B, H, G, N, C]
-    q_intra = exp_ftz(w - log_scale[..., None])
-    q_inter = exp_ftz(aq + m_prev[:, :, None, :, None] - log_scale[..., None])
+    # the G query heads of a KV head stacked per chunk, [B, H, N, G C, D]: every product below
+    # is then one batched matmul over (B, H, N), where einsum over [B, H, G, N, C, D] copied its
+    # operands into matmul layouts (1 s of a 4K-token prefill of the default model)
+    batch, heads, group = aq.shape[:3]
+    aq = aq.transpose(2, 3).reshape(batch, heads, num_chunks, group * chunk_size, -1)
+    inplace = not aq.requires_grad  # the exponentials' inputs below are temporaries
+    w = aq + ref[:, :, :, None, :]
+    log_scale = w.amax(dim=-1)  # [B, H, N, G C]
+    q_intra = exp_ftz(w.sub_(log_scale[..., None]) if inplace else w - log_scale[..., None],
+                      inplace=inplace)  # fmt: skip
+    q_inter = exp_ftz(aq + (m_prev[:, :, :, None, :] - log_scale[..., None]), inplace=inplace)
 
     causal = torch.ones(chunk_size, chunk_size, dtype=aq.dtype, device=aq.device).tril()
-    scores = torch.einsum("bhgncd,bhnsd->bhgncs", q_intra, k_t) * causal
-    num = scores @ v[:, :, None] + torch.einsum("bhgncd,bhnde->bhgnce", q_inter, S_in)
-    den = scores.sum(-1) + torch.einsum("bhgncd,bhnd->bhgnc", q_inter, z_in)
+    scores = (q_intra @ k_t.transpose(-1, -2)).mul_(causal.repeat(group, 1))  # [B,H,N,GC,C]
+    num = torch.baddbmm((q_inter @ S_in).flatten(0, 2), scores.flatten(0, 2), v.flatten(0, 2)).view(
+        *scores.shape[:-1], -1
+    )
+    den = scores.sum(-1) + (q_inter @ z_in[..., None])[..., 0]
 
-    parts = LLNParts(num, den, log_scale)
+    def by_head(x: Tensor) -> Tensor:  # [B, H, N, G C, ...] -> [B, H, G, N, C, ...]
+        return x.view(batch, heads, num_chunks, group, chunk_size, *x.shape[4:]).transpose(2, 3)
+
+    aq = by_head(aq)
+    parts = LLNParts(by_head(num), by_head(den), by_head(log_scale))
     _recompute_underflowed_rows(parts, aq, b, v, m_prev, S_in, z_in)
     parts = LLNParts(*(_unchunk(x, seq_len) for x in (parts.num, parts.den, parts.log_scale)))
     return parts, S, z, running[:, :, -1]

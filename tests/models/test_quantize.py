@@ -117,6 +117,22 @@ def test_bf16_gemm_linear_equals_a_float64_reference(rows, bias):
     assert torch.equal(layer(x), exact)  # grad enabled, trainable weights: float32
 
 
+@pytest.mark.parametrize("rows", [MIN_BF16_ROWS // 2 - 1, MIN_BF16_ROWS // 2])
+def test_bf16_gemm_narrow_forward_keeps_the_gemms_bfloat16(rows):
+    """narrow_forward: on the bfloat16 path the GEMM's own bfloat16 output, the same numbers
+    forward widens; below the row threshold (and with a bias) forward itself."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = Bf16GemmLinear(nn.Linear(96, 80, bias=False))
+    x = torch.randn(2, rows, 96, generator=gen)
+    with torch.no_grad():
+        narrow, wide = layer.narrow_forward(x), layer(x)
+        with_bias = Bf16GemmLinear(nn.Linear(96, 80, bias=True))
+        assert torch.equal(with_bias.narrow_forward(x), with_bias(x))
+    assert narrow.shape == wide.shape == (2, rows, 80)
+    assert narrow.dtype == (torch.bfloat16 if 2 * rows >= MIN_BF16_ROWS else torch.float32)
+    assert torch.equal(narrow.float(), wide)
+
+
 def test_bf16_gemm_model_keeps_decode_exact_and_prefill_close():
     model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=64, tie_word_embeddings=True)
     ids = torch.randint(0, 64, (2, MIN_BF16_ROWS // 2), generator=torch.Generator().manual_seed(3))

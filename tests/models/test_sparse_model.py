@@ -144,3 +144,28 @@ def test_config_rejects_bad_sparse_settings():
         LLNConfig(kv_cache_dtype="float16")
     # the teacher run on a sparse checkpoint's weights ignores the setting
     assert not LLNConfig(attention_kernel="softmax", sparse_cache_size=4).uses_sparse_cache
+
+
+def test_surprise_from_bfloat16_logits_equals_a_float64_reference():
+    """With a bfloat16-GEMM LM head the scores reduce its bfloat16 logits directly (a compiled
+    log-sum-exp): the same surprises as float64 arithmetic on those logits."""
+    from torch import nn
+
+    from models.quantize import MIN_BF16_ROWS, Bf16GemmLinear
+    from models.selection import record_surprise
+
+    gen = torch.Generator().manual_seed(3)
+    head = Bf16GemmLinear(nn.Linear(32, 500, bias=False))
+    seq_len = MIN_BF16_ROWS + 7
+    hidden = torch.randn(1, seq_len, 32, generator=gen)
+    ids = torch.randint(0, 500, (1, seq_len), generator=gen)
+    state = SurpriseState.empty(1, seq_len + 1, 32, "cpu")
+    with torch.no_grad():
+        state, last = record_surprise(
+            state, hidden, ids, torch.zeros(1, dtype=torch.long), None, head
+        )
+        logits = head(hidden)[0].double()  # the bfloat16 GEMM's numbers, widened
+    want = torch.logsumexp(logits[:-1], -1) - logits[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    torch.testing.assert_close(state.surprise[0, 1:seq_len].double(), want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(last[0].double(), logits[-1])
+    torch.testing.assert_close(state.lse[0].double(), torch.logsumexp(logits[-1], -1))

@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--llamacpp-python", type=Path,
                         default=Path("/work/llamacpp-venv/bin/python"))  # fmt: skip
     parser.add_argument("--decode-tokens", type=int, default=32, help="llama.cpp decode steps")
+    parser.add_argument("--llamacpp-contexts", type=int, nargs="+",
+                        default=list(LLAMACPP_CONTEXTS),
+                        help="llama.cpp's lengths (a 32K prompt takes it ~16 minutes)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small contexts, smoke test")
     parser.add_argument("--samples", action="store_true", help="only chat answers, f32 / int8")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -195,7 +198,7 @@ def main() -> None:
         print(write_samples(args.out))
         return
     contexts = [256, 1024] if args.quick else args.contexts
-    cpp_contexts = contexts if args.quick else list(LLAMACPP_CONTEXTS)
+    cpp_contexts = contexts if args.quick else args.llamacpp_contexts
     rounds = 2 if args.quick else args.rounds
     lln = run_lln(contexts, rounds)
     cpp = run_llamacpp(args.llamacpp_python, torch.get_num_threads(), cpp_contexts,

@@ -267,20 +267,20 @@ class LLNModel(LLNPreTrainedModel):
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.compiled_decode_layer: Callable | None = None
+        self.compiled_decode_layers: Callable | None = None
         self.post_init()
 
     def compile_decode(self, enabled: bool = True) -> bool:
-        """Run decode steps through torch.compile'd layers (see `compile_decode_layer`).
+        """Run decode steps through torch.compile'd layers (see `compile_decode_layers`).
 
         Softmax keeps a growing KV cache (new shapes every step): it stays eager. Returns
         whether decode steps are now compiled."""
         if not enabled or self.config.attention_kernel == "softmax":
-            self.compiled_decode_layer = None
+            self.compiled_decode_layers = None
         else:
             template = self.layers[0].self_attn.empty_state(1, self.embed_tokens.weight.device)
-            self.compiled_decode_layer = compile_decode_layer(template)
-        return self.compiled_decode_layer is not None
+            self.compiled_decode_layers = compile_decode_layers(template)
+        return self.compiled_decode_layers is not None
 
     def forward(
         self,
@@ -309,12 +309,15 @@ class LLNModel(LLNPreTrainedModel):
         if self._use_compiled(states, hidden.shape[1], lengths):
             plan_tensors = None if plan is None else plan.flat()
             sparse_tensors = None if sparse_plan is None else sparse_plan.flat()
-            for i, layer in enumerate(self.layers):
-                hidden, flat = self.compiled_decode_layer(
-                    layer, hidden, *position_embeddings, states[i].flat(), plan_tensors, in_place,
-                    sparse_tensors,
+            size = decode_group_size(len(self.layers))
+            for start in range(0, len(self.layers), size):
+                group = range(start, start + size)
+                hidden, flats = self.compiled_decode_layers(
+                    tuple(self.layers[i] for i in group), hidden, *position_embeddings,
+                    tuple(states[i].flat() for i in group), plan_tensors, in_place, sparse_tensors,
                 )  # fmt: skip
-                states[i] = states[i].unflat(flat)
+                for i, flat in zip(group, flats, strict=True):
+                    states[i] = states[i].unflat(flat)
             return self.norm(hidden), states
         for i, layer in enumerate(self.layers):
             hidden, states[i] = layer(
@@ -324,7 +327,7 @@ class LLNModel(LLNPreTrainedModel):
 
     def _use_compiled(self, states: States, seq_len: int, lengths: Tensor | None) -> bool:
         return (
-            self.compiled_decode_layer is not None
+            self.compiled_decode_layers is not None
             and seq_len == 1
             and lengths is None
             and all(state is not None for state in states)
@@ -332,23 +335,38 @@ class LLNModel(LLNPreTrainedModel):
         )
 
 
-def compile_decode_layer(template: BatchedState) -> Callable:
-    """One decode step of one decoder layer, compiled; states go in and out as flat tensors.
+# Layers per compiled call of a decode step: each call costs a fixed ~0.2 ms on CPU (Dynamo's
+# guard checks, the wrappers) whatever its size; more layers per call cost compile time.
+DECODE_GROUP = 6
+
+
+def decode_group_size(num_layers: int) -> int:
+    """Layers per compiled decode call: the largest divisor of num_layers up to DECODE_GROUP,
+    so that every call has the same structure and they all share one compilation."""
+    return max(d for d in range(1, DECODE_GROUP + 1) if num_layers % d == 0)
+
+
+def compile_decode_layers(template: BatchedState) -> Callable:
+    """One decode step of a group of decoder layers, compiled; states go in and out as flat
+    tensors.
 
     Eager, a batch-1 decode step is dozens of small ops per layer whose dispatch costs more than
     their arithmetic (attention step: 417 us eager, 149 us compiled); compiled, the elementwise
-    work fuses into a few kernels around the matrix
-    products (measured on SmolLM2-135M, CPU: 30 layers 71 -> 52 ms). Layers share one
-    compilation (parameters are graph inputs); a second batch size adds one with a dynamic
-    batch dimension. `template` gives the state's structure (its tensors are not used).
+    work fuses into a few kernels around the matrix products (measured on SmolLM2-135M, CPU:
+    30 layers 71 -> 52 ms). The groups share one compilation (parameters are graph inputs); a
+    second batch size adds one with a dynamic batch dimension. `template` gives the state's
+    structure (its tensors are not used).
     """
 
-    def run(layer, hidden, cos, sin, state_tensors, plan_tensors, in_place, sparse_tensors):
-        state = template.unflat(state_tensors)
+    def run(layers, hidden, cos, sin, group_states, plan_tensors, in_place, sparse_tensors):
         plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors, in_place=in_place)
         sparse_plan = None if sparse_tensors is None else SparsePlan(*sparse_tensors)
-        hidden, state = layer(hidden, (cos, sin), state, None, plan, sparse_plan)
-        return hidden, state.flat()
+        flats = []
+        for layer, state_tensors in zip(layers, group_states, strict=True):
+            state = template.unflat(state_tensors)
+            hidden, state = layer(hidden, (cos, sin), state, None, plan, sparse_plan)
+            flats.append(state.flat())
+        return hidden, tuple(flats)
 
     # every model's compilation shares `run`'s code object, and so dynamo's per-function limit
     # on recompilations: a process with several models (benchmarks, tests) would run past the

@@ -43,7 +43,7 @@ from lln_core.ops.softmax import (
     softmax_kv_attention,
 )
 from lln_core.ops.sparse import SparsePlan, leaving_plan
-from lln_core.state import BatchedState, EAState, KVState, LLNState
+from lln_core.state import BatchedState, EAState, KVState, LLNState, SparseKV
 from models.cache import LLNCache
 from models.configuration_lln import LLNConfig
 from models.selection import (
@@ -378,6 +378,57 @@ def compile_decode_layers(template: BatchedState) -> Callable:
     return torch.compile(run, dynamic=None, options={"reorder_for_locality": False})
 
 
+def plan_piece(
+    tracker: SurpriseState,
+    ids: Tensor,
+    num_tokens: Tensor,
+    cache: SparseKV,
+    lm_head: nn.Module,
+    valid: Tensor | None,
+    *,
+    window: int,
+    num_sinks: int,
+    span: int,
+) -> tuple[SurpriseState, SparsePlan]:
+    """Before a piece ids [B, T] from positions num_tokens [B]: the surprise of each row's
+    first token (from the carried hidden state), then the sparse cache's plan for the keys
+    leaving the window during the piece (`models/selection.py`)."""
+    tracker = add_first_surprise(tracker, ids[:, 0], num_tokens, lm_head)
+    plan = leaving_plan(
+        cache, num_tokens, ids.shape[1], window=window, num_sinks=num_sinks, valid=valid,
+        evict_score=evict_scores(tracker, num_tokens, ids.shape[1], window, span),
+    )  # fmt: skip
+    return tracker, plan
+
+
+@torch.compile(dynamic=None)
+def _compiled_plan_flat(tracker, ids, num_tokens, cache, lm_head, window, num_sinks, span):
+    tracker, plan = plan_piece(
+        tracker, ids, num_tokens, cache, lm_head, None,
+        window=window, num_sinks=num_sinks, span=span,
+    )  # fmt: skip
+    return tracker.flat(), plan.flat()
+
+
+def compiled_plan_step(
+    tracker: SurpriseState,
+    ids: Tensor,
+    num_tokens: Tensor,
+    cache: SparseKV,
+    lm_head: nn.Module,
+    *,
+    window: int,
+    num_sinks: int,
+    span: int,
+) -> tuple[SurpriseState, SparsePlan]:
+    """`plan_piece` for a decode step (T = 1, no padding), compiled: eager, its ~80 small ops
+    on [B, G] tensors cost more in dispatch than in arithmetic."""
+    tracker_flat, plan_flat = _compiled_plan_flat(
+        tracker, ids, num_tokens, cache, lm_head, window, num_sinks, span
+    )
+    return tracker.unflat(tracker_flat), SparsePlan(*plan_flat)
+
+
 class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -430,13 +481,17 @@ class LLNForCausalLM(LLNPreTrainedModel, GenerationMixin):
             ids = input_ids[:, start : start + piece]
             piece_lengths = None if lengths is None else (lengths - start).clamp(0, ids.shape[1])
             num_tokens = layer_states[0].num_tokens
-            tracker = add_first_surprise(tracker, ids[:, 0], num_tokens, self.lm_head)
-            plan = leaving_plan(
-                layer_states[0].sparse, num_tokens, ids.shape[1], window=window,
-                num_sinks=self.config.num_sinks, valid=valid_tokens(
-                    piece_lengths, ids.shape[0], ids.shape[1], ids.device),
-                evict_score=evict_scores(tracker, num_tokens, ids.shape[1], window, span),
-            )  # fmt: skip
+            valid = valid_tokens(piece_lengths, ids.shape[0], ids.shape[1], ids.device)
+            inputs = (tracker, ids, num_tokens, layer_states[0].sparse, self.lm_head)
+            sizes = {"window": window, "num_sinks": self.config.num_sinks, "span": span}
+            if (
+                ids.shape[1] == 1
+                and valid is None
+                and self.model.compiled_decode_layers is not None
+            ):
+                tracker, plan = compiled_plan_step(*inputs, **sizes)
+            else:
+                tracker, plan = plan_piece(*inputs, valid, **sizes)
             hidden, layer_states = self.model(
                 ids, layer_states, piece_lengths, in_place=in_place, sparse_plan=plan
             )

@@ -110,14 +110,19 @@ def record_surprise(
     lengths = torch.full((batch,), seq_len, device=ids.device) if lengths is None else lengths
     rows = torch.arange(batch, device=ids.device)
     last = (lengths - 1).clamp_min(0)
-    surprises, last_logits = [], None
+    surprises, last_logits, last_lse = [], None, None
     for start in range(0, seq_len, SCORE_BLOCK):
         block = slice(start, min(start + SCORE_BLOCK, seq_len))
         logits = _head_logits(lm_head, hidden[:, block])  # [B, C, V]
-        here = logits[rows, (last - start).clamp(0, logits.shape[1] - 1)].to(state.lse.dtype)
-        in_block = ((last >= block.start) & (last < block.stop))[:, None]
-        last_logits = here if last_logits is None else torch.where(in_block, here, last_logits)
         lse = _logsumexp(logits).to(state.lse.dtype)
+        at_last = (last - start).clamp(0, logits.shape[1] - 1)
+        here, here_lse = logits[rows, at_last].to(state.lse.dtype), lse[rows, at_last]
+        in_block = (last >= block.start) & (last < block.stop)
+        if last_logits is None:
+            last_logits, last_lse = here, here_lse
+        else:
+            last_logits = torch.where(in_block[:, None], here, last_logits)
+            last_lse = torch.where(in_block, here_lse, last_lse)
         nxt = ids[:, block.start + 1 : block.stop + 1]
         if nxt.shape[1] < logits.shape[1]:  # the last position has no next token here
             nxt = torch.cat([nxt, nxt.new_zeros(batch, logits.shape[1] - nxt.shape[1])], dim=1)
@@ -131,7 +136,7 @@ def record_surprise(
     new = SurpriseState(
         surprise=state.surprise,
         hidden=torch.where(has_tokens, last_hidden, state.hidden),
-        lse=torch.where(has_tokens[:, 0], torch.logsumexp(last_logits, -1), state.lse),
+        lse=torch.where(has_tokens[:, 0], last_lse, state.lse),
     )
     return new, last_logits
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models import LLNConfig
+from models.modeling_lln import compiled_plan_step, plan_piece
 from models.selection import SurpriseState
 from tests.models.conftest import tiny_model
 from tests.models.test_modeling import (
@@ -87,6 +88,26 @@ def test_decode_paths_agree(compiled, kv):
     for want, got in zip(expected_states, actual_states, strict=True):
         for a, b in zip(want.flat(), got.flat(), strict=True):
             assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_compiled_plan_of_a_decode_step_equals_the_eager_plan():
+    """A decode step's scoring and plan run compiled (`compiled_plan_step`): the same plan, and
+    the same surprise up to float32 rounding, at batch 1 and at a batch of rows with full,
+    partly full and empty caches."""
+    model = sparse_model(dtype=torch.float32)
+    ids = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(5))
+    sizes = {"window": 6, "num_sinks": 2, "span": 1}
+    with torch.no_grad():
+        for rows, lengths in ((1, None), (3, torch.tensor([40, 9, 3]))):
+            _, states = model.forward_states(ids[:rows], lengths=lengths)
+            token = torch.randint(0, 64, (rows, 1), generator=torch.Generator().manual_seed(6))
+            args = (states[-1], token, states[0].num_tokens, states[0].sparse, model.lm_head)
+            eager_tracker, eager_plan = plan_piece(*args, None, **sizes)
+            tracker, plan = compiled_plan_step(*args, **sizes)
+            for want, got in zip(eager_plan.flat(), plan.flat(), strict=True):
+                assert torch.equal(want, got)
+            for want, got in zip(eager_tracker.flat(), tracker.flat(), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_greedy_matches_manual_loop():

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test tools lint format bench-ops bench-model bench-cpu bench-engine bench-serving bench-sessions bench-quality clean
+.PHONY: install run test test-slow tools lint format bench-ops bench-model bench-cpu bench-engine bench-serving bench-sessions bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,8 +27,13 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# the default run leaves out the tests marked slow (the real default model end to end, ~7
+# minutes on 2 cores); CI runs them too (`.ci/run`), and `make test-slow` runs them alone
 test: lint tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install tools
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # promtool (Debian's prometheus package) checks the /metrics output, alert rules and dashboard
 # queries; redis-server (Debian's) backs the state-store tests, which start their own on loopback;

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from bench_model import (  # benchmarks/, the script's folder
     PREFILL_CHUNK,
-    interleaved_medians,
+    interleaved_rounds,
     lln_step,
     synthetic_states,
 )
@@ -76,8 +77,8 @@ def run_lln(contexts: list[int], rounds: int) -> dict:
             steps[name, length] = lln_step(model, synthetic_states(states, length), token)
             results[name][length] = {"prefill": None}
     print("decode: interleaved rounds ...", flush=True)
-    for (name, context), seconds in interleaved_medians(steps, rounds).items():
-        results[name][context]["decode_ms"] = seconds * 1e3
+    for (name, context), per_round in interleaved_rounds(steps, rounds).items():
+        results[name][context]["decode_ms"] = statistics.median(per_round) * 1e3
     return results
 
 

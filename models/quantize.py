@@ -117,22 +117,26 @@ class Bf16GemmLinear(nn.Module):
         self.register_buffer("weight_bf16", linear.weight.detach().bfloat16(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        training = torch.is_grad_enabled() and self.weight.requires_grad
-        # compiled (decode) steps: the bfloat16 GEMM made 16 sequences no faster there (51.8 vs
-        # 55.8 tok/s, bench_engine --dtypes)
-        if rows.shape[0] < MIN_BF16_ROWS or training or torch.compiler.is_compiling():
+        y = self._bf16_gemm(x)
+        if y is None:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(rows.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def narrow_forward(self, x: Tensor) -> Tensor:
         """`forward` without widening a bfloat16 GEMM's output (bias-free layers): for callers
         that only reduce it, such as the surprise scores over the vocabulary."""
+        y = self._bf16_gemm(x) if self.bias is None else None
+        return self(x) if y is None else y
+
+    def _bf16_gemm(self, x: Tensor) -> Tensor | None:
+        """x through the bfloat16 weights (bfloat16 output, no bias), or None where the float32
+        GEMM runs: few rows, training, or a compiled (decode) step, where the bfloat16 GEMM made
+        16 sequences no faster (51.8 vs 55.8 tok/s, bench_engine --dtypes)."""
         rows = x.reshape(-1, self.in_features)
-        if self.bias is not None or rows.shape[0] < MIN_BF16_ROWS or torch.is_grad_enabled():
-            return self(x)
+        training = torch.is_grad_enabled() and self.weight.requires_grad
+        if rows.shape[0] < MIN_BF16_ROWS or training or torch.compiler.is_compiling():
+            return None
         y = F.linear(rows.to(torch.bfloat16), self.weight_bf16)
         return y.view(*x.shape[:-1], self.out_features)
 

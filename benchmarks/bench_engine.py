@@ -393,6 +393,9 @@ def plot(throughput: dict, memory: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+DTYPE_ROUNDS = 5
+
+
 def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
     """Decode tokens/s at 1 and 16 sequences for each weight dtype, engines one after another
     in one process (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md. An entry
@@ -403,8 +406,12 @@ def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
         engine = make_engine(16, device, dtype=dtype, gemm_dtype=gemm or "auto")
         for n in (1, 16):  # warm-up: compiles the decode step for both batch sizes
             decode_throughput(engine, n, "-warm-up")
-        one, sixteen = (decode_throughput(engine, n) for n in (1, 16))
-        rows.append(f"| {entry} | {one:.1f} | {sixteen:.1f} | {sixteen / one:.2f} |")
+        # alternating rounds: one short run each is at the mercy of the machine's speed spells
+        runs = [(decode_throughput(engine, 1, f"-{r}"), decode_throughput(engine, 16, f"-{r}"))
+                for r in range(DTYPE_ROUNDS)]  # fmt: skip
+        one, sixteen = (statistics.median(run[i] for run in runs) for i in (0, 1))
+        ratio = statistics.median(b / a for a, b in runs)
+        rows.append(f"| {entry} | {one:.1f} | {sixteen:.1f} | {ratio:.2f} |")
         print(rows[-1], flush=True)
         del engine
         gc.collect()
@@ -414,6 +421,9 @@ def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
         "",
         f"`.venv/bin/python benchmarks/bench_engine.py --dtypes {' '.join(dtypes)}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"Medians of {DTYPE_ROUNDS} rounds, each a 1-sequence then a 16-sequence run; 16 / 1 is "
+        "the median of the rounds' ratios.",
         "",
         "| weights[:GEMMs] | 1 sequence tok/s | 16 sequences tok/s | 16 / 1 |",
         "|---|---|---|---|",

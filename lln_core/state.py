@@ -70,6 +70,14 @@ class BatchedState:
         """Rows [start, start + count) of the batch, as views (no copy)."""
         return self._map(lambda t: t.narrow(0, start, count))
 
+    def assign_(self, source: BatchedState) -> None:
+        """Take `source`'s values, in place, where `source` is this state after an in-place
+        step: tensors the step wrote in place are this state's own and are skipped, new ones
+        are copied."""
+        for dst, src in zip(self._tensors(), source._tensors(), strict=True):
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
+
     def index_copy_(self, index: Tensor, source: BatchedState) -> None:
         """Write the rows of `source` into rows `index` of this state, in place."""
         for dst, src in zip(self._tensors(), source._tensors(), strict=True):

@@ -110,9 +110,12 @@ class StaticDecoder:
             states = [state.index_select(index) for state in self.pool.states]
         else:
             states = [state.rows(first, size) for state in self.pool.states]
-        logits, states = self.model.forward_states(ids, states, in_place=True)
-        for pool_state, new in zip(self.pool.states, states, strict=True):
-            pool_state.write_step_(index, new)
+        logits, new_states = self.model.forward_states(ids, states, in_place=True)
+        for pool_state, old, new in zip(self.pool.states, states, new_states, strict=True):
+            if first is None:
+                pool_state.write_step_(index, new)
+            else:  # the step wrote the windows and caches into the pool's rows already
+                old.assign_(new)
         self.logits[:size].copy_(logits[:, -1])
 
     @torch.no_grad()

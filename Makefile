@@ -27,7 +27,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# the default run leaves out the tests marked slow (the real default model end to end, ~7
+# the default run leaves out the tests marked slow (the real default model end to end, ~5
 # minutes on 2 cores); CI runs them too (`.ci/run`), and `make test-slow` runs them alone
 test: lint tools
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

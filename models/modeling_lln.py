@@ -421,8 +421,8 @@ def compiled_plan_step(
     num_sinks: int,
     span: int,
 ) -> tuple[SurpriseState, SparsePlan]:
-    """`plan_piece` for a decode step (T = 1, no padding), compiled: eager, its ~80 small ops
-    on [B, G] tensors cost more in dispatch than in arithmetic."""
+    """`plan_piece` for a decode step (T = 1, no padding), compiled: eager, its dozens of small
+    ops on [B, G] tensors cost more in dispatch than in arithmetic (368 vs 138 us per step)."""
     tracker_flat, plan_flat = _compiled_plan_flat(
         tracker, ids, num_tokens, cache, lm_head, window, num_sinks, span
     )

@@ -123,20 +123,42 @@ def perplexity(
     *,
     window: int = 1024,
     progress: bool = False,
+    decode_tail: int = 0,
+    piece: int = 4,
 ) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `window` tokens.
 
     token_ids: [N]. Each window is scored on its own from an empty state (as a fresh request
-    would be); a trailing part shorter than a window is dropped.
+    would be); a trailing part shorter than a window is dropped. With `decode_tail`, each
+    window's last `decode_tail` tokens go through the model `piece` tokens at a time after a
+    prefill of the rest (so through the few-row kernels of a decode step), and only they are
+    scored.
     """
     num_windows = token_ids.numel() // window
     if num_windows == 0:
         raise ValueError(f"need at least {window} tokens, got {token_ids.numel()}")
+    if not 0 <= decode_tail < window:
+        raise ValueError(f"decode_tail must be in [0, {window}), got {decode_tail}")
     total_nll, count = 0.0, 0
     for i in tqdm(range(num_windows), desc="perplexity", disable=not progress):
         ids = token_ids[i * window : (i + 1) * window][None].to(model.device)
-        logits, _ = model.forward_states(ids)
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+        logits = _window_logits(model, ids, decode_tail, piece)
+        targets = ids[0, 1:][-logits.shape[1] + 1 :] if decode_tail else ids[0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets, reduction="sum")
         total_nll += nll.item()
-        count += window - 1
+        count += targets.numel()
     return math.exp(total_nll / count)
+
+
+def _window_logits(model: LLNForCausalLM, ids: Tensor, decode_tail: int, piece: int) -> Tensor:
+    """Logits of the whole window, or (decode_tail) of the token before the tail and the
+    tail's tokens, the tail fed `piece` tokens at a time."""
+    if not decode_tail:
+        return model.forward_states(ids)[0]
+    split = ids.shape[1] - decode_tail
+    logits, states = model.forward_states(ids[:, :split])
+    parts = [logits[:, -1:]]
+    for start in range(split, ids.shape[1], piece):
+        logits, states = model.forward_states(ids[:, start : start + piece], states)
+        parts.append(logits)
+    return torch.cat(parts, dim=1)

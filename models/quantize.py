@@ -2,14 +2,14 @@
 many-row GEMMs run in bfloat16 (`--gemm-dtype bfloat16`).
 
 A batch-1 decode step reads every weight once, so its cost is the bytes of the weights: int8
-per output channel reads a quarter of float32's. PyTorch's `_weight_int8pack_mm` (bfloat16
-activations, int8 weights, one scale per output channel) is the fast kernel for a few rows;
-for many rows (prefill) it falls behind the bfloat16 GEMM of oneDNN (AMX where the CPU has it),
-so each layer also keeps its dequantized weights in bfloat16 (as `weight`) and picks the kernel
-by the number of rows. Both paths compute with the same weights (int8 * scale, exact in bfloat16 to
-a rounding) and bfloat16 activations; outputs come back in the input's dtype. Norms, LLN
-features, window keys/values and states stay float32 (measured crossover on a 2-core AVX-512
-CPU: int8 ahead up to 4 rows, bfloat16 from 8).
+per output channel reads a quarter of float32's. For a few rows (decode) the kernel is lln-serve's
+VNNI GEMV (`models/int8_kernel.py`: activations quantized to int8 in groups of 4, 2x faster
+than PyTorch's) where the CPU has AVX-512 VNNI, else PyTorch's `_weight_int8pack_mm` (bfloat16
+activations); for many rows (prefill) both fall behind the bfloat16 GEMM of oneDNN (AMX where
+the CPU has it), so each layer also keeps its dequantized weights in bfloat16 (as `weight`) and
+picks the kernel by the number of rows. All paths compute with the same int8 weights; outputs come
+back in the input's dtype. Norms, LLN features, window keys/values and states stay float32
+(measured crossover on a 2-core AVX-512 CPU: int8 ahead up to 4 rows, bfloat16 from 8).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models import int8_kernel
 
 # rows (tokens x sequences) up to which the GEMV kernel (int8 or float32) runs; above it the
 # bfloat16 GEMM (measured on 1536 x 576 and the 49,152 x 576 LM head: float32 ahead up to 4
@@ -38,31 +40,40 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights per output channel; see the module docstring."""
+    """nn.Linear with int8 weights per output channel; see the module docstring. `vnni`: decode
+    rows through `torch.ops.lln.int8_gemv` (default: where it is available)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, vnni: bool | None = None):
         super().__init__()
-        q, scale = quantize_per_channel(linear.weight)
-        scale = scale.to(torch.bfloat16)  # the int8 kernel takes scales in the activations' dtype
+        q, scale_f32 = quantize_per_channel(linear.weight)
+        scale = scale_f32.to(torch.bfloat16)  # _weight_int8pack_mm takes the activations' dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
+        self.vnni = int8_kernel.available() if vnni is None else vnni
+        if self.vnni and not int8_kernel.available():
+            raise RuntimeError("the int8 VNNI kernel is not available on this machine")
+        if self.vnni:
+            self.register_buffer("scale_f32", scale_f32, persistent=False)
         # `weight`, as nn.Linear names it: the dequantized weights, for the many-row GEMM
         self.register_buffer("weight", (q.to(torch.float32) * scale[:, None].float()).bfloat16())
         bias = None if linear.bias is None else linear.bias.detach().to(torch.float32)
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= MAX_GEMV_ROWS:
-            y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= MAX_GEMV_ROWS and self.vnni and rows.is_cpu:
+            y = torch.ops.lln.int8_gemv(rows, self.weight_int8, self.scale_f32)
+        elif rows.shape[0] <= MAX_GEMV_ROWS:
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scale)
         else:
-            y = rows @ self.weight.T
+            y = rows.to(torch.bfloat16) @ self.weight.T
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        kernel = "VNNI GEMV" if self.vnni else "int8pack GEMV"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {kernel}"
 
 
 class Int8Embedding(nn.Module):
@@ -83,9 +94,10 @@ class Int8Embedding(nn.Module):
         return (rows * self.head.scale[ids, None].to(torch.float32)).to(self.dtype)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Every nn.Linear of `model` (the LM head included) becomes an Int8Linear, in place; a
-    tied input embedding reads the LM head's int8 weights. Returns the model."""
+def quantize_int8(model: nn.Module, vnni: bool | None = None) -> nn.Module:
+    """Every nn.Linear of `model` (the LM head included) becomes an Int8Linear (`vnni`: as
+    there), in place; a tied input embedding reads the LM head's int8 weights. Returns the
+    model."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = embed is not None and head is not None and embed.weight is head.weight
@@ -93,7 +105,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
+                setattr(parent, name, Int8Linear(child, vnni))
     if tied:
         model.set_input_embeddings(Int8Embedding(model.get_output_embeddings(), dtype))
     return model

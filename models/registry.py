@@ -120,8 +120,8 @@ def load_model(
         overrides["attention_kernel"] = kernel
     int8 = dtype == torch.int8
     model = from_checkpoint(path, dtype=torch.float32 if int8 else dtype, **overrides)
-    if int8:
-        quantize_int8(model)
+    if int8:  # the VNNI GEMV is a CPU kernel
+        quantize_int8(model, vnni=None if torch.device(device).type == "cpu" else False)
     elif gemm_dtype == torch.bfloat16 and dtype == torch.float32:
         use_bf16_gemms(model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -59,3 +59,19 @@ def test_perplexity_is_exp_mean_nll_over_windows():
     assert perplexity(model, ids, window=16) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="need at least"):
         perplexity(model, ids[:10], window=16)
+
+
+def test_perplexity_of_a_decoded_tail_scores_only_the_tail():
+    """decode_tail feeds each window's last tokens a few at a time after a prefill: the same
+    logits as one forward pass (the model's forms agree), scored on the tail alone."""
+    model = tiny_model("lln_diag", dtype=torch.float64)
+    ids = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(1))
+    nll = []
+    for start in (0, 16):
+        logits = model(ids[None, start : start + 16]).logits[0, :-1]
+        nll.append(torch.nn.functional.cross_entropy(logits[-5:], ids[start + 11 : start + 16]))
+    expected = math.exp(torch.stack(nll).mean().item())
+    got = perplexity(model, ids, window=16, decode_tail=5, piece=2)
+    assert got == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="decode_tail"):
+        perplexity(model, ids, window=16, decode_tail=16)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import int8_kernel
 from models.quantize import (
     MAX_GEMV_ROWS,
     MIN_BF16_ROWS,
@@ -18,6 +19,9 @@ from models.quantize import (
 )
 from models.registry import load_model
 from tests.models.conftest import tiny_model
+from tests.models.test_int8_kernel import reference as vnni_reference
+
+needs_vnni = pytest.mark.skipif(not int8_kernel.available(), reason="no AVX-512 VNNI kernel here")
 
 
 def test_per_channel_rounding_is_within_half_a_step():
@@ -32,24 +36,30 @@ def test_per_channel_rounding_is_within_half_a_step():
 
 @pytest.mark.parametrize("rows", [1, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1, 37])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_equals_a_float64_reference(rows, bias):
-    """Both kernels (int8 for few rows, bfloat16 GEMM for many) compute x (bfloat16) times
-    q * scale, to the bfloat16 rounding of the output."""
+@pytest.mark.parametrize("vnni", [False, pytest.param(True, marks=needs_vnni)])
+def test_int8_linear_equals_a_float64_reference(rows, bias, vnni):
+    """The kernels (int8pack or VNNI for few rows, bfloat16 GEMM for many) compute x times
+    q * scale: x in bfloat16, to the bfloat16 rounding of the output, except VNNI's, which is
+    the float64 reference of its own arithmetic (x in int8 blocks, float32 scales)."""
     gen = torch.Generator().manual_seed(rows)
     linear = nn.Linear(96, 80, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(80, 96, generator=gen) * 0.1)
         if bias:
             linear.bias.copy_(torch.randn(80, generator=gen))
-    layer = Int8Linear(linear)
+    layer = Int8Linear(linear, vnni=vnni)
     x = torch.randn(rows, 96, generator=gen)
     weight = layer.weight_int8.double() * layer.scale.double()[:, None]
-    expected = x.bfloat16().double() @ weight.T
+    if vnni and rows <= MAX_GEMV_ROWS:
+        expected = vnni_reference(x, layer.weight_int8, layer.scale_f32)
+        tolerance = 1e-5 * expected.abs().max()
+    else:
+        expected = x.bfloat16().double() @ weight.T
+        tolerance = 2**-7 * expected.abs().max() + 1e-3
     if bias:
         expected = expected + linear.bias.double()
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 80)
-    tolerance = 2**-7 * expected.abs().max() + 1e-3
     assert (got.double() - expected).abs().max() <= tolerance
     # and the weights are the float ones to half a step of each channel
     assert torch.all((weight - linear.weight.double()).abs() <= layer.scale.double()[:, None])

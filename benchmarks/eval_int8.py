@@ -1,0 +1,78 @@
+"""Perplexity of the default model with int8 weights next to float32, through both paths a
+request takes: prefill (whole windows: many rows per matmul, the bfloat16 GEMM) and decode (each
+window's last tokens fed 4 at a time: the few-row int8 kernels, PyTorch's `_weight_int8pack_mm`
+or lln-serve's VNNI GEMV).
+
+    .venv/bin/python benchmarks/eval_int8.py [--windows 1024 4096] [--tail 256]
+
+Text: /usr/share/common-licenses/GPL-3 (held out, as `eval_perplexity.py`). Writes
+benchmarks/results/int8_perplexity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from models import int8_kernel
+from models.evaluate import EVALUATION_FILE, evaluation_text, perplexity
+from models.quantize import quantize_int8
+from models.registry import DEFAULT_MODEL, from_checkpoint, load_model, resolve
+
+VARIANTS = {  # name -> None (float32) or the int8 decode kernel's vnni flag
+    "float32": None,
+    "int8, _weight_int8pack_mm decode": False,
+    "int8, VNNI GEMV decode (activations in int8 blocks of 64)": True,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--tail", type=int, default=256, help="tokens decoded per window")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    path = resolve(DEFAULT_MODEL)
+    _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
+    ids = torch.tensor(tokenizer(evaluation_text())["input_ids"])
+    columns = [f"{w} prefill" for w in args.windows] + [f"{w} decode" for w in args.windows]
+    lines = [
+        f"# int8 perplexity of {DEFAULT_MODEL} ({EVALUATION_FILE}, {ids.numel()} tokens)",
+        "",
+        f"`.venv/bin/python benchmarks/eval_int8.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC. "
+        "Non-overlapping windows, each from an empty state. *prefill*: every token of each "
+        f"window scored from one forward pass. *decode*: each window's last {args.tail} tokens "
+        "fed 4 at a time after a prefill of the rest, and only they scored. In brackets: the "
+        "ratio to float32 on the same tokens.",
+        "",
+        "| variant | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    baseline = None
+    for name, vnni in VARIANTS.items():
+        if vnni and not int8_kernel.available():
+            lines.append(f"| {name} | " + " | ".join("n/a" for _ in columns) + " |")
+            continue
+        model = from_checkpoint(path)
+        if vnni is not None:
+            quantize_int8(model, vnni=vnni)
+        with torch.no_grad():
+            scores = [perplexity(model, ids, window=w) for w in args.windows]
+            scores += [
+                perplexity(model, ids, window=w, decode_tail=args.tail) for w in args.windows
+            ]
+        baseline = baseline or scores
+        cells = [f"{s:.3f} ({s / b:.4f}x)" for s, b in zip(scores, baseline, strict=True)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "int8_perplexity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

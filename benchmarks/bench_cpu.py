@@ -4,11 +4,12 @@ model's GGUF files, batch 1, one run.
     .venv/bin/python benchmarks/bench_cpu.py [--contexts 256 1024 4096 16384] [--quick]
 
 lln-serve: the default model in float32, float32 with bfloat16 prefill GEMMs (`--gemm-dtype`,
-the server's CPU default), bfloat16 and int8 (`--dtype`), and float32 / int8
-without the sparse cache (the decode cost of the cache, issue 16's ratio), decode compiled and
-in place as the server runs it (`bench_model`'s steps, timed round-robin so machine noise hits
-all alike); prefill chunked by 4,096 tokens as the engine prefills. Decode at 32K and 1M: a real
-state relabelled as that long (the step's cost does not depend on its content).
+the server's CPU default), bfloat16 and int8 (`--dtype`; decode GEMVs through lln-serve's VNNI
+kernel, and through PyTorch's `_weight_int8pack_mm`), and float32 / int8 without the sparse
+cache (the decode cost of the cache, issue 16's ratio), decode compiled and in place as the
+server runs it (`bench_model`'s steps, timed round-robin so machine noise hits all alike);
+prefill chunked by 4,096 tokens as the engine prefills. Decode at 32K and 1M: a real state
+relabelled as that long (the step's cost does not depend on its content).
 
 llama.cpp: `benchmarks/llamacpp_runner.py` run with the Python that has `llama-cpp-python`
 (`--llamacpp-python`, default /work/llamacpp-venv/bin/python; skipped, saying so, where there is
@@ -34,13 +35,15 @@ from bench_model import (  # benchmarks/, the script's folder
 )
 from bench_quality import CHATS, chat_samples
 
+from models.quantize import Int8Linear
 from models.registry import DEFAULT_MODEL, load_model, smollm2_gguf
 
 VARIANTS = {  # name -> (dtype, overrides)
     "float32": (torch.float32, {}),
     "float32, bfloat16 GEMMs": (torch.float32, dict(gemm_dtype=torch.bfloat16)),  # CPU default
     "bfloat16": (torch.bfloat16, {}),
-    "int8": (torch.int8, {}),
+    "int8": (torch.int8, {}),  # decode GEMVs: lln-serve's VNNI kernel where the CPU has it
+    "int8, PyTorch's int8 GEMV": (torch.int8, dict(vnni=False)),  # _weight_int8pack_mm
     "float32, no sparse cache": (torch.float32, dict(sparse_cache_size=0, kv_cache_dtype="auto")),
     "int8, no sparse cache": (torch.int8, dict(sparse_cache_size=0, kv_cache_dtype="auto")),
 }
@@ -49,7 +52,14 @@ LLAMACPP_CONTEXTS = (256, 1024, 4096, 16384, 32768)
 
 
 def load_variant(dtype: torch.dtype, overrides: dict):
-    return load_model(DEFAULT_MODEL, dtype=dtype, progress=False, **overrides)[0]
+    """The default model as `dtype`; `vnni=False`: int8 decode through `_weight_int8pack_mm`."""
+    overrides = dict(overrides)
+    vnni = overrides.pop("vnni", True)
+    model = load_model(DEFAULT_MODEL, dtype=dtype, progress=False, **overrides)[0]
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.vnni = layer.vnni and vnni
+    return model
 
 
 @torch.no_grad()

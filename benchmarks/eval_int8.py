@@ -25,7 +25,7 @@ from models.registry import DEFAULT_MODEL, from_checkpoint, load_model, resolve
 VARIANTS = {  # name -> None (float32) or the int8 decode kernel's vnni flag
     "float32": None,
     "int8, _weight_int8pack_mm decode": False,
-    "int8, VNNI GEMV decode (activations in int8 blocks of 64)": True,
+    "int8, VNNI GEMV decode (activations in int8 groups of 4)": True,
 }
 
 

@@ -168,3 +168,28 @@ def test_load_model_with_bf16_gemms(tmp_path, char_tokenizer):
     assert any(isinstance(m, Bf16GemmLinear) for m in loaded.modules())
     plain, _ = load_model(str(tmp_path))
     assert not any(isinstance(m, Bf16GemmLinear) for m in plain.modules())
+
+
+def test_int8_falls_back_to_pytorch_where_the_vnni_kernel_cannot_be_built(monkeypatch, caplog):
+    """No compiler, a failed build or the switch LLN_SERVE_INT8_KERNEL=0: `available()` says
+    False (with a warning for a failed build) and int8 layers take `_weight_int8pack_mm`."""
+
+    def failed_build():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(int8_kernel, "_build", failed_build)
+    with caplog.at_level("WARNING", logger="models.int8_kernel"):
+        assert int8_kernel.available.__wrapped__() is False
+    assert "no C++ compiler" in caplog.text
+    monkeypatch.setenv("LLN_SERVE_INT8_KERNEL", "0")
+    assert int8_kernel.available.__wrapped__() is False
+    monkeypatch.setattr(int8_kernel, "available", lambda: False)
+    linear = nn.Linear(96, 80)
+    layer = Int8Linear(linear)
+    assert not layer.vnni and "scale_f32" not in dict(layer.named_buffers())
+    x = torch.randn(2, 96)
+    weight = layer.weight_int8.double() * layer.scale.double()[:, None]
+    expected = x.bfloat16().double() @ weight.T + linear.bias.double()
+    assert (layer(x).double() - expected).abs().max() <= 2**-7 * expected.abs().max() + 1e-3
+    with pytest.raises(RuntimeError, match="not available"):
+        Int8Linear(linear, vnni=True)

@@ -28,7 +28,7 @@ constexpr int64_t kPrefetch = 8;  // rows ahead whose weights are prefetched
 // 16 values at a time, the group maxima by two swaps within each 128-bit lane (one group)
 LLN_VNNI void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* q, float* scales) {
   const int64_t padded = (K + kBlock - 1) / kBlock * kBlock;
-  const __m512 one = _mm512_set1_ps(1.f), inv127 = _mm512_set1_ps(127.f);
+  const __m512 one = _mm512_set1_ps(1.f), int8_max = _mm512_set1_ps(127.f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < padded; k += 16) {
       const __mmask16 mask = k >= K ? 0 : K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
@@ -37,7 +37,7 @@ LLN_VNNI void quantize_activations(const float* x, int64_t M, int64_t K, int8_t*
       amax = _mm512_max_ps(amax, _mm512_permute_ps(amax, 0xB1));  // swap neighbours
       amax = _mm512_max_ps(amax, _mm512_permute_ps(amax, 0x4E));  // swap pairs
       const __mmask16 zero = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_EQ_OQ);
-      const __m512 scale = _mm512_mask_blend_ps(zero, _mm512_div_ps(amax, inv127), one);
+      const __m512 scale = _mm512_mask_blend_ps(zero, _mm512_div_ps(amax, int8_max), one);
       const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * padded + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
       _mm512_mask_compressstoreu_ps(scales + (m * padded + k) / kGroup, 0x1111, scale);
@@ -106,7 +106,8 @@ bool supported() {
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(supported(), "int8_gemv: this CPU has no AVX-512 VNNI");
+  static const bool cpu_has_vnni = supported();
+  TORCH_CHECK(cpu_has_vnni, "int8_gemv: this CPU has no AVX-512 VNNI");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scale.dim() == 1, "int8_gemv: x [M, K], w [N, K], scale [N]");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "int8_gemv: CPU tensors");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_gemv: int8 weights");

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
 GROUP = 4
-MAX_ROWS = 4
 
 
 @functools.cache

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lln_core.ops.extension import build
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
@@ -44,11 +46,7 @@ def available() -> bool:
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load
-
-    flags = ["-O3", "-fopenmp"]  # at::parallel_for's OpenMP pragma, as torch.compile's kernels
-    load(name="lln_int8_gemv", sources=[str(SOURCE)], extra_cflags=flags,
-         extra_ldflags=["-fopenmp"], is_python_module=False)  # fmt: skip
+    build("lln_int8_gemv", SOURCE)
     torch.library.register_fake("lln::int8_gemv")(_fake_int8_gemv)
 
 

@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from lln_core.ops import slot_softmax
 from lln_core.ops.common import enable_flush_denormal, round_to, valid_tokens
 from lln_core.ops.ea import ea_attention, ea_step
 from lln_core.ops.lln import lln_attention, lln_step
@@ -368,6 +369,7 @@ def compile_decode_layers(template: BatchedState) -> Callable:
             flats.append(state.flat())
         return hidden, tuple(flats)
 
+    slot_softmax.available()  # built now: a trace cannot build it
     # every model's compilation shares `run`'s code object, and so dynamo's per-function limit
     # on recompilations: a process with several models (benchmarks, tests) would run past the
     # default 8 and fall back to eager without saying more than a warning

@@ -35,8 +35,6 @@ from lln_core.ops.common import (
     feature_logits,
     group_queries,
     per_head,
-    slot_logits,
-    slot_values,
     ungroup,
     valid_tokens,
 )
@@ -48,6 +46,7 @@ from lln_core.ops.lln.chunk import (
     mask_padding,
 )
 from lln_core.ops.lln.recurrent import lln_step_parts
+from lln_core.ops.slot_softmax import one_slot, slot_softmax, softmax_of_parts
 from lln_core.ops.softmax import (
     LocalSpec,
     LocalStepPlan,
@@ -175,9 +174,7 @@ def lln_diag_step(
     if plan is None:
         plan = local_step_plan(p.state.local, p.state.num_tokens, local)
     qg = p.qg[:, :, :, 0]
-    logits, values, old_k, old_v = local_step_parts(
-        qg, p.k, p.v, p.state.local, plan, scale=p.scale
-    )
+    parts, old_k, old_v = local_step_parts(qg, p.k, p.v, p.state.local, plan, scale=p.scale)
     sparse = p.state.sparse
     if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
         sp = sparse_plan or leaving_plan(
@@ -189,13 +186,13 @@ def lln_diag_step(
         evicted_bias = torch.where(sp.merged_valid, 0.0, float("-inf")).to(old_k.dtype)[:, None]
         # the query sees the cache after the step (`SparsePlan.visible`): the cached pairs
         # that stay, and the leaving pair if it enters; read before the write, as the window
-        seen = torch.where(sp.visible, 0.0, float("-inf")).to(qg.dtype)[:, :, None]
+        seen = torch.where(sp.visible[:, 0], 0.0, float("-inf")).to(qg.dtype)  # [B, G + 1]
         q_scaled = qg * p.scale
-        logits += [
-            slot_logits(q_scaled, sparse.k) + seen[..., : sparse.size],
-            q_scaled @ leaving_k.transpose(-1, -2) + seen[..., sparse.size :],
+        leaving_logit = q_scaled @ leaving_k.transpose(-1, -2) + seen[:, None, None, sparse.size :]
+        parts += [
+            slot_softmax(q_scaled, sparse.k, sparse.v, seen[:, : sparse.size]),
+            one_slot(leaving_logit, leaving_v),
         ]
-        values += [sparse.v, leaving_v]
     else:
         evicted_bias = plan.evicted_bias[:, :, 0]
     if combine == "joint":  # the LLN state takes the key that left the window, if any
@@ -203,12 +200,13 @@ def lln_diag_step(
     else:
         b, new_v = p.key_logits(p.k), p.v
     lln, S, z, m = lln_step_parts(p.aq[:, :, :, 0], b[:, :, 0], new_v[:, :, 0], p.state)
-    if combine == "joint":
+    if combine == "joint":  # the LLN part is one pseudo-slot: its log mass and its output
         log_weight = _log_weight(p, p.state.num_tokens[:, None], local)[..., 0]
-        y = _joint_step(lln, logits, values, log_weight)
+        lln_logit = torch.log(lln.den) + lln.log_scale + log_weight  # -inf: no old key yet
+        lln_value = lln.num / lln.den.clamp_min(TINY)[..., None]
+        y = softmax_of_parts([*parts, (lln_value, torch.ones_like(lln_logit), lln_logit)])
     else:
-        y_local = _weighted_values(torch.softmax(torch.cat(logits, dim=-1), dim=-1), values)
-        y = p.weight * lln.normalised() + (1 - p.weight) * y_local
+        y = p.weight * lln.normalised() + (1 - p.weight) * softmax_of_parts(parts)
     # the writes come last: nothing reads the window or the cache after them
     cache = write_local_step(p.state.local, p.k, p.v, plan)
     if sparse is not None:
@@ -216,30 +214,6 @@ def lln_diag_step(
     new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
                          plan.num_tokens, cache, sparse)  # fmt: skip
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
-
-
-def _joint_step(
-    lln: LLNParts, logits: list[Tensor], values: list[Tensor], log_weight: Tensor
-) -> Tensor:
-    """One softmax over the exact slots and one pseudo-slot for the LLN part: its logit is the
-    log of its total (weighted) mass, its value the LLN output. The slots come in parts (the
-    window, the new token, the sparse cache, the leaving key), logits [B, Hkv, G, L_i] and
-    values [B, Hkv, L_i, Dv] as stored, so that no part is copied to join the others;
-    log_weight [1, Hkv, G] -> [B, Hkv, G, Dv]."""
-    lln_logit = torch.log(lln.den) + lln.log_scale + log_weight  # -inf when no key is old yet
-    weights = torch.softmax(torch.cat([*logits, lln_logit[..., None]], dim=-1), dim=-1)
-    lln_value = lln.num / lln.den.clamp_min(TINY)[..., None]
-    return weights[..., -1:] * lln_value + _weighted_values(weights, values)
-
-
-def _weighted_values(weights: Tensor, values: list[Tensor]) -> Tensor:
-    """weights [B, Hkv, G, >= sum L_i] over the value parts [B, Hkv, L_i, Dv], in order."""
-    y, start = None, 0
-    for vals in values:
-        part = slot_values(weights[..., start : start + vals.shape[-2]], vals)
-        y = part if y is None else y + part
-        start += vals.shape[-2]
-    return y
 
 
 def _merged_step(

@@ -26,10 +26,10 @@ from lln_core.ops.common import (
     fused_softmax_fits,
     fused_softmax_parts,
     group_queries,
-    slot_logits,
     ungroup,
     valid_tokens,
 )
+from lln_core.ops.slot_softmax import Parts, one_slot, slot_softmax
 from lln_core.state import KVState, LocalKV
 
 # Queries per block of the local branch's prefill. Each block scores W + C keys, so a block as
@@ -415,19 +415,22 @@ def _log_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def local_step_parts(
     q: Tensor, k: Tensor, v: Tensor, cache: LocalKV, plan: LocalStepPlan, *, scale: float
-) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+) -> tuple[list[Parts], Tensor, Tensor]:
     """Decode: one new token per row, q [B, Hkv, G, D] (grouped), k, v [B, Hkv, 1, D].
 
     Reads the cache before the token's write (`write_local_step`): the query sees the slots as
-    they were, less the one being overwritten, plus the new token. Returns the logits and
-    values of those two parts ([B, Hkv, G, L] and [B, Hkv, G, 1]; values as stored), and the
-    key and value the overwritten slot held ([B, Hkv, 1, D]; `plan.evicted_bias` says whether
-    that is the key leaving the window). Nothing is written here, so a compiled step reads the
-    cache where it is and then writes one slot, with no copy of the cache.
+    they were, less the one being overwritten, plus the new token. Returns the softmax parts of
+    those two (`slot_softmax`), and the key and value the overwritten slot held ([B, Hkv, 1, D];
+    `plan.evicted_bias` says whether that is the key leaving the window). Nothing is written
+    here, so a compiled step reads the cache where it is and then writes one slot, with no copy
+    of the cache.
     """
     q = q * scale
-    kept = plan.bias.masked_fill(plan.write.transpose(-1, -2), float("-inf"))
-    logits = [slot_logits(q, cache.k) + kept, q @ k.to(q.dtype).transpose(-1, -2)]
+    kept = plan.bias.masked_fill(plan.write.transpose(-1, -2), float("-inf"))[:, 0, 0]  # [B, L]
+    parts = [
+        slot_softmax(q, cache.k, cache.v, kept),
+        one_slot(q @ k.to(q.dtype).transpose(-1, -2), v),
+    ]
     if plan.in_place:  # advanced indexing: reads one slot
         rows = torch.arange(k.shape[0], device=k.device)
         evicted_k = cache.k[rows, :, plan.slot][:, :, None]
@@ -435,7 +438,7 @@ def local_step_parts(
     else:  # one-hot products: cheaper than advanced indexing for small windows, uncompiled
         evicted = plan.evicted.to(cache.k.dtype)  # one-hot: exact in any dtype
         evicted_k, evicted_v = evicted @ cache.k, evicted @ cache.v
-    return logits, [cache.v, v], evicted_k.to(k.dtype), evicted_v.to(v.dtype)
+    return parts, evicted_k.to(k.dtype), evicted_v.to(v.dtype)
 
 
 def write_local_step(cache: LocalKV, k: Tensor, v: Tensor, plan: LocalStepPlan) -> LocalKV:

@@ -134,7 +134,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY(lln, m) {
+TORCH_LIBRARY_FRAGMENT(lln, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int8_gemv_supported() -> bool", &supported);
 }

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from lln_core.ops import slot_softmax
 from models import LLNConfig
 from models.modeling_lln import compiled_plan_step, plan_piece
 from models.selection import SurpriseState
@@ -88,6 +90,33 @@ def test_decode_paths_agree(compiled, kv):
     for want, got in zip(expected_states, actual_states, strict=True):
         for a, b in zip(want.flat(), got.flat(), strict=True):
             assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@KV_DTYPES
+def test_compiled_decode_attends_through_the_slot_kernel(kv):
+    """With head dims the AVX-512 kernel takes (16 here), a float32 compiled decode step reads
+    the window and the cache through `lln::slot_softmax` (two calls per layer, profiler) and
+    follows the float64 model, which takes PyTorch's path, to float32 rounding (and bfloat16's,
+    where the stored keys are rounded the same way in both)."""
+    if not slot_softmax.available():
+        pytest.skip("the CPU has no AVX-512 (or no C++ compiler)")
+    wide = dict(hidden_size=64, kv_cache_dtype=kv)
+    reference, model = sparse_model(**wide), sparse_model(dtype=torch.float32, **wide)
+    model.load_state_dict(reference.state_dict())
+    assert model.compile_decode()
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        _, want_states = reference.forward_states(ids[:, :14])
+        _, states = model.forward_states(ids[:, :14])
+        for t in range(14, 24):
+            token = ids[:, t : t + 1]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                got, states = model.forward_states(token, states, in_place=True)
+            want, want_states = reference.forward_states(token, want_states)
+            assert (got.double() - want).abs().max() < 1e-4
+            calls = {e.key: e.count for e in prof.key_averages()}
+            if t > 16:  # the first steps also trace the op (and retrace it, dynamic)
+                assert calls.get("lln::slot_softmax") == 2 * model.config.num_hidden_layers
 
 
 def test_compiled_plan_of_a_decode_step_equals_the_eager_plan():

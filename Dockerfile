@@ -11,8 +11,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     LLN_SERVE_PORT=8000 \
     LLN_SERVE_DEVICE=cuda
 
-# g++: torch.compile builds the decode step's kernels at start, and `--dtype int8` on a CPU
-# builds its VNNI GEMV (models/csrc) on first use
+# g++: torch.compile builds the decode step's kernels at start; on a CPU the int8 VNNI GEMV
+# (models/csrc) and the decode attention kernel (lln_core/ops/csrc) are built on first use
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
     && rm -rf /var/lib/apt/lists/*

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from models.configuration_lln import ATTENTION_KERNELS as KERNELS
 from models.configuration_lln import FEATURE_MAPS
-from server.config import GEMM_DTYPES, WEIGHT_DTYPES
+from server.config import DTYPES, GEMM_DTYPES, EngineConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,8 @@ SERVE_OPTIONS = [
         "--dtype",
         str,
         "auto",
-        "weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 or int8 "
-        "(weight-only); states stay float32",
+        "weights: auto (bfloat16 on CUDA; on a CPU int8 where the AVX-512 VNNI kernel runs, "
+        "else float32), float32, bfloat16, float16 or int8 (weight-only); states stay float32",
     ),
     (
         "--gemm-dtype",
@@ -167,8 +167,9 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="apply the chat template")
     parser.add_argument("--kernel", choices=KERNELS, help="run the weights with this kernel")
     parser.add_argument(
-        "--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights (states stay float32)"
-    )
+        "--dtype", choices=DTYPES, default="auto",
+        help="weights, as for serve (auto: int8 on a CPU with the VNNI kernel, else float32)",
+    )  # fmt: skip
     parser.add_argument(
         "--gemm-dtype", choices=GEMM_DTYPES, default="auto",
         help="float32 weights: dtype of eager matmuls of 64+ rows, i.e. prefill (auto: bfloat16 "
@@ -241,11 +242,12 @@ def run_generate(args: argparse.Namespace) -> int:
         return _fail("need temperature >= 0 and 0 < top-p <= 1")
     from models.quantize import resolve_gemm_dtype
 
+    weight_dtype = EngineConfig(dtype=args.dtype).weight_dtype
     model, tokenizer = load_model(
         args.model,
         kernel=args.kernel,
-        dtype=getattr(torch, args.dtype),
-        gemm_dtype=resolve_gemm_dtype(args.gemm_dtype, args.dtype, "cpu"),
+        dtype=getattr(torch, weight_dtype),
+        gemm_dtype=resolve_gemm_dtype(args.gemm_dtype, weight_dtype, "cpu"),
     )
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]

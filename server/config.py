@@ -20,8 +20,10 @@ class EngineConfig:
     prefill_chunk_size: longest prefill chunk; prefix-cache snapshots land on its multiples.
     prefix_cache_bytes / session_bytes: byte budgets of saved states (0 disables).
     session_ttl_s: idle sessions older than this are evicted.
-    dtype: of the weights; "auto" is bfloat16 on CUDA and float32 on CPU (states and LLN
-    features are float32 whatever it is); int8 is weight-only (`models/quantize.py`).
+    dtype: of the weights; "auto" is bfloat16 on CUDA, and on a CPU int8 where lln-serve's int8
+    kernel runs (AVX-512 VNNI, `models/int8_kernel.py`: within 1% of float32's perplexity,
+    about twice as fast a decode), else float32. States and LLN features are float32 whatever
+    it is; int8 is weight-only (`models/quantize.py`).
     gemm_dtype: with float32 weights, the dtype of eager matmuls of 64 rows or more (prefill
     chunks); "auto" is bfloat16 on a CPU with bfloat16 units (`models/quantize.py`: 2.6-3.4x
     faster GEMMs, perplexity within 0.1%), else float32. Decode steps stay float32.
@@ -104,10 +106,15 @@ class EngineConfig:
 
     @property
     def weight_dtype(self) -> str:
-        """`dtype` with "auto" resolved for the device."""
+        """`dtype` with "auto" resolved for the device (on a CPU this builds the int8 kernel on
+        first use, ~20 s, then cached)."""
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.device.startswith("cuda"):
+            return "bfloat16"
+        from models import int8_kernel
+
+        return "int8" if int8_kernel.available() else "float32"
 
     @property
     def uses_redis(self) -> bool:

@@ -83,10 +83,14 @@ def test_state_store_flags_and_their_environment_variables():
         del os.environ["LLN_SERVE_SHARE_PREFIX_STATES"], os.environ["LLN_SERVE_STATE_STORE"]
 
 
-def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu():
+def test_dtype_auto_is_bfloat16_on_cuda_and_int8_on_a_cpu_with_the_int8_kernel(monkeypatch):
+    from models import int8_kernel
     from server.config import EngineConfig
 
     assert EngineConfig().dtype == "auto"
+    cpu = "int8" if int8_kernel.available() else "float32"
+    assert EngineConfig(device="cpu").weight_dtype == cpu
+    monkeypatch.setattr(int8_kernel, "available", lambda: False)  # no VNNI, or no compiler
     assert EngineConfig(device="cpu").weight_dtype == "float32"
     assert EngineConfig(device="cuda:0").weight_dtype == "bfloat16"
     assert EngineConfig(device="cuda", dtype="float32").weight_dtype == "float32"
@@ -103,7 +107,7 @@ def test_gemm_dtype_auto_is_bfloat16_for_float32_weights_on_a_bf16_cpu():
 
     fast = torch.bfloat16 if bf16_gemm_is_fast() else None
     assert build_parser().parse_args(["serve"]).gemm_dtype == "auto"
-    assert gemm_dtype(EngineConfig()) == fast
+    assert gemm_dtype(EngineConfig(dtype="float32")) == fast
     assert gemm_dtype(EngineConfig(gemm_dtype="float32")) is None
     assert gemm_dtype(EngineConfig(gemm_dtype="bfloat16")) == torch.bfloat16
     assert gemm_dtype(EngineConfig(dtype="int8")) is None  # int8 picks its own kernels

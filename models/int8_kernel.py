@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import platform
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lln_core.ops.extension import build
+from lln_core.ops.extension import build, usable
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +31,9 @@ GROUP = 4
 @functools.cache
 def available() -> bool:
     """Whether `torch.ops.lln.int8_gemv` runs here (builds and loads it on the first call)."""
-    if os.environ.get("LLN_SERVE_INT8_KERNEL", "1") == "0":
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        _build()
-    except Exception as error:  # no compiler, no ninja, a failed build: the fallback still works
-        log.warning("int8 GEMV kernel not built (%s); decode uses _weight_int8pack_mm", error)
-        return False
-    return bool(torch.ops.lln.int8_gemv_supported())
+    return usable("LLN_SERVE_INT8_KERNEL", lambda: _build(),
+                  lambda: torch.ops.lln.int8_gemv_supported(), log,
+                  "int8 decode uses _weight_int8pack_mm")  # fmt: skip
 
 
 def _build() -> None:

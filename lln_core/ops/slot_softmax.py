@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import platform
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lln_core.ops.common import slot_logits, slot_values
-from lln_core.ops.extension import build
+from lln_core.ops.extension import build, usable
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +37,9 @@ def available() -> bool:
 
 
 def _build_if_supported() -> bool:
-    if os.environ.get("LLN_SERVE_SLOT_KERNEL", "1") == "0":
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        _build()
-    except Exception as error:  # no compiler, no ninja, a failed build: the fallback still works
-        log.warning("slot softmax kernel not built (%s); decode attention stays in PyTorch", error)
-        return False
-    return bool(torch.ops.lln.slot_softmax_supported())
+    return usable("LLN_SERVE_SLOT_KERNEL", lambda: _build(),
+                  lambda: torch.ops.lln.slot_softmax_supported(), log,
+                  "decode attention stays in PyTorch")  # fmt: skip
 
 
 def _build() -> None:

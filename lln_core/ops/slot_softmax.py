@@ -32,14 +32,10 @@ def available() -> bool:
     """Whether `torch.ops.lln.slot_softmax` runs here (builds and loads it on the first call).
     Call it before compiling code that uses `slot_softmax` (a trace does not build it)."""
     global _ready
-    _ready = _build_if_supported()
+    _ready = usable("LLN_SERVE_SLOT_KERNEL", lambda: _build(),
+                    lambda: torch.ops.lln.slot_softmax_supported(), log,
+                    "decode attention stays in PyTorch")  # fmt: skip
     return _ready
-
-
-def _build_if_supported() -> bool:
-    return usable("LLN_SERVE_SLOT_KERNEL", lambda: _build(),
-                  lambda: torch.ops.lln.slot_softmax_supported(), log,
-                  "decode attention stays in PyTorch")  # fmt: skip
 
 
 def _build() -> None:

@@ -266,3 +266,23 @@ def test_in_place_decode_equals_copying_decode(compiled, device):
 
 def test_softmax_decode_is_not_compiled():
     assert not tiny_model("softmax", dtype=torch.float32).compile_decode()
+
+
+def test_compiled_decode_keeps_each_models_graphs_apart():
+    """Two models whose layers differ only in a constant the graph bakes in (EA's eps; states
+    and parameters alike in shape): each model's compiled steps follow its own eager steps,
+    although the compiled step drops dynamo's guards on the layers' structure."""
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 64, (1, 14), generator=gen)
+    for eps in (1e-6, 3.0):
+        eager = tiny_model("ea", dtype=torch.float32, ea_eps=eps)
+        compiled = tiny_model("ea", dtype=torch.float32, ea_eps=eps)
+        assert compiled.compile_decode()
+        with torch.no_grad():
+            _, expected_states = eager.forward_states(ids[:, :8])
+            actual_states = expected_states
+            for t in range(8, 14):
+                token = ids[:, t : t + 1]
+                expected, expected_states = eager.forward_states(token, expected_states)
+                actual, actual_states = compiled.forward_states(token, actual_states)
+                assert (actual - expected).abs().max() < 1e-4

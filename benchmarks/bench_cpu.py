@@ -76,7 +76,7 @@ def run_lln(contexts: list[int], rounds: int) -> dict:
     steps: dict = {}
     for name, (dtype, overrides) in VARIANTS.items():
         model = load_variant(dtype, overrides)
-        model.compile_decode()
+        model.compile_decode(cpp_wrapper=True)  # as the server on a CPU
         prefill(model, 64)  # first-call costs are not prefill
         for context in contexts:
             tok_s, states, token = prefill(model, context)

@@ -52,7 +52,7 @@ def load_models(path: Path, bf16_gemms: bool) -> dict[str, torch.nn.Module]:
     lln = from_checkpoint(path, attention_kernel="lln")
     no_sparse = from_checkpoint(path, sparse_cache_size=0, kv_cache_dtype="auto")
     for model in (lln_diag, lln, no_sparse):
-        model.compile_decode()
+        model.compile_decode(cpp_wrapper=True)  # as the server on a CPU
     config = LlamaConfig(**{
         k: v for k, v in lln_diag.config.to_dict().items() if k in LlamaConfig().to_dict()
     })  # fmt: skip

@@ -120,7 +120,7 @@ class LLMEngine:
         self.config = config
         self.model, self.tokenizer = model, tokenizer
         if config.compile_decode:
-            model.compile_decode()
+            model.compile_decode(cpp_wrapper=torch.device(config.device).type == "cpu")
         self.pool = StatePool(model, config.max_num_seqs)
         self.scheduler = Scheduler(
             config.max_num_seqs,

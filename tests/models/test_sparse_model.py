@@ -97,13 +97,14 @@ def test_compiled_decode_attends_through_the_slot_kernel(kv):
     """With head dims the AVX-512 kernel takes (16 here), a float32 compiled decode step reads
     the window and the cache through `lln::slot_softmax` (two calls per layer, profiler) and
     follows the float64 model, which takes PyTorch's path, to float32 rounding (and bfloat16's,
-    where the stored keys are rounded the same way in both)."""
+    where the stored keys are rounded the same way in both). With bfloat16 slots, as the server
+    runs it on a CPU, the step's host code is C++ (`cpp_wrapper`)."""
     if not slot_softmax.available():
         pytest.skip("the CPU has no AVX-512 (or no C++ compiler)")
     wide = dict(hidden_size=64, kv_cache_dtype=kv)
     reference, model = sparse_model(**wide), sparse_model(dtype=torch.float32, **wide)
     model.load_state_dict(reference.state_dict())
-    assert model.compile_decode()
+    assert model.compile_decode(cpp_wrapper=kv == "bfloat16")
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         _, want_states = reference.forward_states(ids[:, :14])

@@ -1,7 +1,8 @@
 """CPU decode and prefill of the default model by weight format, next to llama.cpp on the same
 model's GGUF files, batch 1, one run.
 
-    .venv/bin/python benchmarks/bench_cpu.py [--contexts 256 1024 4096 16384] [--quick]
+    .venv/bin/python benchmarks/bench_cpu.py [--contexts 256 1024 4096 16384] [--variants ...]
+        [--quick]
 
 lln-serve: the default model in float32, float32 with bfloat16 prefill GEMMs (`--gemm-dtype`,
 the server's CPU default), bfloat16 and int8 (`--dtype`; decode GEMVs through lln-serve's VNNI
@@ -23,6 +24,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,11 +73,11 @@ def prefill(model, context: int):
     return context / (time.perf_counter() - start), states, ids[:, -1:]
 
 
-def run_lln(contexts: list[int], rounds: int) -> dict:
-    results: dict = {name: {} for name in VARIANTS}
+def run_lln(contexts: list[int], rounds: int, names: list[str]) -> dict:
+    results: dict = {name: {} for name in names}
     steps: dict = {}
-    for name, (dtype, overrides) in VARIANTS.items():
-        model = load_variant(dtype, overrides)
+    for name in names:
+        model = load_variant(*VARIANTS[name])
         model.compile_decode(cpp_wrapper=True)  # as the server on a CPU
         prefill(model, 64)  # first-call costs are not prefill
         for context in contexts:
@@ -126,7 +128,8 @@ def report(lln: dict, cpp: dict, contexts: list[int], out: Path) -> str:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
         + (f", llama-cpp-python {next(iter(versions.values()))}" if versions else ""),
         "",
-        f"`.venv/bin/python benchmarks/bench_cpu.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC; "
+        f"`.venv/bin/python {' '.join(['benchmarks/bench_cpu.py', *sys.argv[1:]])}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')} UTC; "
         "lln-serve decode at 32K and 1M: a real state relabelled as that long.",
         "",
         "| context | " + " | ".join(f"{n}: decode ms" for n in names) + " | "
@@ -151,20 +154,20 @@ def goals(lln: dict, cpp: dict, contexts: list[int]) -> list[str]:
 
     first, every = contexts[0], [*contexts, *SYNTHETIC]
     lines = ["Goals:"]
-    for name in ("float32", "bfloat16", "int8"):
+    for name in [n for n in ("float32", "bfloat16", "int8") if n in lln]:
         worst = max(decode(name, c) for c in every)
         lines.append(
             f"- {name}: worst decode {worst:.1f} ms (int8 goal <= 25), 1M / {first} = "
             f"{decode(name, SYNTHETIC[-1]) / decode(name, first):.2f} (goal <= 1.1), slowest "
             f"prefill {min(lln[name][c]['prefill'] for c in contexts):.0f} tok/s (goal >= 350)"
         )
-    for dtype in ("float32", "int8"):
+    for dtype in [d for d in ("float32", "int8") if {d, f"{d}, no sparse cache"} <= set(lln)]:
         ratios = [decode(dtype, c) / decode(f"{dtype}, no sparse cache", c) for c in every]
         lines.append(f"- sparse cache, {dtype}: decode with / without {min(ratios):.2f}-"
                      f"{max(ratios):.2f} over {first}..1M (issue 16 bar <= 1.2)")  # fmt: skip
     q4 = cpp.get("llama.cpp Q4_1", {})
     for length in (1024, 16384):
-        if length in q4 and length in lln["int8"]:
+        if length in q4 and length in lln.get("int8", {}):
             speed = q4[length]["decode_ms"] / decode("int8", length)
             lines.append(f"- int8 vs llama.cpp Q4_1 at {length:,}: {speed:.2f}x its tokens/s")
     return lines
@@ -201,6 +204,8 @@ def main() -> None:
     parser.add_argument("--llamacpp-contexts", type=int, nargs="+",
                         default=list(LLAMACPP_CONTEXTS),
                         help="llama.cpp's lengths (a 32K prompt takes it ~16 minutes)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        metavar="NAME", help="lln-serve's variants (default: all)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small contexts, smoke test")
     parser.add_argument("--samples", action="store_true", help="only chat answers, f32 / int8")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -211,7 +216,7 @@ def main() -> None:
     contexts = [256, 1024] if args.quick else args.contexts
     cpp_contexts = contexts if args.quick else args.llamacpp_contexts
     rounds = 2 if args.quick else args.rounds
-    lln = run_lln(contexts, rounds)
+    lln = run_lln(contexts, rounds, args.variants)
     cpp = run_llamacpp(args.llamacpp_python, torch.get_num_threads(), cpp_contexts,
                        8 if args.quick else args.decode_tokens)  # fmt: skip
     print(report(lln, cpp, contexts, args.out))

@@ -1,4 +1,4 @@
-// int8 weights x float32 activations for a few rows (a decode step), with AVX-512 VNNI.
+// int8 weights x float32 activations for the rows of a decode step, with AVX-512 VNNI.
 //
 // y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], w int8 per output channel. The activations are
 // quantized on the fly to int8 in groups of 4 (one float32 scale per group: max |x| / 127), so
@@ -23,6 +23,7 @@ constexpr int64_t kBlock = 64;    // weight bytes per vpdpbusd: 16 lanes of 4
 constexpr int64_t kGroup = 4;     // activations per scale: one int32 lane
 constexpr int64_t kRows = 8;      // output channels per inner loop
 constexpr int64_t kPrefetch = 8;  // rows ahead whose weights are prefetched
+constexpr int64_t kMaxRows = 4;   // activation rows per pass over a group of weight rows
 #define LLN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // x [M, K] -> q int8 [M, nb * 64] (zero-padded) and scales [M, nb * 16], one per group of 4:
@@ -55,12 +56,15 @@ struct Args {
   int64_t K, N, nb;
 };
 
+// weight rows [n, n + R) against activation rows [m0, m0 + M)
 template <int M, int R, bool kPrefetchAhead>
-LLN_VNNI void dot_rows(const Args& a, int64_t n) {
+LLN_VNNI void dot_rows(const Args& a, int64_t m0, int64_t n) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
+  const int8_t* q = a.q + m0 * a.nb * kBlock;
+  const float* xscale = a.xscale + m0 * a.nb * (kBlock / kGroup);
   for (int64_t b = 0; b < a.nb; ++b) {
     const int64_t k = b * kBlock;
     const __mmask64 mask = a.K - k >= kBlock ? ~0ULL : (1ULL << (a.K - k)) - 1;
@@ -68,10 +72,10 @@ LLN_VNNI void dot_rows(const Args& a, int64_t n) {
     __mmask64 xneg[M];
     __m512 xs[M];
     for (int m = 0; m < M; ++m) {
-      const __m512i xq = _mm512_loadu_si512(a.q + m * a.nb * kBlock + k);
+      const __m512i xq = _mm512_loadu_si512(q + m * a.nb * kBlock + k);
       xneg[m] = _mm512_movepi8_mask(xq);
       xabs[m] = _mm512_abs_epi8(xq);
-      xs[m] = _mm512_loadu_ps(a.xscale + (m * a.nb + b) * (kBlock / kGroup));
+      xs[m] = _mm512_loadu_ps(xscale + (m * a.nb + b) * (kBlock / kGroup));
     }
     for (int r = 0; r < R; ++r) {
       const int8_t* row = a.w + (n + r) * a.K + k;
@@ -85,18 +89,33 @@ LLN_VNNI void dot_rows(const Args& a, int64_t n) {
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) a.out[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) * a.wscale[n + r];
+    for (int m = 0; m < M; ++m)
+      a.out[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) * a.wscale[n + r];
 }
 
-template <int M>
-LLN_VNNI void gemv(const Args& a) {
+// weight rows [n, n + R) against every activation row, kMaxRows at a time: the first pass
+// streams the weights from memory (prefetching ahead), the others find them in L1
+template <int R, bool kPrefetchAhead>
+LLN_VNNI void dot_all_rows(const Args& a, int64_t M, int64_t n) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const bool first = m0 == 0;
+    switch (std::min<int64_t>(kMaxRows, M - m0)) {
+      case 1: first ? dot_rows<1, R, kPrefetchAhead>(a, m0, n) : dot_rows<1, R, false>(a, m0, n); break;
+      case 2: first ? dot_rows<2, R, kPrefetchAhead>(a, m0, n) : dot_rows<2, R, false>(a, m0, n); break;
+      case 3: first ? dot_rows<3, R, kPrefetchAhead>(a, m0, n) : dot_rows<3, R, false>(a, m0, n); break;
+      default: first ? dot_rows<4, R, kPrefetchAhead>(a, m0, n) : dot_rows<4, R, false>(a, m0, n); break;
+    }
+  }
+}
+
+LLN_VNNI void gemv(const Args& a, int64_t M) {
   // each thread takes a contiguous run of rows: one forward stream through the weights
   at::parallel_for(0, (a.N + kRows - 1) / kRows, 4, [&](int64_t g0, int64_t g1) {
     int64_t n = g0 * kRows;
     const int64_t end = std::min(a.N, g1 * kRows);
-    for (; n + kRows + kPrefetch <= end; n += kRows) dot_rows<M, kRows, true>(a, n);
-    for (; n + kRows <= end; n += kRows) dot_rows<M, kRows, false>(a, n);
-    for (; n < end; ++n) dot_rows<M, 1, false>(a, n);
+    for (; n + kRows + kPrefetch <= end; n += kRows) dot_all_rows<kRows, true>(a, M, n);
+    for (; n + kRows <= end; n += kRows) dot_all_rows<kRows, false>(a, M, n);
+    for (; n < end; ++n) dot_all_rows<1, false>(a, M, n);
   });
 }
 
@@ -113,7 +132,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "int8_gemv: CPU tensors");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_gemv: int8 weights");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = (K + kBlock - 1) / kBlock;
-  TORCH_CHECK(M >= 1 && M <= 4, "int8_gemv: 1 to 4 rows, got ", M);
+  TORCH_CHECK(M >= 1, "int8_gemv: at least one row");
   TORCH_CHECK(w.size(1) == K && scale.size(0) == N, "int8_gemv: shapes do not match");
   const auto xf = x.to(at::kFloat).contiguous();
   const auto wc = w.contiguous();
@@ -128,12 +147,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   auto out = at::empty({M, N}, xf.options());
   const Args a{q.data(), xscale.data(), wc.data_ptr<int8_t>(), sf.data_ptr<float>(),
                out.data_ptr<float>(), K, N, nb};
-  switch (M) {
-    case 1: gemv<1>(a); break;
-    case 2: gemv<2>(a); break;
-    case 3: gemv<3>(a); break;
-    default: gemv<4>(a); break;
-  }
+  gemv(a, M);
   return out;
 }
 

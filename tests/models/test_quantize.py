@@ -8,6 +8,7 @@ from torch import nn
 from models import int8_kernel
 from models.quantize import (
     MAX_GEMV_ROWS,
+    MAX_VNNI_ROWS,
     MIN_BF16_ROWS,
     Bf16GemmLinear,
     Int8Embedding,
@@ -34,11 +35,11 @@ def test_per_channel_rounding_is_within_half_a_step():
     assert torch.all(q[7] == 0) and scale[7] == 1.0
 
 
-@pytest.mark.parametrize("rows", [1, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1, 37])
+@pytest.mark.parametrize("rows", [1, MAX_GEMV_ROWS, MAX_GEMV_ROWS + 1, MAX_VNNI_ROWS, 37])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("vnni", [False, pytest.param(True, marks=needs_vnni)])
 def test_int8_linear_equals_a_float64_reference(rows, bias, vnni):
-    """The kernels (int8pack or VNNI for few rows, bfloat16 GEMM for many) compute x times
+    """The kernels (VNNI up to 16 rows, int8pack up to 4, bfloat16 GEMM for more) compute x times
     q * scale: x in bfloat16, to the bfloat16 rounding of the output, except VNNI's, which is
     the float64 reference of its own arithmetic (x in int8 blocks, float32 scales)."""
     gen = torch.Generator().manual_seed(rows)
@@ -50,7 +51,7 @@ def test_int8_linear_equals_a_float64_reference(rows, bias, vnni):
     layer = Int8Linear(linear, vnni=vnni)
     x = torch.randn(rows, 96, generator=gen)
     weight = layer.weight_int8.double() * layer.scale.double()[:, None]
-    if vnni and rows <= MAX_GEMV_ROWS:
+    if vnni and rows <= MAX_VNNI_ROWS:
         expected = vnni_reference(x, layer.weight_int8, layer.scale_f32)
         tolerance = 1e-5 * expected.abs().max()
     else:

@@ -279,8 +279,8 @@ class LLNModel(LLNPreTrainedModel):
         whether decode steps are now compiled. The compiled step does not re-check the layers'
         structure: call this again after changing the model (dtype, quantization, config).
         cpp_wrapper: the step's host code (kernel calls, buffers) in C++ rather than Python, as
-        the server runs it on a CPU: an int8 step of the default model 7% faster, for ~30 s more
-        compilation on first use."""
+        the server runs it on a CPU: an int8 step of the default model 7% faster, for about a
+        minute of compilation on first use instead of ~30 s (cached on disk after)."""
         if not enabled or self.config.attention_kernel == "softmax":
             self.compiled_decode_layers = None
         else:

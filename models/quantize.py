@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from models import int8_kernel
 
-# rows (tokens x sequences) up to which a GEMV kernel runs, above them the bfloat16 GEMM: the
-# VNNI int8 kernel's, and PyTorch's int8 or float32 one's (measured on 1536 x 576 and the
-# 49,152 x 576 LM head: float32 ahead up to 4 rows, bfloat16 from 8, 2-4x from 16)
+# rows (tokens x sequences) up to which a GEMV kernel runs before the bfloat16 GEMM takes over:
+# lln-serve's VNNI int8 kernel up to 16 (over the model's layers 22.7 vs 27.9 ms at 16 rows,
+# behind from 24); PyTorch's int8 or float32 one up to 4 (1536 x 576 and the 49,152 x 576 LM
+# head: ahead up to 4 rows, the bfloat16 GEMM ahead from 8 and 2-4x faster from 16)
 MAX_VNNI_ROWS = 16
 MAX_GEMV_ROWS = 4
 # float32 models: rows from which matmuls run in bfloat16 (Bf16GemmLinear): prefill chunks, not

@@ -1,17 +1,27 @@
-// int8 weights x float32 activations for the rows of a decode step, with AVX-512 VNNI.
+// int8 weights x float32 activations for the rows of a decode step: AVX-512 VNNI and AMX.
 //
 // y[m, n] = scale[n] * sum_k x[m, k] * w[n, k], w int8 per output channel. The activations are
-// quantized on the fly to int8 in groups of 4 (one float32 scale per group: max |x| / 127), so
-// that VNNI's vpdpbusd multiplies 64 weight bytes by 64 activation bytes in one instruction and
-// each of its 16 int32 lanes (one group) is scaled on its own: PyTorch's _weight_int8pack_mm
-// widens every weight to float32 first and is compute bound at about half this CPU's memory
-// bandwidth. vpdpbusd takes one unsigned operand: |q| goes in, and the sign of q moves onto
-// the weight (a masked negation; weights are in [-127, 127]).
+// quantized on the fly to int8 in groups of 16 (one float32 scale per group: max |x| / 127);
+// each group's dot product is exact in int32 and is scaled on its own. PyTorch's
+// _weight_int8pack_mm widens every weight to float32 first and is compute bound at about half
+// this CPU's memory bandwidth.
+//
+// int8_gemv (few rows, weights [N, K] as stored): VNNI's vpdpbusd multiplies 64 weight bytes by
+// 64 activation bytes in one instruction, 16 int32 lanes of 4; it takes one unsigned operand, so
+// |q| goes in and the sign of q moves onto the weight (a masked negation; weights are in
+// [-127, 127]). Each lane is scaled by its group's scale.
+// int8_gemm_amx (more rows, weights packed in AMX's tile layout): one tile multiply (TDPBSSD,
+// signed x signed) computes 16 rows x 16 output channels x one group of 16 activations, four of
+// them in flight; at 16 rows it does in 1 instruction what takes vpdpbusd 64 (plus their
+// sign and scale ops), so a 16-sequence decode step stops being compute bound.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,29 +30,37 @@
 namespace {
 
 constexpr int64_t kBlock = 64;    // weight bytes per vpdpbusd: 16 lanes of 4
-constexpr int64_t kGroup = 4;     // activations per scale: one int32 lane
+constexpr int64_t kGroup = 16;    // activations per scale: 4 int32 lanes
+constexpr int64_t kLane = 4;      // activations per int32 lane (the scales are stored per lane)
 constexpr int64_t kRows = 8;      // output channels per inner loop
 constexpr int64_t kPrefetch = 8;  // rows ahead whose weights are prefetched
 constexpr int64_t kMaxRows = 4;   // activation rows per pass over a group of weight rows
 #define LLN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define LLN_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-// x [M, K] -> q int8 [M, nb * 64] (zero-padded) and scales [M, nb * 16], one per group of 4:
-// 16 values at a time, the group maxima by two swaps within each 128-bit lane (one group)
+// x [M, K] -> q int8 [M, nb * 64] (zero-padded) and scales [M, nb * 16], one per lane of 4
+// (each the scale of its group of kGroup: max |x| / 127, 1 for a zero group)
 LLN_VNNI void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* q, float* scales) {
+  constexpr int64_t kChunks = kGroup / 16;
   const int64_t padded = (K + kBlock - 1) / kBlock * kBlock;
-  const __m512 one = _mm512_set1_ps(1.f), int8_max = _mm512_set1_ps(127.f);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < padded; k += 16) {
-      const __mmask16 mask = k >= K ? 0 : K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      __m512 amax = _mm512_abs_ps(v);
-      amax = _mm512_max_ps(amax, _mm512_permute_ps(amax, 0xB1));  // swap neighbours
-      amax = _mm512_max_ps(amax, _mm512_permute_ps(amax, 0x4E));  // swap pairs
-      const __mmask16 zero = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_EQ_OQ);
-      const __m512 scale = _mm512_mask_blend_ps(zero, _mm512_div_ps(amax, int8_max), one);
-      const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * padded + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
-      _mm512_mask_compressstoreu_ps(scales + (m * padded + k) / kGroup, 0x1111, scale);
+    for (int64_t k0 = 0; k0 < padded; k0 += kGroup) {
+      __m512 v[kChunks];
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t c = 0; c < kChunks; ++c) {
+        const int64_t k = k0 + c * 16;
+        const __mmask16 mask = k >= K ? 0 : K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        v[c] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[c]));
+      }
+      const float top = _mm512_reduce_max_ps(amax);
+      const float scale = top > 0.f ? top / 127.f : 1.f;
+      const __m512 step = _mm512_set1_ps(scale);
+      for (int64_t c = 0; c < kChunks; ++c) {
+        const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(v[c], step), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + m * padded + k0 + c * 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(rounded)));
+      }
+      for (int64_t l = 0; l < kGroup / kLane; ++l) scales[(m * padded + k0) / kLane + l] = scale;
     }
   }
 }
@@ -64,7 +82,7 @@ LLN_VNNI void dot_rows(const Args& a, int64_t m0, int64_t n) {
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   const int8_t* q = a.q + m0 * a.nb * kBlock;
-  const float* xscale = a.xscale + m0 * a.nb * (kBlock / kGroup);
+  const float* xscale = a.xscale + m0 * a.nb * (kBlock / kLane);
   for (int64_t b = 0; b < a.nb; ++b) {
     const int64_t k = b * kBlock;
     const __mmask64 mask = a.K - k >= kBlock ? ~0ULL : (1ULL << (a.K - k)) - 1;
@@ -75,7 +93,7 @@ LLN_VNNI void dot_rows(const Args& a, int64_t m0, int64_t n) {
       const __m512i xq = _mm512_loadu_si512(q + m * a.nb * kBlock + k);
       xneg[m] = _mm512_movepi8_mask(xq);
       xabs[m] = _mm512_abs_epi8(xq);
-      xs[m] = _mm512_loadu_ps(xscale + (m * a.nb + b) * (kBlock / kGroup));
+      xs[m] = _mm512_loadu_ps(xscale + (m * a.nb + b) * (kBlock / kLane));
     }
     for (int r = 0; r < R; ++r) {
       const int8_t* row = a.w + (n + r) * a.K + k;
@@ -119,6 +137,123 @@ LLN_VNNI void gemv(const Args& a, int64_t M) {
   });
 }
 
+// ---- AMX: tile multiplies of up to 16 rows x 16 output channels x kAmxK activations ----
+
+constexpr int64_t kAmxK = kGroup;  // K per tile multiply: one scale group
+constexpr int64_t kAmxN = 16;      // output channels per tile
+constexpr int64_t kAmxRows = 16;   // activation rows per tile
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct AmxArgs {
+  const int8_t* q;       // [M, nb * 64] activations
+  const float* xscale;   // [M, nb * 16] per lane of 4
+  const int8_t* wp;      // [N / 16, Kp / kAmxK, kAmxK / 4, 16, 4] packed weights
+  const float* wscale;   // [N]
+  float* out;            // [M, N]
+  int64_t N, nb, kblocks;
+};
+
+constexpr int64_t kAmxPrefetch = 16384;  // packed weight bytes ahead that are prefetched
+
+constexpr int64_t kAmxChain = 4;  // tile multiplies in flight: C tiles 0-3, A 4-5, B 6-7
+
+// one group of kAmxChain scale groups: four independent tile multiplies, stored to c
+LLN_AMX inline void amx_chain(const int8_t* q, int64_t stride, const int8_t* w, int32_t* c) {
+  constexpr int64_t kTile = kAmxK * kAmxN;  // packed weight bytes per tile
+  for (int64_t line = 0; line < kAmxChain * kTile; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(w + kAmxPrefetch + line), _MM_HINT_T0);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  _tile_loadd(4, q, stride); _tile_loadd(6, w, kAmxN * 4); _tile_dpbssd(0, 4, 6);
+  _tile_loadd(5, q + kAmxK, stride); _tile_loadd(7, w + kTile, kAmxN * 4); _tile_dpbssd(1, 5, 7);
+  _tile_loadd(4, q + 2 * kAmxK, stride); _tile_loadd(6, w + 2 * kTile, kAmxN * 4); _tile_dpbssd(2, 4, 6);
+  _tile_loadd(5, q + 3 * kAmxK, stride); _tile_loadd(7, w + 3 * kTile, kAmxN * 4); _tile_dpbssd(3, 5, 7);
+  constexpr int64_t kC = kAmxRows * kAmxN;
+  _tile_stored(0, c, kAmxN * 4); _tile_stored(1, c + kC, kAmxN * 4);
+  _tile_stored(2, c + 2 * kC, kAmxN * 4); _tile_stored(3, c + 3 * kC, kAmxN * 4);
+  asm volatile("" ::: "memory");  // the compiler does not see the tile stores write c
+}
+
+// output channel groups [g0, g1) of activation rows [m0, m0 + rows), rows <= 16
+LLN_AMX void amx_rows(const AmxArgs& a, int64_t m0, int64_t rows, int64_t g0, int64_t g1) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) { cfg.rows[t] = rows; cfg.colsb[t] = kAmxN * 4; }          // C
+  for (int t = 4; t < 6; ++t) { cfg.rows[t] = rows; cfg.colsb[t] = kAmxK; }              // A
+  for (int t = 6; t < 8; ++t) { cfg.rows[t] = kAmxK / 4; cfg.colsb[t] = kAmxN * 4; }     // B
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t c[kAmxChain][kAmxRows][kAmxN];
+  const int64_t stride = a.nb * kBlock, lanes = a.nb * (kBlock / kLane);
+  const int8_t* q = a.q + m0 * stride;
+  const float* xscale = a.xscale + m0 * lanes;
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512 acc[kAmxRows];
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+    const int8_t* w = a.wp + g * a.kblocks * kAmxK * kAmxN;
+    for (int64_t b = 0; b < a.kblocks; b += kAmxChain) {
+      amx_chain(q + b * kAmxK, stride, w + b * kAmxK * kAmxN, &c[0][0][0]);
+      for (int64_t i = 0; i < kAmxChain; ++i) {
+        const int64_t lane = (b + i) * (kAmxK / kLane);
+        for (int64_t m = 0; m < rows; ++m) {
+          const __m512 s = _mm512_set1_ps(xscale[m * lanes + lane]);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[i][m])), s, acc[m]);
+        }
+      }
+    }
+    const int64_t left = a.N - g * kAmxN;  // the last group may hold fewer than 16 channels
+    const __mmask16 mask = left >= kAmxN ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, a.wscale + g * kAmxN);
+    for (int64_t m = 0; m < rows; ++m)
+      _mm512_mask_storeu_ps(a.out + (m0 + m) * a.N + g * kAmxN, mask, _mm512_mul_ps(acc[m], ws));
+  }
+  _tile_release();
+}
+
+LLN_AMX void amx_gemm(const AmxArgs& a, int64_t M) {
+  at::parallel_for(0, (a.N + kAmxN - 1) / kAmxN, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) amx_rows(a, m0, std::min(kAmxRows, M - m0), g0, g1);
+  });
+}
+
+bool amx_supported() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
+  if (!tile || !int8) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+at::Tensor int8_gemm_amx(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& scale) {
+  static const bool cpu_has_amx = amx_supported();
+  TORCH_CHECK(cpu_has_amx, "int8_gemm_amx: this CPU has no AMX-INT8");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 5 && scale.dim() == 1, "int8_gemm_amx: x [M, K], packed w, scale [N]");
+  TORCH_CHECK(wp.scalar_type() == at::kChar, "int8_gemm_amx: int8 weights");
+  const int64_t M = x.size(0), K = x.size(1), N = scale.size(0), nb = (K + kBlock - 1) / kBlock;
+  TORCH_CHECK(M >= 1, "int8_gemm_amx: at least one row");
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "int8_gemm_amx: CPU tensors");
+  TORCH_CHECK(wp.size(0) == (N + kAmxN - 1) / kAmxN && wp.size(1) * kAmxK == nb * kBlock && wp.size(2) == kAmxK / 4 &&
+              wp.size(3) == kAmxN && wp.size(4) == 4, "int8_gemm_amx: shapes do not match");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto wc = wp.contiguous();
+  const auto sf = scale.to(at::kFloat).contiguous();
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> xscale;
+  q.resize(M * nb * kBlock);
+  xscale.resize(M * nb * kBlock / kLane);
+  quantize_activations(xf.data_ptr<float>(), M, K, q.data(), xscale.data());
+  auto out = at::empty({M, N}, xf.options());
+  const AmxArgs a{q.data(), xscale.data(), wc.data_ptr<int8_t>(), sf.data_ptr<float>(),
+                  out.data_ptr<float>(), N, nb, nb * kBlock / kAmxK};
+  amx_gemm(a, M);
+  return out;
+}
+
 bool supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -142,7 +277,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> xscale;
   q.resize(M * nb * kBlock);
-  xscale.resize(M * nb * kBlock / kGroup);
+  xscale.resize(M * nb * kBlock / kLane);
   quantize_activations(xf.data_ptr<float>(), M, K, q.data(), xscale.data());
   auto out = at::empty({M, N}, xf.options());
   const Args a{q.data(), xscale.data(), wc.data_ptr<int8_t>(), sf.data_ptr<float>(),
@@ -156,6 +291,11 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(lln, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int8_gemv_supported() -> bool", &supported);
+  m.def("int8_gemm_amx(Tensor x, Tensor wp, Tensor scale) -> Tensor");
+  m.def("int8_gemm_amx_supported() -> bool", &amx_supported);
 }
 
-TORCH_LIBRARY_IMPL(lln, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+TORCH_LIBRARY_IMPL(lln, CPU, m) {
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_gemm_amx", &int8_gemm_amx);
+}

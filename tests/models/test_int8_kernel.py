@@ -1,6 +1,6 @@
-"""The VNNI int8 GEMV (`models/csrc/int8_gemv.cpp`) against a float64 reference of the same
-arithmetic: activations quantized to int8 in groups of 4 (float32 scales), exact integer dot
-products, one float32 scale per output channel."""
+"""The VNNI int8 GEMV and the AMX int8 GEMM (`models/csrc/int8_gemv.cpp`) against a float64
+reference of the same arithmetic: activations quantized to int8 in groups of 16 (float32
+scales), exact integer dot products, one float32 scale per output channel."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import int8_kernel
-from models.quantize import Int8Linear
+from models.quantize import MIN_AMX_ROWS, Int8Linear
 
 pytestmark = pytest.mark.skipif(
     not int8_kernel.available(), reason="the CPU has no AVX-512 VNNI (or no C++ compiler)"
@@ -48,10 +48,12 @@ def test_int8_gemv_equals_the_float64_reference(rows, k, n):
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-9
     # and on evenly spread activations the block quantization stays close to the exact product
+    # (its error measured against the products' magnitudes: a dot product may cancel to ~0)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
     got = torch.ops.lln.int8_gemv(x, w, scale)
     exact = (x.double() @ w.double().T) * scale.double()
-    assert (got.double() - exact).norm() <= 0.01 * exact.norm()
+    magnitude = (x.double().abs() @ w.double().abs().T) * scale.double()
+    assert (got.double() - exact).norm() <= 0.01 * magnitude.norm()
 
 
 def test_int8_gemv_zero_rows_and_blocks():
@@ -75,17 +77,22 @@ def test_int8_gemv_rejects_what_it_cannot_compute():
         torch.ops.lln.int8_gemv(x[:2], w.float(), scale)
 
 
-def test_int8_linear_decode_rows_run_the_kernel_eager_and_compiled():
-    """Int8Linear sends decode rows to the kernel, also from inside torch.compile (the op is
-    called from the compiled graph, not traced through), with identical results."""
+@pytest.mark.parametrize("rows", [3, pytest.param(8, marks=pytest.mark.skipif(
+    not int8_kernel.amx_available(), reason="the CPU has no AMX-INT8"))])  # fmt: skip
+def test_int8_linear_decode_rows_run_the_kernel_eager_and_compiled(rows):
+    """Int8Linear sends decode rows to the kernel (VNNI up to 4 rows, AMX from 5 where the CPU
+    has it), also from inside torch.compile (the op is called from the compiled graph, not
+    traced through), with identical results."""
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(576, 192, bias=True)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(192, 576, generator=gen) * 0.05)
     layer = Int8Linear(linear, vnni=True)
     assert "scale_f32" not in layer.state_dict() and "VNNI" in repr(layer)
-    x = torch.randn(1, 3, 576, generator=gen)
-    expected = reference(x.view(3, 576), layer.weight_int8, layer.scale_f32) + linear.bias.double()
+    assert "weight_amx" not in layer.state_dict()
+    x = torch.randn(1, rows, 576, generator=gen)
+    expected = reference(x.view(rows, 576), layer.weight_int8, layer.scale_f32)
+    expected = expected + linear.bias.double()
     compiled = torch.compile(layer, dynamic=False)
     with torch.no_grad():
         compiled(x)  # compiles
@@ -93,9 +100,10 @@ def test_int8_linear_decode_rows_run_the_kernel_eager_and_compiled():
             eager = layer(x)
             got = compiled(x)
     assert torch.equal(got, eager)
-    assert (eager.view(3, 192).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
-    calls = [e.name for e in prof.events() if e.name == "lln::int8_gemv"]
-    assert len(calls) == 2, calls
+    assert (eager.view(rows, 192).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    op = "lln::int8_gemv" if rows < MIN_AMX_ROWS else "lln::int8_gemm_amx"
+    calls = [e.name for e in prof.events() if e.name.startswith("lln::")]
+    assert calls == [op, op], calls
 
 
 def test_int8_gemv_rows_do_not_depend_on_their_batch():
@@ -105,3 +113,55 @@ def test_int8_gemv_rows_do_not_depend_on_their_batch():
     together = torch.ops.lln.int8_gemv(x, w, scale)
     for i in range(16):
         assert torch.equal(together[i : i + 1], torch.ops.lln.int8_gemv(x[i : i + 1], w, scale))
+
+
+needs_amx = pytest.mark.skipif(not int8_kernel.amx_available(), reason="the CPU has no AMX-INT8")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("k, n", [(64, 16), (576, 960), (37, 5), (130, 17), (1536, 35)])
+def test_int8_gemm_amx_equals_the_float64_reference(rows, k, n):
+    """The AMX kernel computes what the VNNI one does: one tile of rows (1-16) and several
+    (17 = 16 + 1, 40), K not a multiple of 64 or of a group, N not a multiple of 16 (the masked
+    last channel group)."""
+    x, w, scale = random_case(rows, k, n, seed=rows * 1000 + k + n)
+    got = torch.ops.lln.int8_gemm_amx(x, int8_kernel.pack_amx(w), scale)
+    expected = reference(x, w, scale)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-9
+    vnni = torch.ops.lln.int8_gemv(x, w, scale)  # the same arithmetic but for the float sums' order
+    assert (got - vnni).abs().max() <= 1e-5 * vnni.abs().max()
+
+
+@needs_amx
+def test_int8_gemm_amx_rows_do_not_depend_on_their_batch():
+    x, w, scale = random_case(16, 576, 200, seed=9)
+    packed = int8_kernel.pack_amx(w)
+    together = torch.ops.lln.int8_gemm_amx(x, packed, scale)
+    for i in (0, 7, 15):
+        alone = torch.ops.lln.int8_gemm_amx(x[i : i + 1], packed, scale)
+        assert torch.equal(together[i : i + 1], alone)
+
+
+@needs_amx
+def test_int8_gemm_amx_rejects_what_it_cannot_compute():
+    x, w, scale = random_case(5, 64, 16, seed=1)
+    packed = int8_kernel.pack_amx(w)
+    with pytest.raises(RuntimeError, match="at least one row"):
+        torch.ops.lln.int8_gemm_amx(x[:0], packed, scale)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.lln.int8_gemm_amx(torch.ones(5, 128), packed, scale)  # K in another block
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.lln.int8_gemm_amx(x, packed, torch.ones(40))
+    with pytest.raises(RuntimeError, match="int8 weights"):
+        torch.ops.lln.int8_gemm_amx(x, packed.float(), scale)
+
+
+def test_pack_amx_puts_each_channels_four_weights_in_a_tile_row():
+    w = torch.arange(20 * 70, dtype=torch.int32).remainder(251).sub(125).to(torch.int8).view(20, 70)
+    packed = int8_kernel.pack_amx(w)
+    assert packed.shape == (2, 128 // GROUP, GROUP // 4, 16, 4)
+    for n, k in [(0, 0), (5, 17), (19, 69), (16, 64)]:
+        assert packed[n // 16, k // GROUP, (k % GROUP) // 4, n % 16, k % 4] == w[n, k]
+    assert packed[1, :, :, 4:].abs().sum() == 0 and packed[:, 70 // GROUP + 1 :].abs().sum() == 0

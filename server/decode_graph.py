@@ -93,7 +93,7 @@ class StaticDecoder:
             graph.replay()
         else:
             self.step(size, None if self.pad else first_if_consecutive(slots))
-        if self.pad:
+        if self.pad or order == list(range(batch)):  # in order: a view, not a [n, V] gather
             return self.logits[:batch]
         inverse = torch.empty(batch, dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(batch)

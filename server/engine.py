@@ -312,8 +312,10 @@ class LLMEngine:
                     rows.append(row)
         if not seqs:
             return outputs
+        if rows != list(range(len(logits))):  # forks repeat rows, finished ones drop out
+            logits = logits[rows]
         sampled = self.sampler(
-            logits[rows],
+            logits,
             [s.request.sampling_params for s in seqs],
             [s.request.prompt_token_ids for s in seqs],
             [s.request.output_token_ids for s in seqs],

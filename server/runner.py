@@ -50,7 +50,10 @@ class ModelRunner:
             finishing = [i for i, c in enumerate(batch.prefills) if c.is_last]
             rows.append(last[finishing])
         vocab = self.model.config.vocab_size
-        logits = torch.cat(rows) if rows else torch.empty(0, vocab, device=self.device)
+        if not rows:
+            logits = torch.empty(0, vocab, device=self.device)
+        else:  # one part: no [n, V] copy
+            logits = rows[0] if len(rows) == 1 else torch.cat(rows)
         return RunnerOutput(logits.float(), prompt_logits)
 
     def _decode(self, batch: ScheduledBatch) -> Tensor:

@@ -211,9 +211,18 @@ def lln_diag_step(
     cache = write_local_step(p.state.local, p.k, p.v, plan)
     if sparse is not None:
         sparse = _cache_after_step(sparse, sp, leaving_k, leaving_v, in_place=plan.in_place)
-    new_state = LLNState(S.to(p.state.S.dtype), z.to(p.state.z.dtype), m.to(p.state.m.dtype),
-                         plan.num_tokens, cache, sparse)  # fmt: skip
+    S, z, m = (_written(old, new, plan.in_place) for old, new in
+               ((p.state.S, S), (p.state.z, z), (p.state.m, m)))  # fmt: skip
+    new_state = LLNState(S, z, m, plan.num_tokens, cache, sparse)
     return ungroup(y[:, :, :, None]).to(q.dtype), new_state
+
+
+def _written(old: Tensor, new: Tensor, in_place: bool) -> Tensor:
+    """`new` in `old`'s dtype; with in_place, written into `old` itself (at 16 sequences the
+    copy of S back into the state pool after the step was ~2 ms of a 46 ms step)."""
+    if not in_place:
+        return new.to(old.dtype)
+    return old.copy_(new)
 
 
 def _merged_step(

@@ -255,7 +255,8 @@ def _cache_after_step(
         for cache, new in ((sparse.k, leaving_k), (sparse.v, leaving_v)):
             current = cache[rows, :, slot]
             cache[rows, :, slot] = torch.where(has, new[:, :, 0].to(cache.dtype), current)
-        return SparseKV(sparse.k, sparse.v, plan.pos, plan.score)
+        pos, score = sparse.pos.copy_(plan.pos), sparse.score.copy_(plan.score)
+        return SparseKV(sparse.k, sparse.v, pos, score)
     where = entering[:, None, :, None]
     return SparseKV(
         torch.where(where, leaving_k.to(sparse.k.dtype), sparse.k),

@@ -1,7 +1,8 @@
 """Perplexity of the default model with int8 weights next to float32, through both paths a
 request takes: prefill (whole windows: many rows per matmul, the bfloat16 GEMM) and decode (each
 window's last tokens fed 4 at a time: the few-row int8 kernels, PyTorch's `_weight_int8pack_mm`
-or lln-serve's VNNI GEMV).
+or lln-serve's VNNI GEMV; or 8 at a time: lln-serve's AMX GEMM, which a decode batch of 5-16
+sequences takes).
 
     .venv/bin/python benchmarks/eval_int8.py [--windows 1024 4096] [--tail 256]
 
@@ -19,13 +20,14 @@ import torch
 
 from models import int8_kernel
 from models.evaluate import EVALUATION_FILE, evaluation_text, perplexity
-from models.quantize import quantize_int8
+from models.quantize import MIN_AMX_ROWS, quantize_int8
 from models.registry import DEFAULT_MODEL, from_checkpoint, load_model, resolve
 
-VARIANTS = {  # name -> None (float32) or the int8 decode kernel's vnni flag
+VARIANTS = {  # name -> None (float32) or (the int8 layers' vnni flag, decode tokens per forward)
     "float32": None,
-    "int8, _weight_int8pack_mm decode": False,
-    "int8, VNNI GEMV decode (activations in int8 groups of 4)": True,
+    "int8, _weight_int8pack_mm decode": (False, 4),
+    "int8, VNNI GEMV decode (activations in int8 groups of 16)": (True, 4),
+    "int8, AMX GEMM decode (the same groups; 8 tokens per forward)": (True, 8),
 }
 
 
@@ -46,24 +48,33 @@ def main() -> None:
         f"`.venv/bin/python benchmarks/eval_int8.py` on {time.strftime('%Y-%m-%d %H:%M')} UTC. "
         "Non-overlapping windows, each from an empty state. *prefill*: every token of each "
         f"window scored from one forward pass. *decode*: each window's last {args.tail} tokens "
-        "fed 4 at a time after a prefill of the rest, and only they scored. In brackets: the "
-        "ratio to float32 on the same tokens.",
+        "fed 4 (or 8) at a time after a prefill of the rest, and only they scored. In brackets: "
+        "the ratio to float32 on the same tokens.",
         "",
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    baseline = None
-    for name, vnni in VARIANTS.items():
-        if vnni and not int8_kernel.available():
+    baseline, int8_prefill = None, None
+    for name, variant in VARIANTS.items():
+        vnni, piece = variant or (None, 4)
+        missing = not int8_kernel.available() if vnni else False
+        if vnni and piece >= MIN_AMX_ROWS:
+            missing = missing or not int8_kernel.amx_available()
+        if missing:
             lines.append(f"| {name} | " + " | ".join("n/a" for _ in columns) + " |")
             continue
         model = from_checkpoint(path)
-        if vnni is not None:
+        if variant is not None:
             quantize_int8(model, vnni=vnni)
         with torch.no_grad():
-            scores = [perplexity(model, ids, window=w) for w in args.windows]
-            scores += [
-                perplexity(model, ids, window=w, decode_tail=args.tail) for w in args.windows
+            # prefill runs the bfloat16 GEMM whatever the decode kernel: once for int8
+            prefill = int8_prefill if variant is not None else None
+            prefill = prefill or [perplexity(model, ids, window=w) for w in args.windows]
+            if variant is not None:
+                int8_prefill = prefill
+            scores = prefill + [
+                perplexity(model, ids, window=w, decode_tail=args.tail, piece=piece)
+                for w in args.windows
             ]
         baseline = baseline or scores
         cells = [f"{s:.3f} ({s / b:.4f}x)" for s, b in zip(scores, baseline, strict=True)]

@@ -2,17 +2,20 @@
 many-row GEMMs run in bfloat16 (`--gemm-dtype bfloat16`).
 
 A batch-1 decode step reads every weight once, so its cost is the bytes of the weights: int8
-per output channel reads a quarter of float32's. For decode rows the kernel is lln-serve's VNNI
-GEMV (`models/int8_kernel.py`: activations quantized to int8 in groups of 4, 2x faster than
-PyTorch's at one row) where the CPU has AVX-512 VNNI, up to 16 rows (a decode batch of 16
-sequences), else PyTorch's `_weight_int8pack_mm` (bfloat16 activations) up to 4; for more rows
-(prefill) both fall behind the bfloat16 GEMM of oneDNN (AMX where the CPU has it), so each layer
-also keeps its dequantized weights in bfloat16 (as `weight`) and picks the kernel by the number
-of rows. All paths compute with the same int8 weights; outputs come back in the input's dtype.
-Norms, LLN features, window keys/values and states stay float32. Measured on a 2-core AVX-512
-CPU over the default model's 211 layers: VNNI 6.9 / 8.9 / 13.5 / 22.7 ms at 1 / 4 / 8 / 16 rows
-against the bfloat16 GEMM's 25-28 ms, which is ahead from 24 rows; PyTorch's int8 kernel ahead of
-it up to 4 rows.
+per output channel reads a quarter of float32's. For decode rows (up to 16: a decode batch of 16
+sequences) the kernels are lln-serve's (`models/int8_kernel.py`: activations quantized to int8
+in groups of 16): the VNNI GEMV where the CPU has AVX-512 VNNI, 2x faster than PyTorch's at one
+row, and from 5 rows the AMX GEMM where it also has AMX-INT8 (a second int8 copy of the
+weights, in tile layout); else PyTorch's `_weight_int8pack_mm` (bfloat16 activations) up to 4.
+For more rows (prefill) they fall behind the bfloat16 GEMM of oneDNN (AMX where the CPU has it),
+so each layer also keeps its dequantized weights in bfloat16 (as `weight`) and picks the kernel
+by the number of rows. All paths compute with the same int8 weights; outputs come back in the
+input's dtype. A row's output does not depend on the other rows of its kernel's call, but the
+VNNI and AMX kernels sum their groups in different orders (float32 rounding apart). Norms, LLN
+features, window keys/values and states stay float32. Measured on a 2-core AVX-512 CPU over the
+default model's 211 layers: VNNI 7.8 / 9.3 / 14.0 / 24.4 ms at 1 / 4 / 8 / 16 rows, AMX 10.6 /
+10.6 / 11.9 / 14.5, the bfloat16 GEMM 25-28 ms (ahead of VNNI from 24 rows); PyTorch's int8
+kernel ahead of the bfloat16 GEMM up to 4 rows.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <cpuid.h>
+#include <csetjmp>
+#include <csignal>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -220,13 +222,38 @@ LLN_AMX void amx_gemm(const AmxArgs& a, int64_t M) {
   });
 }
 
+sigjmp_buf amx_probe_jump;
+void on_sigill(int) { siglongjmp(amx_probe_jump, 1); }
+
+// one tile instruction under a SIGILL handler: a hypervisor may report AMX and still trap it
+LLN_AMX bool amx_runs() {
+  struct sigaction handler {}, previous{};
+  handler.sa_handler = on_sigill;
+  sigemptyset(&handler.sa_mask);
+  sigaction(SIGILL, &handler, &previous);
+  volatile bool ran = false;
+  if (sigsetjmp(amx_probe_jump, 1) == 0) {
+    TileConfig cfg;
+    cfg.rows[0] = 1;
+    cfg.colsb[0] = 64;
+    _tile_loadconfig(&cfg);
+    _tile_zero(0);
+    _tile_release();
+    ran = true;
+  }
+  sigaction(SIGILL, &previous, nullptr);
+  return ran;
+}
+
 bool amx_supported() {
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
   if (!tile || !int8) return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // Linux: ask for the tile state
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  static const bool runs = amx_runs();
+  return runs;
 }
 
 at::Tensor int8_gemm_amx(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& scale) {

@@ -13,9 +13,9 @@ by the number of rows. All paths compute with the same int8 weights; outputs com
 input's dtype. A row's output does not depend on the other rows of its kernel's call, but the
 VNNI and AMX kernels sum their groups in different orders (float32 rounding apart). Norms, LLN
 features, window keys/values and states stay float32. Measured on a 2-core AVX-512 CPU over the
-default model's 211 layers: VNNI 7.8 / 9.3 / 14.0 / 24.4 ms at 1 / 4 / 8 / 16 rows, AMX 10.6 /
-10.6 / 11.9 / 14.5, the bfloat16 GEMM 25-28 ms (ahead of VNNI from 24 rows); PyTorch's int8
-kernel ahead of the bfloat16 GEMM up to 4 rows.
+default model's 211 layers (`benchmarks/bench_int8_kernels.py`): VNNI 7.9 / 9.9 / 10.9 / 26.2 ms
+at 1 / 4 / 5 / 16 rows, AMX 9.0 / 10.1 / 10.5 / 14.3, the bfloat16 GEMM 29-32 ms (ahead of VNNI
+from 24 rows); PyTorch's int8 kernel ahead of the bfloat16 GEMM up to 4 rows.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from models import int8_kernel
 MAX_VNNI_ROWS = 16
 MAX_GEMV_ROWS = 4
 # rows from which the AMX kernel takes over from the VNNI one where the CPU has AMX-INT8 (up to
-# MAX_VNNI_ROWS): over the model's 211 layers VNNI 7.8 / 9.3 / 14.0 / 24.4 ms at 1 / 4 / 8 / 16
-# rows, AMX 10.6 / 10.6 / 11.9 / 14.5 (its per-tile work does not pay at one row)
+# MAX_VNNI_ROWS): over the model's 211 layers VNNI 9.9 / 10.9 / 26.2 ms at 4 / 5 / 16 rows, AMX
+# 10.1 / 10.5 / 14.3 (bench_int8_kernels.py; at one row 7.9 against 9.0)
 MIN_AMX_ROWS = 5
 # float32 models: rows from which matmuls run in bfloat16 (Bf16GemmLinear): prefill chunks, not
 # decode batches, so that a sequence's decode is float32 whatever the batch

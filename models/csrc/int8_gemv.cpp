@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -65,6 +66,19 @@ LLN_VNNI void quantize_activations(const float* x, int64_t M, int64_t K, int8_t*
       for (int64_t l = 0; l < kGroup / kLane; ++l) scales[(m * padded + k0) / kLane + l] = scale;
     }
   }
+}
+
+// x [M, K] float32 -> its int8 groups and their scales, in the calling thread's scratch (a step
+// makes ~200 calls; two allocations each were ~2% of an int8 decode step); valid until the
+// thread's next call
+std::pair<const int8_t*, const float*> quantize_rows(const at::Tensor& xf, int64_t nb) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> scales;
+  const int64_t M = xf.size(0), K = xf.size(1);
+  q.resize(M * nb * kBlock);
+  scales.resize(M * nb * kBlock / kLane);
+  quantize_activations(xf.data_ptr<float>(), M, K, q.data(), scales.data());
+  return {q.data(), scales.data()};
 }
 
 struct Args {
@@ -269,14 +283,10 @@ at::Tensor int8_gemm_amx(const at::Tensor& x, const at::Tensor& wp, const at::Te
   const auto xf = x.to(at::kFloat).contiguous();
   const auto wc = wp.contiguous();
   const auto sf = scale.to(at::kFloat).contiguous();
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> xscale;
-  q.resize(M * nb * kBlock);
-  xscale.resize(M * nb * kBlock / kLane);
-  quantize_activations(xf.data_ptr<float>(), M, K, q.data(), xscale.data());
+  const auto [q, xscale] = quantize_rows(xf, nb);
   auto out = at::empty({M, N}, xf.options());
-  const AmxArgs a{q.data(), xscale.data(), wc.data_ptr<int8_t>(), sf.data_ptr<float>(),
-                  out.data_ptr<float>(), N, nb, nb * kBlock / kAmxK};
+  const AmxArgs a{q, xscale, wc.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(),
+                  N, nb, nb * kBlock / kAmxK};
   amx_gemm(a, M);
   return out;
 }
@@ -299,16 +309,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const auto xf = x.to(at::kFloat).contiguous();
   const auto wc = w.contiguous();
   const auto sf = scale.to(at::kFloat).contiguous();
-  // the quantized activations: scratch of the calling thread (a step makes ~200 calls; two
-  // allocations each were ~2% of an int8 decode step)
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> xscale;
-  q.resize(M * nb * kBlock);
-  xscale.resize(M * nb * kBlock / kLane);
-  quantize_activations(xf.data_ptr<float>(), M, K, q.data(), xscale.data());
+  const auto [q, xscale] = quantize_rows(xf, nb);
   auto out = at::empty({M, N}, xf.options());
-  const Args a{q.data(), xscale.data(), wc.data_ptr<int8_t>(), sf.data_ptr<float>(),
-               out.data_ptr<float>(), K, N, nb};
+  const Args a{q, xscale, wc.data_ptr<int8_t>(), sf.data_ptr<float>(), out.data_ptr<float>(), K, N, nb};
   gemv(a, M);
   return out;
 }

@@ -54,25 +54,22 @@ def main() -> None:
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    baseline, int8_prefill = None, None
+    baseline = None
+    prefill: dict[bool, list[float]] = {}  # by int8: the bfloat16 GEMM whatever decode runs
     for name, variant in VARIANTS.items():
         vnni, piece = variant or (None, 4)
-        missing = not int8_kernel.available() if vnni else False
-        if vnni and piece >= MIN_AMX_ROWS:
-            missing = missing or not int8_kernel.amx_available()
-        if missing:
+        kernel_runs = int8_kernel.amx_available if piece >= MIN_AMX_ROWS else int8_kernel.available
+        if vnni and not kernel_runs():
             lines.append(f"| {name} | " + " | ".join("n/a" for _ in columns) + " |")
             continue
+        int8 = variant is not None
         model = from_checkpoint(path)
-        if variant is not None:
+        if int8:
             quantize_int8(model, vnni=vnni)
         with torch.no_grad():
-            # prefill runs the bfloat16 GEMM whatever the decode kernel: once for int8
-            prefill = int8_prefill if variant is not None else None
-            prefill = prefill or [perplexity(model, ids, window=w) for w in args.windows]
-            if variant is not None:
-                int8_prefill = prefill
-            scores = prefill + [
+            if int8 not in prefill:
+                prefill[int8] = [perplexity(model, ids, window=w) for w in args.windows]
+            scores = prefill[int8] + [
                 perplexity(model, ids, window=w, decode_tail=args.tail, piece=piece)
                 for w in args.windows
             ]

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from models import int8_kernel
 
 # rows (tokens x sequences) up to which a GEMV kernel runs before the bfloat16 GEMM takes over:
-# lln-serve's VNNI int8 kernel up to 16 (over the model's layers 22.7 vs 27.9 ms at 16 rows,
-# behind from 24); PyTorch's int8 or float32 one up to 4 (1536 x 576 and the 49,152 x 576 LM
-# head: ahead up to 4 rows, the bfloat16 GEMM ahead from 8 and 2-4x faster from 16)
+# lln-serve's int8 kernels up to 16 (VNNI 26.2, AMX 14.3, the bfloat16 GEMM 31.7 ms at 16 rows
+# over the model's layers, bench_int8_kernels.py); PyTorch's int8 or float32 one up to 4
+# (1536 x 576 and the 49,152 x 576 LM head: ahead up to 4 rows, the bfloat16 GEMM ahead from 8
+# and 2-4x faster from 16)
 MAX_VNNI_ROWS = 16
 MAX_GEMV_ROWS = 4
 # rows from which the AMX kernel takes over from the VNNI one where the CPU has AMX-INT8 (up to

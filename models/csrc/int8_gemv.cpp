@@ -177,8 +177,8 @@ struct AmxArgs {
 };
 
 constexpr int64_t kAmxPrefetch = 16384;  // packed weight bytes ahead that are prefetched
-
 constexpr int64_t kAmxChain = 4;  // tile multiplies in flight: C tiles 0-3, A 4-5, B 6-7
+static_assert(kBlock / kAmxK == kAmxChain, "a padded K holds whole chains");
 
 // one group of kAmxChain scale groups: four independent tile multiplies, stored to c
 LLN_AMX inline void amx_chain(const int8_t* q, int64_t stride, const int8_t* w, int32_t* c) {

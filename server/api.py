@@ -7,6 +7,7 @@ failure after a stream started is sent as an error event, then `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -461,13 +462,16 @@ class _Choice:
 
 
 async def _outputs(
-    state: ServerState, request_id: str, prompt_ids: list[int], params, session_id
-) -> AsyncIterator[RequestOutput]:
+    state: ServerState, request_id: str, prompt_ids: list[int], params, session_id,
+    return_progress: bool = False,
+) -> AsyncIterator[RequestOutput]:  # fmt: skip
     """The engine's stream for one prompt, with metrics and errors mapped to API errors."""
     engine = state.engine
     try:
-        async for out in engine.generate(request_id, prompt_ids, params, session_id):
-            if state.metrics is not None:
+        async for out in engine.generate(
+            request_id, prompt_ids, params, session_id, return_progress=return_progress
+        ):
+            if state.metrics is not None and out.progress is None:
                 state.metrics.observe(out)
             yield out
     except QueueFullError as error:
@@ -571,8 +575,9 @@ async def _completions(request: Request, state: ServerState, body: CompletionReq
     ))  # fmt: skip
     _check_capacity(state, len(prompts), body.n)
     request_id = new_id("cmpl")
+    progress = body.stream and body.return_progress
     streams = [
-        _outputs(state, f"{request_id}-{i}", ids, params, body.session_id)
+        _outputs(state, f"{request_id}-{i}", ids, params, body.session_id, progress)
         for i, ids in enumerate(prompts)
     ]
     n = body.n
@@ -652,6 +657,10 @@ async def _completion_events(body, request_id, first, choices, prompts, echo, to
     sent_echo = set()
     try:
         async for number, out in _chain(pending, merged):
+            if out.progress is not None:
+                chunk = CompletionResponse(id=request_id, model=body.model, choices=[])
+                yield _progress_event(chunk, out, number if len(prompts) > 1 else None)
+                continue
             choice = choices[number * n + out.index]
             _accumulate(choice, out)
             text = out.text
@@ -705,7 +714,8 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     )
     _check_capacity(state, 1, body.n)
     request_id = new_id("chatcmpl")
-    stream = _outputs(state, request_id, list(ids), params, body.session_id)
+    progress = body.stream and body.return_progress
+    stream = _outputs(state, request_id, list(ids), params, body.session_id, progress)
     choices = [_Choice(i) for i in range(body.n)]
     if body.stream:
         first = await _first_or_error(_merged([stream]))
@@ -798,6 +808,10 @@ async def _chat_events(body, request_id, first, choices, tokenizer):
     started = set()
     try:
         async for _, out in _chain(pending, merged):
+            if out.progress is not None:
+                chunk = ChatCompletionChunk(id=request_id, model=body.model, choices=[])
+                yield _progress_event(chunk, out, None)
+                continue
             choice = choices[out.index]
             _accumulate(choice, out)
             delta = DeltaMessage(content=out.text)
@@ -837,6 +851,15 @@ async def _chain(pending: list, merged):
         yield item
     async for item in merged:
         yield item
+
+
+def _progress_event(chunk, out: RequestOutput, prompt_index: int | None) -> str:
+    """llama.cpp's progress chunk: no choices, `prompt_progress` at the top; prompt_index
+    tells apart the prompts of a completion request that has several."""
+    progress = dataclasses.asdict(out.progress)
+    if prompt_index is not None:
+        progress["prompt_index"] = prompt_index
+    return _event({**chunk.model_dump(exclude_none=True), "prompt_progress": progress})
 
 
 def _error_event(error: APIError) -> str:

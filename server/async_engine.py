@@ -77,15 +77,18 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         session_id: str | None = None,
+        *,
+        return_progress: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs until all its n choices finish. Raises what
-        `LLMEngine.add_request` raises (before any output), or EngineDeadError."""
+        """Stream a request's outputs until all its n choices finish (with return_progress,
+        prefill progress outputs first). Raises what `LLMEngine.add_request` raises (before any
+        output), or EngineDeadError."""
         if not self.is_healthy:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         if not self.engine.can_accept(params.n):
             raise QueueFullError(self.engine.config.max_waiting)
         loop = asyncio.get_running_loop()
-        extra = {}
+        extra: dict = {"return_progress": True} if return_progress else {}
         if session_id is not None:
             self.engine.precheck(prompt_token_ids, params, session_id)  # before loading
             extra["acquired"] = (await self._acquire(session_id),)

@@ -27,7 +27,7 @@ from server.prefix_cache import PrefixCache, Snapshot, prefix_hashes
 from server.request import Request, RequestStatus, SamplingParams
 from server.runner import ModelRunner, RunnerOutput
 from server.sampler import Sampler, SamplerOutput, compute_logprobs
-from server.scheduler import ScheduledBatch, Scheduler
+from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler
 from server.state_pool import StatePool, snapshot_bytes
 from server.state_store import Session, StoreUnavailableError, open_store, state_tag
 
@@ -52,6 +52,18 @@ class RequestMetrics:
     first_token: float | None = None
     last_token: float | None = None
     finished: float | None = None
+
+
+@dataclass
+class PromptProgress:
+    """How far a prompt's prefill has got (llama.cpp's `prompt_progress`): the context's
+    tokens in all (a session's history included), those taken from a saved state (prefix cache
+    or session), those in the state so far (cached ones included), ms since it got its slot."""
+
+    total: int
+    cache: int
+    processed: int
+    time_ms: float
 
 
 @dataclass
@@ -80,6 +92,8 @@ class RequestOutput:
     # message); the client hears of the end only once the state is saved
     session_saved: Future | None = None
     store_error: str | None = None
+    # a prefill step's progress (requests that asked for it): no text, tokens nor end
+    progress: PromptProgress | None = None
 
 
 @dataclass(eq=False)
@@ -102,6 +116,8 @@ class _Sequence:
     forked: bool = False
     matcher: object | None = None  # llguidance.LLMatcher of a structured output
     session_saved: Future | None = None
+    return_progress: bool = False
+    history: int = 0  # tokens the state held before this prompt (a continued session's)
 
 
 class LLMEngine:
@@ -168,6 +184,7 @@ class LLMEngine:
         *,
         acquired: tuple[Session | None] | None = None,
         shared_prefix: tuple[int, Snapshot] | None = None,
+        return_progress: bool = False,
     ) -> None:
         """Queue a request (n choices). Raises ValueError for bad input, QueueFullError when
         the waiting queue is full, SessionError for a session that cannot be continued,
@@ -175,7 +192,8 @@ class LLMEngine:
 
         acquired: the session's state, already taken from the store by the caller (a 1-tuple;
         AsyncEngine loads it off this thread). shared_prefix: (block index, state) of a prefix
-        state fetched from a shared store, put in the prefix cache first."""
+        state fetched from a shared store, put in the prefix cache first. return_progress: an
+        output with `progress` after every step that advanced the prompt's prefill."""
         try:
             if request_id in self._groups:
                 raise ValueError(f"request_id {request_id!r} is already in the engine")
@@ -200,9 +218,10 @@ class LLMEngine:
         prompt = [*(session.pending if session else ()), *prompt_token_ids]
         seq = self._new_sequence(request_id, 0, prompt, params)
         seq.session_id, seq.session = session_id, session
+        seq.return_progress = return_progress
         if session is not None:
             seq.restore = session.snapshot
-            seq.num_cached_tokens = session.num_tokens - len(session.pending)
+            seq.num_cached_tokens = seq.history = session.num_tokens - len(session.pending)
         elif session_id is None:
             seq.hashes = prefix_hashes(prompt, self.prefix_cache.block)
             if shared_prefix is not None and shared_prefix[0] < len(seq.hashes):
@@ -279,7 +298,9 @@ class LLMEngine:
         self.scheduler.update_after_step(batch)
         self.num_prefill_tokens += sum(c.num_tokens for c in batch.prefills)
         self._after_prefill(batch, result)
-        return self._sample_and_postprocess(batch, result.logits)
+        progress = [self._progress(chunk) for chunk in batch.prefills]
+        outputs = [out for out in progress if out is not None]
+        return outputs + self._sample_and_postprocess(batch, result.logits)
 
     def _after_prefill(self, batch: ScheduledBatch, result: RunnerOutput) -> None:
         """Prefix-cache snapshots at block boundaries; prompt logprobs of the chunks."""
@@ -294,6 +315,22 @@ class LLMEngine:
             logits = result.prompt_logits.get(chunk.request.request_id)
             if logits is not None:
                 self._add_prompt_logprobs(seq, chunk.start, chunk.end, logits)
+
+    def _progress(self, chunk: PrefillChunk) -> RequestOutput | None:
+        """The progress output of a prefill chunk just computed, if its request asked; it goes
+        before the step's tokens, so a prompt's last one precedes its first token."""
+        seq = self._seqs[chunk.request.request_id]
+        if not seq.return_progress:
+            return None
+        started = seq.metrics.scheduled or seq.metrics.arrival
+        out = self._output(seq, "", finished=False)
+        out.progress = PromptProgress(
+            total=seq.history + chunk.request.num_prompt_tokens,
+            cache=seq.num_cached_tokens,
+            processed=seq.history + chunk.end,
+            time_ms=round((time.monotonic() - started) * 1000, 3),
+        )
+        return out
 
     def _sample_and_postprocess(self, batch: ScheduledBatch, logits: Tensor) -> list[RequestOutput]:
         seqs, rows = [], []

@@ -105,6 +105,13 @@ class _SamplingFields(_Request):
         description="lln-serve extension: continue the saved state of this session "
         "(send only the new text), and save the state after this request under it.",
     )
+    return_progress: bool = Field(
+        default=False,
+        description="llama.cpp's extension: with stream, chunks with `choices: []` and "
+        "`prompt_progress` {total, cache, processed, time_ms} while the prompt prefills (one per "
+        "engine step, the last at processed == total), before the first token. Without stream "
+        "it asks for nothing (as in llama.cpp).",
+    )
 
     def guided_spec(self) -> GuidedSpec | None:
         """The structured output asked for (at most one way), or None. Raises ValueError."""

@@ -262,6 +262,9 @@ def run_generate(args: argparse.Namespace) -> int:
             do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
         )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if ids.shape[1] > PROGRESS_MIN_TOKENS:
+        sampling["past_key_values"], bar = _prefill_with_progress(model, ids)
+        streamer = _PrefillBarStreamer(streamer, bar)
     model.generate(
         ids,
         max_new_tokens=args.max_tokens,
@@ -270,6 +273,54 @@ def run_generate(args: argparse.Namespace) -> int:
         **sampling,
     )
     return 0
+
+
+PROGRESS_MIN_TOKENS = 2048  # longer prompts show a prefill progress bar on stderr
+PROGRESS_CHUNK = 512  # tokens per prefill forward (and bar update)
+
+
+def _prefill_with_progress(model, ids):
+    """(LLNCache, tqdm bar): every prompt token but the last, prefilled in chunks with a bar
+    on stderr; generate() prefills the last one from that cache and samples from it."""
+    import torch
+    from tqdm import tqdm
+
+    from models.cache import LLNCache
+
+    total = ids.shape[1]
+    bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True)
+    cache = LLNCache(len(model.model.layers))
+    with torch.no_grad():
+        for start in range(0, total - 1, PROGRESS_CHUNK):
+            chunk = ids[:, start : min(start + PROGRESS_CHUNK, total - 1)]
+            model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            bar.update(chunk.shape[1])
+    return cache, bar
+
+
+class _PrefillBarStreamer:
+    """generate()'s streamer around a TextStreamer: its first put is the prompt, the next the
+    first token, before which the prefill bar (stderr) is completed and closed."""
+
+    def __init__(self, streamer, bar) -> None:
+        self.streamer, self.bar = streamer, bar
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self._close_bar()
+        self.prompt_seen = True
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self._close_bar()
+        self.streamer.end()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+            self.bar = None
 
 
 def run_distill(args: argparse.Namespace) -> int:

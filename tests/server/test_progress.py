@@ -1,19 +1,26 @@
 """Prompt progress while a prompt prefills (`return_progress`, as llama.cpp's server): the
-engine's progress outputs, the SSE chunks of both endpoints, the OpenAI SDK reading them."""
+engine's progress outputs, the SSE chunks of both endpoints, the OpenAI SDK reading them, and
+`lln-serve generate`'s progress bar on stderr."""
+
+import contextlib
+import io
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import server.cli as cli
 from server.api import ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.metrics import Metrics
 from tests.server.test_api import MODEL, events, model, tokenizer  # noqa: F401 (fixtures)
 from tests.server.test_engine import greedy, make_engine
+from tests.server.test_playground_browser import tiny_checkpoint
 
 PROMPT = "the quick brown fox jumps"  # 25 tokens: 7 chunks of at most 4 (test_api's server)
 PROGRESS_KEYS = {"total", "cache", "processed", "time_ms"}
+MIN_TOKENS = cli.PROGRESS_MIN_TOKENS
 
 
 def steps_of(engine, *requests) -> list[list]:
@@ -201,3 +208,31 @@ def test_the_openai_sdk_reads_a_stream_with_progress(server):
         -1
     ] == len(PROMPT)
     assert len([c for c in completion if c.choices]) == 2
+
+
+# ---- lln-serve generate --------------------------------------------------------------------------
+
+
+def generate(checkpoint, prompt: str, monkeypatch, min_tokens: int = 0) -> tuple[str, str]:
+    """stdout and stderr of `lln-serve generate`; a bar from min_tokens (else the default)."""
+    monkeypatch.setattr(cli, "PROGRESS_MIN_TOKENS", min_tokens or MIN_TOKENS)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["generate", "--model", str(checkpoint), "--prompt", prompt, "--max-tokens", "8",
+            "--dtype", "float32", "--gemm-dtype", "float32"]  # fmt: skip
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert cli.main(argv) == 0
+    return stdout.getvalue(), stderr.getvalue()
+
+
+def test_generate_shows_a_prefill_bar_on_stderr_for_a_long_prompt(tmp_path, monkeypatch):
+    checkpoint = tiny_checkpoint(tmp_path)
+    prompt = "the quick brown fox jumps over the lazy dog. " * 50  # 2,250 tokens
+    assert len(prompt) > MIN_TOKENS == 2048
+    whole, quiet = generate(checkpoint, prompt, monkeypatch, 10**9)  # one forward, no bar
+    chunked, bar = generate(checkpoint, prompt, monkeypatch)
+    assert chunked == whole and whole.strip()  # stdout: the answer alone, unchanged
+    assert "prefill" not in quiet + whole
+    assert "prefill: 100%" in bar and f"{len(prompt)}/{len(prompt)}" in bar
+    assert f"{cli.PROGRESS_CHUNK}/{len(prompt)}" in bar  # it moved chunk by chunk
+    short, none = generate(checkpoint, "the fox", monkeypatch)
+    assert "prefill" not in none and short.strip()

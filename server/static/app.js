@@ -15,6 +15,8 @@ const app = {
   running: null, // AbortController of the answer being streamed
   authorized: false,
   needsKey: false, // the server answered 401: wait for a key before asking again
+  contextName: null, // the file the long context came from (null: pasted)
+  prefillShown: false, // this answer's prefill takes several engine steps: its bar is shown
 };
 
 // ---- HTTP -----------------------------------------------------------------------------------
@@ -105,7 +107,8 @@ function stopStrings() {
 }
 
 function sampling() {
-  const body = { stream: true, stream_options: { include_usage: true } };
+  // return_progress: the server streams prefill progress (llama.cpp's prompt_progress)
+  const body = { stream: true, stream_options: { include_usage: true }, return_progress: true };
   for (const id of ["temperature", "top_p", "top_k", "max_tokens", "seed"]) {
     const value = numberField(id);
     if (value !== undefined) body[id] = value;
@@ -145,13 +148,16 @@ async function send(text) {
   }
   const chat = mode() === "chat";
   const body = { model: app.model, ...sampling() };
-  const turn = chat ? chatMessages(text) : null;
+  const context = $("context-text").value;
+  const content = context ? `${context}\n\n${text}` : text;
+  const turn = chat ? chatMessages(content) : null;
   if (chat) {
     body.messages = turn.send;
   } else {
-    body.prompt = text;
+    body.prompt = content;
   }
   const userItem = addMessage(chat ? "user" : "user completion", text);
+  if (context) meta(userItem, `after ${contextLabel()} (${context.length.toLocaleString("en")} characters)`);
   const answer = addMessage("assistant", "");
   const controller = new AbortController();
   setRunning(controller);
@@ -171,6 +177,7 @@ async function send(text) {
     setRunning(null);
   }
   if (chat) app.history.push(...turn.added, { role: "assistant", content: result.text });
+  if (context) clearContext(); // it is in the conversation now (in the session's state)
   await recordTurn(result.usage, timing, answer).catch((error) => {
     meta(answer, `figures unavailable: ${error.message}`);
   });
@@ -203,6 +210,7 @@ function handleEvent(event, out, answer, timing, chat) {
     const chunk = JSON.parse(data);
     if (chunk.error) throw new Error(`${chunk.error.code}: ${chunk.error.message}`);
     if (chunk.usage) out.usage = chunk.usage;
+    if (chunk.prompt_progress) showPrefill(chunk.prompt_progress);
     for (const choice of chunk.choices || []) {
       const piece = chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
       const now = performance.now();
@@ -258,6 +266,28 @@ async function recordTurn(usage, timing, answer) {
 
 function resetAnswerFigures() {
   for (const id of ["ttft", "tps", "generated", "prefilled", "cached"]) $(id).textContent = "-";
+  app.prefillShown = false;
+  $("prefill").hidden = true;
+}
+
+function showPrefill(p) {
+  // a prompt prefilled in one engine step needs no bar
+  if (!app.prefillShown && p.processed >= p.total) return;
+  app.prefillShown = true;
+  $("prefill").hidden = false;
+  const bar = $("prefill-bar");
+  bar.max = p.total;
+  bar.value = p.processed;
+  const seconds = p.time_ms / 1000;
+  const rate = seconds > 0 ? (p.processed - p.cache) / seconds : 0;
+  const cached = p.cache ? `, ${p.cache.toLocaleString("en")} from the saved state` : "";
+  const speed = rate > 0 ? ` · ${Math.round(rate).toLocaleString("en")} tok/s` : "";
+  const percent = Math.floor((100 * p.processed) / p.total);
+  let text = `prefill ${p.processed.toLocaleString("en")} / ${p.total.toLocaleString("en")} ` +
+    `tokens (${percent}%${cached})${speed}`;
+  if (p.processed >= p.total) text += ` · done in ${formatDuration(seconds)}`;
+  else if (rate > 0) text += ` · ${formatDuration((p.total - p.processed) / rate)} left`;
+  $("prefill-text").textContent = text;
 }
 
 function showRate(timing, tokens) {
@@ -338,6 +368,62 @@ function formatSeconds(s) {
   return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
 }
 
+function formatDuration(s) {
+  if (s < 60) return formatSeconds(s);
+  const minutes = Math.floor(s / 60);
+  return `${minutes} min ${Math.round(s - 60 * minutes)} s`;
+}
+
+// ---- long context: a text file (picked or dropped) or pasted text, sent before the next message
+
+function contextLabel() {
+  return app.contextName ? `the context from ${app.contextName}` : "the pasted context";
+}
+
+function showContextStatus() {
+  const length = $("context-text").value.length;
+  $("context-status").textContent = length
+    ? `${app.contextName || "pasted text"}: ${length.toLocaleString("en")} characters, sent ` +
+      "before your next message (then the session holds it)"
+    : "";
+  $("context-clear").disabled = length === 0;
+}
+
+async function loadContext(file) {
+  if (!file) return;
+  $("context-text").value = await file.text();
+  app.contextName = file.name;
+  showContextStatus();
+}
+
+function clearContext() {
+  $("context-text").value = "";
+  $("context-file").value = "";
+  app.contextName = null;
+  showContextStatus();
+}
+
+function acceptDroppedFiles() {
+  // a file dropped anywhere on the page becomes the context (not a navigation to it)
+  const hasFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  window.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    document.body.classList.add("dragging");
+  });
+  window.addEventListener("dragleave", (event) => {
+    if (event.relatedTarget === null) document.body.classList.remove("dragging");
+  });
+  window.addEventListener("drop", (event) => {
+    document.body.classList.remove("dragging");
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    loadContext(event.dataTransfer.files[0]).catch((error) => {
+      $("context-status").textContent = `cannot read that file: ${error.message}`;
+    });
+  });
+}
+
 // ---- the page ---------------------------------------------------------------------------------
 
 function addMessage(kind, text) {
@@ -394,6 +480,13 @@ function init() {
     }
   });
   $("stop-button").addEventListener("click", () => app.running && app.running.abort());
+  $("context-file").addEventListener("change", () => loadContext($("context-file").files[0]));
+  $("context-text").addEventListener("input", () => {
+    if (!$("context-text").value) app.contextName = null;
+    showContextStatus();
+  });
+  $("context-clear").addEventListener("click", clearContext);
+  acceptDroppedFiles();
   $("reset").addEventListener("click", resetConversation);
   $("session").addEventListener("change", resetConversation);
   for (const radio of document.querySelectorAll('input[name="mode"]')) {

@@ -74,6 +74,22 @@ def test_static_files_ship_in_the_wheel():
         assert any(fnmatch(f"static/{path.name}", g) for g in globs), path.name
 
 
+def test_the_page_loads_a_long_context_and_shows_prefill_progress():
+    """The controls for a long context (file, drop, paste) and the prefill bar, and the script
+    that asks for progress chunks and reads them (the browser test runs them)."""
+    page = (STATIC_DIR / "index.html").read_text()
+    controls = ['id="context-file" type="file"', 'id="context-text"', 'id="context-status"']
+    controls += ['id="context-clear"', '<progress id="prefill-bar"', 'id="prefill-text"']
+    for control in controls:
+        assert control in page, control
+    script = (STATIC_DIR / "app.js").read_text()
+    pieces = ("return_progress: true", "chunk.prompt_progress", 'addEventListener("drop"',
+              "file.text()", "tok/s", "left`")  # fmt: skip
+    for piece in pieces:
+        assert piece in script, piece
+    assert "#prefill-bar" in (STATIC_DIR / "style.css").read_text()
+
+
 def test_no_ui_flag_and_environment_variable():
     assert build_parser().parse_args(["serve"]).no_ui == "0"
     assert build_parser().parse_args(["serve", "--no-ui"]).no_ui == "1"

@@ -174,6 +174,40 @@ def test_raw_completion_without_a_session_charts_each_prompt(page, base_url):
         page.find_element("css selector", "input[name='mode'][value='chat']").click()
 
 
+def test_a_text_file_as_context_fills_the_prefill_bar(page, tmp_path):
+    """A dropped file becomes the context; so does a picked one, sent before the next message
+    with return_progress: the bar (16-token prefill chunks here) rises to the prompt's length."""
+    page.execute_script(
+        "const data = new DataTransfer();"
+        "data.items.add(new File(['dropped text'], 'dropped.txt', {type: 'text/plain'}));"
+        "window.dispatchEvent(new DragEvent('drop', {dataTransfer: data, cancelable: true}));"
+    )
+    _wait(lambda: "dropped.txt: 12 characters" in _text(page, "context-status"), 10, "no drop")
+    page.find_element("id", "context-clear").click()
+    text = "a long report about foxes and dogs. " * 40  # 1,440 characters
+    (tmp_path / "report.txt").write_text(text)
+    page.find_element("id", "context-file").send_keys(str(tmp_path / "report.txt"))
+    _wait(lambda: "report.txt: 1,440 characters" in _text(page, "context-status"), 10, "no file")
+    page.execute_script(
+        "window.values = []; const bar = document.getElementById('prefill-bar');"
+        "new MutationObserver(() => window.values.push(bar.value))"
+        ".observe(bar, {attributes: true, attributeFilter: ['value']});"
+    )
+    _send(page, "what is it about")
+    total = len(f"<user>{text}\n\nwhat is it about<assistant>")
+    values = page.execute_script("return window.values")
+    assert len(values) > 50 and values == sorted(values) and values[-1] == total, values
+    bar = page.find_element("id", "prefill-bar")
+    assert bar.get_attribute("max") == str(total) and bar.get_attribute("value") == str(total)
+    shown = _text(page, "prefill-text")
+    assert f"{total:,} / {total:,} tokens (100%)" in shown and "tok/s" in shown, shown
+    assert _text(page, "prefilled") == str(total)
+    question = page.find_elements("css selector", "#messages li.user")[-1]
+    assert question.text.startswith("what is it about") and "report.txt" in question.text
+    assert _text(page, "context-status") == ""  # sent: the session holds it now
+    assert page.find_element("id", "context-text").get_attribute("value") == ""
+
+
 def test_the_page_asks_for_the_key_and_shows_nothing_without_it(driver, base_url):
     driver.execute_script("sessionStorage.clear()")
     driver.get(base_url)

@@ -288,7 +288,9 @@ def _prefill_with_progress(model, ids):
     from models.cache import LLNCache
 
     total = ids.shape[1]
-    bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True)
+    # every chunk is drawn: on a real model they are seconds apart
+    bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True,
+               mininterval=0, miniters=1)  # fmt: skip
     cache = LLNCache(len(model.model.layers))
     with torch.no_grad():
         for start in range(0, total - 1, PROGRESS_CHUNK):

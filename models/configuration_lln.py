@@ -5,6 +5,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from lln_core.ops.far import FAR_POSITIONS
+
 ATTENTION_KERNELS = ("softmax", "lln", "lln_diag", "ea")
 FEATURE_MAPS = ("scale", "linear")
 SPARSE_SELECTIONS = ("surprise",)
@@ -28,6 +30,11 @@ class LLNConfig(LlamaConfig):
     kv_cache_dtype (lln_diag): storage of the window's and the sparse cache's keys and values,
     "auto" (the state's float32, float64 for float64 weights) or "bfloat16" (half the bytes:
     keys and values are rounded to it once, as they are made, so prefill and decode agree).
+    far_positions (lln_diag, joint): the rotary positions of the far tier (the sinks once the
+    window has passed them, the sparse cache, the LLN state): "original" (each key where it was
+    written: distances grow with the context, past the trained range) or "fixed" (every far key
+    at far_distance from the query, the sinks at far_sink_distance minus their position;
+    `lln_core/ops/far.py`). far_sink_distance None: far_distance.
     """
 
     model_type = "lln_llama"
@@ -44,6 +51,9 @@ class LLNConfig(LlamaConfig):
     sparse_span: int = 8
     sparse_select: str = "surprise"
     kv_cache_dtype: str = "auto"
+    far_positions: str = "original"
+    far_distance: int = 1024
+    far_sink_distance: int | None = None
     # Qwen2 has biases on q/k/v but not on o; None means "as attention_bias" (Llama).
     o_proj_bias: bool | None = None
 
@@ -69,6 +79,25 @@ class LLNConfig(LlamaConfig):
                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
             )
         self._check_sparse()
+        self._check_far()
+
+    @property
+    def uses_far_positions(self) -> bool:
+        """Whether the far tier reads fixed rotary distances (LLN+Diag, joint, "fixed")."""
+        return (
+            self.far_positions == "fixed"
+            and self.attention_kernel == "lln_diag"
+            and self.combine == "joint"
+        )
+
+    def _check_far(self) -> None:
+        if self.far_positions not in FAR_POSITIONS:
+            raise ValueError(
+                f"far_positions must be one of {FAR_POSITIONS}, got {self.far_positions!r}"
+            )
+        sink_distance = self.far_sink_distance
+        if self.far_distance < 0 or (sink_distance is not None and sink_distance < 0):
+            raise ValueError("far_distance and far_sink_distance must be >= 0")
 
     @property
     def uses_sparse_cache(self) -> bool:

@@ -32,6 +32,7 @@ from transformers.models.llama.modeling_llama import (
 from lln_core.ops import slot_softmax
 from lln_core.ops.common import enable_flush_denormal, round_to, valid_tokens
 from lln_core.ops.ea import ea_attention, ea_step
+from lln_core.ops.far import FarRotary, FarTier, rotary_cos_sin
 from lln_core.ops.lln import lln_attention, lln_step
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
@@ -86,7 +87,11 @@ class LLNAttention(nn.Module):
                 self.q_map = nn.Parameter(eye.repeat(self.num_heads, 1, 1))
                 self.k_map = nn.Parameter(eye.repeat(self.num_kv_heads, 1, 1))
         if self.kernel == "lln_diag":
-            self.local = LocalSpec(config.local_kind, config.local_size, config.num_sinks)
+            # joint: sinks past the window belong to the far tier, read at its own positions
+            far_sinks = config.combine == "joint"
+            self.local = LocalSpec(
+                config.local_kind, config.local_size, config.num_sinks, far_sinks=far_sinks
+            )
             self.mix = nn.Parameter(torch.full((self.num_heads,), self.default_mix))
             if config.combine == "joint":
                 self.count_power = nn.Parameter(torch.zeros(self.num_heads))
@@ -136,15 +141,18 @@ class LLNAttention(nn.Module):
         lengths: Tensor | None = None,
         plan: LocalStepPlan | None = None,
         sparse_plan: SparsePlan | None = None,
+        far_rotary: FarRotary | None = None,
     ) -> tuple[Tensor, BatchedState]:
         """hidden [B, T, hidden] -> output [B, T, hidden] and the state after the T tokens.
 
         plan: a decode step's local-slot bookkeeping, shared by all layers (`step_plan`);
-        sparse_plan: the sparse cache's decisions, shared too (`LLNForCausalLM`)."""
+        sparse_plan: the sparse cache's decisions, shared too (`LLNForCausalLM`); far_rotary:
+        the far tier's rotations, shared too (`LLNModel.far_rotary`)."""
         batch, seq_len, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        far = None if far_rotary is None else far_rotary.tier(q)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         if self.kv_dtype is not None:  # stored rounded: every path computes with those numbers
             k, v = round_to(k, self.kv_dtype), round_to(v, self.kv_dtype)
@@ -152,7 +160,7 @@ class LLNAttention(nn.Module):
             self.observer(self.layer_idx, q, k)
         if state is None:
             state = self.empty_state(batch, hidden.device)
-        y, state = self.attend(q, k, v, state, lengths, plan, sparse_plan)
+        y, state = self.attend(q, k, v, state, lengths, plan, sparse_plan, far)
         y = y.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.o_proj(y.to(hidden.dtype)), state
 
@@ -177,8 +185,10 @@ class LLNAttention(nn.Module):
         lengths: Tensor | None,
         plan: LocalStepPlan | None = None,
         sparse_plan: SparsePlan | None = None,
+        far: FarTier | None = None,
     ) -> tuple[Tensor, BatchedState]:
-        """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE."""
+        """The kernel: q [B, Hq, T, D], k, v [B, Hkv, T, D] after RoPE; far: the far tier's
+        queries and key rotation (LLN+Diag with fixed far positions)."""
         decode = q.shape[2] == 1 and lengths is None
         chunk = self.config.chunk_size
         if self.kernel in ("lln", "lln_diag"):
@@ -195,6 +205,8 @@ class LLNAttention(nn.Module):
                 kwargs["count_power"] = self.count_power
             if self.config.uses_sparse_cache:
                 kwargs["sparse_plan"] = sparse_plan
+            if far is not None:
+                kwargs["far"] = far
             if decode:
                 return lln_diag_step(q, k, v, alpha, beta, self.mix, state, plan=plan, **kwargs)
             return lln_diag_attention(
@@ -225,10 +237,12 @@ class LLNDecoderLayer(nn.Module):
         lengths: Tensor | None = None,
         plan: LocalStepPlan | None = None,
         sparse_plan: SparsePlan | None = None,
+        far_rotary: FarRotary | None = None,
     ) -> tuple[Tensor, BatchedState]:
         attn, state = self.self_attn(
-            self.input_layernorm(hidden), position_embeddings, state, lengths, plan, sparse_plan
-        )
+            self.input_layernorm(hidden), position_embeddings, state, lengths, plan, sparse_plan,
+            far_rotary,
+        )  # fmt: skip
         hidden = hidden + attn
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, state
@@ -310,26 +324,53 @@ class LLNModel(LLNPreTrainedModel):
         states = list(states) if states is not None else [None] * len(self.layers)
         if position_ids is None:
             position_ids = _positions(states[0], hidden.shape[0], hidden.shape[1], hidden.device)
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        position_embeddings = self.position_embeddings(hidden, position_ids)
+        far_rotary = self.far_rotary(position_ids, hidden.dtype)
         plan = self.layers[0].self_attn.step_plan(states[0], hidden.shape[1], lengths, in_place)
         if self._use_compiled(states, hidden.shape[1], lengths):
             plan_tensors = None if plan is None else plan.flat()
             sparse_tensors = None if sparse_plan is None else sparse_plan.flat()
+            far_tensors = None if far_rotary is None else far_rotary.flat()
             size = decode_group_size(len(self.layers))
             for start in range(0, len(self.layers), size):
                 group = range(start, start + size)
                 hidden, flats = self.compiled_decode_layers(
                     tuple(self.layers[i] for i in group), hidden, *position_embeddings,
                     tuple(states[i].flat() for i in group), plan_tensors, in_place, sparse_tensors,
+                    far_tensors,
                 )  # fmt: skip
                 for i, flat in zip(group, flats, strict=True):
                     states[i] = states[i].unflat(flat)
             return self.norm(hidden), states
         for i, layer in enumerate(self.layers):
             hidden, states[i] = layer(
-                hidden, position_embeddings, states[i], lengths, plan, sparse_plan
+                hidden, position_embeddings, states[i], lengths, plan, sparse_plan, far_rotary
             )
         return self.norm(hidden), states
+
+    def position_embeddings(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin at position_ids [B, T], with angles exact at any position
+        (`rotary_cos_sin`) where the frequencies are fixed; rope types that change them with
+        the length (dynamic, longrope) go through transformers' module."""
+        rope = self.rotary_emb
+        if "dynamic" in rope.rope_type or rope.rope_type == "longrope":
+            return rope(hidden, position_ids=position_ids)
+        return rotary_cos_sin(rope.inv_freq, position_ids, rope.attention_scaling, hidden.dtype)
+
+    def far_rotary(self, position_ids: Tensor, dtype: torch.dtype) -> FarRotary | None:
+        """The far tier's rotations for queries at position_ids [B, T] (fixed far positions),
+        in the kernels' compute dtype for weights of `dtype`."""
+        config = self.config
+        if not config.uses_far_positions:
+            return None
+        sink_distance = config.far_sink_distance
+        return FarRotary.make(
+            self.rotary_emb.inv_freq, position_ids, window=config.local_size,
+            distance=config.far_distance,
+            sink_distance=config.far_distance if sink_distance is None else sink_distance,
+            scaling=self.rotary_emb.attention_scaling,
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        )  # fmt: skip
 
     def _use_compiled(self, states: States, seq_len: int, lengths: Tensor | None) -> bool:
         return (
@@ -364,13 +405,16 @@ def compile_decode_layers(template: BatchedState, cpp_wrapper: bool = False) -> 
     structure (its tensors are not used).
     """
 
-    def run(layers, hidden, cos, sin, group_states, plan_tensors, in_place, sparse_tensors):
+    def run(
+        layers, hidden, cos, sin, group_states, plan_tensors, in_place, sparse_tensors, far_tensors
+    ):
         plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors, in_place=in_place)
         sparse_plan = None if sparse_tensors is None else SparsePlan(*sparse_tensors)
+        far_rotary = None if far_tensors is None else FarRotary(*far_tensors)
         flats = []
         for layer, state_tensors in zip(layers, group_states, strict=True):
             state = template.unflat(state_tensors)
-            hidden, state = layer(hidden, (cos, sin), state, None, plan, sparse_plan)
+            hidden, state = layer(hidden, (cos, sin), state, None, plan, sparse_plan, far_rotary)
             flats.append(state.flat())
         return hidden, tuple(flats)
 

@@ -17,12 +17,17 @@ the LLN state. Keys leaving the window go there first; the cache keeps the G bes
 retention score the caller gives for each leaving key (`evict_score`), and only the keys it lets
 go are merged into the LLN state. Cached pairs join the window and sinks in the softmax part of
 the one normalisation.
+
+Joint only: the far tier (the sinks once the window has passed them, the sparse cache, the LLN
+state) is read with its own queries and takes keys as they leave the window through a `FarTier`
+(`lln_core.ops.far`: one fixed rotary distance); without one it sees the rotated queries and
+keys as they are.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -35,9 +40,11 @@ from lln_core.ops.common import (
     feature_logits,
     group_queries,
     per_head,
+    round_to,
     ungroup,
     valid_tokens,
 )
+from lln_core.ops.far import FarTier
 from lln_core.ops.lln.chunk import (
     SEGMENT_TOKENS,
     TINY,
@@ -116,21 +123,24 @@ def lln_diag_attention(
     count_power: float | Tensor = 0.0,
     evict_score: Tensor | None = None,
     sparse_plan: SparsePlan | None = None,
+    far: FarTier | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T new tokens. Shapes and `lengths` as `lln_attention`; mix and
     count_power (joint only): scalar, [Hkv] or [Hq]. With a sparse cache in the state:
     evict_score [B, T], the retention score of the key that leaves the window at each query
     (position n + i - W); None scores every key alike (the cache keeps the newest). Or
-    sparse_plan: the cache's decisions (`leaving_plan`), when a model shares them by layers."""
+    sparse_plan: the cache's decisions (`leaving_plan`), when a model shares them by layers.
+    far (joint): the far tier's queries and key rotation for these T queries."""
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     seq_len = q.shape[2]
     segment = chunk_size * max(1, SEGMENT_TOKENS // chunk_size)
+    local = _local_of(local, combine)
     if seq_len <= segment:
         return _forward(
             q, k, v, alpha, beta, mix, local, combine, state, scale, chunk_size, lengths,
-            count_power, evict_score, sparse_plan,
+            count_power, evict_score, sparse_plan, far,
         )  # fmt: skip
     if sparse_plan is not None:
         raise ValueError(f"a sparse plan covers at most {segment} tokens, got {seq_len}")
@@ -139,9 +149,10 @@ def lln_diag_attention(
         piece = slice(start, start + segment)
         piece_lengths = None if lengths is None else (lengths - start).clamp(0, segment)
         piece_scores = None if evict_score is None else evict_score[:, piece]
+        piece_far = None if far is None else far.piece(start, start + segment)
         y, state = _forward(
             q[:, :, piece], k[:, :, piece], v[:, :, piece], alpha, beta, mix, local, combine,
-            state, scale, chunk_size, piece_lengths, count_power, piece_scores,
+            state, scale, chunk_size, piece_lengths, count_power, piece_scores, None, piece_far,
         )  # fmt: skip
         outputs.append(y)
     return torch.cat(outputs, dim=2), state
@@ -163,18 +174,28 @@ def lln_diag_step(
     count_power: float | Tensor = 0.0,
     evict_score: Tensor | None = None,
     sparse_plan: SparsePlan | None = None,
+    far: FarTier | None = None,
 ) -> tuple[Tensor, LLNState]:
     """One decode token per sequence (T = 1): the LLN part by its recurrence, the local part by
     one slot write (rows may sit at different positions). `plan`: the step's slot bookkeeping,
-    shared by all layers (`local_step_plan`); built here when not given. evict_score [B, 1],
-    sparse_plan: as in `lln_diag_attention`."""
+    shared by all layers (`local_step_plan` of the same `LocalSpec`, far sinks set when
+    joint); built here when not given. evict_score [B, 1], sparse_plan, far: as in
+    `lln_diag_attention`."""
     if q.shape[2] != 1:
         raise ValueError(f"lln_diag_step takes one token per sequence (T = 1), got {q.shape[2]}")
-    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
+    local = _local_of(local, combine)
+    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power, far)
     if plan is None:
         plan = local_step_plan(p.state.local, p.state.num_tokens, local)
     qg = p.qg[:, :, :, 0]
     parts, old_k, old_v = local_step_parts(qg, p.k, p.v, p.state.local, plan, scale=p.scale)
+    if combine == "joint":  # the sinks the window has passed, and the key leaving it
+        sinks, cache = local.num_sinks, p.state.local
+        if sinks:
+            sink_q = p.sq[:, :, :, 0] * p.scale
+            parts.append(slot_softmax(sink_q, cache.k[:, :, :sinks], cache.v[:, :, :sinks],
+                                      plan.sink_bias))  # fmt: skip
+        old_k = p.enter(old_k)
     sparse = p.state.sparse
     if sparse is not None:  # the leaving key enters the sparse cache or goes on to LLN
         sp = sparse_plan or leaving_plan(
@@ -187,7 +208,7 @@ def lln_diag_step(
         # the query sees the cache after the step (`SparsePlan.visible`): the cached pairs
         # that stay, and the leaving pair if it enters; read before the write, as the window
         seen = torch.where(sp.visible[:, 0], 0.0, float("-inf")).to(qg.dtype)  # [B, G + 1]
-        q_scaled = qg * p.scale
+        q_scaled = p.fq[:, :, :, 0] * p.scale
         leaving_logit = q_scaled @ leaving_k.transpose(-1, -2) + seen[:, None, None, sparse.size :]
         parts += [
             slot_softmax(q_scaled, sparse.k, sparse.v, seen[:, : sparse.size]),
@@ -280,21 +301,31 @@ def naive_lln_diag_attention(
     count_power: float | Tensor = 0.0,
     sparse_size: int = 0,
     scores: Tensor | None = None,
+    far_query: Tensor | None = None,
+    sink_query: Tensor | None = None,
+    far_keys: Tensor | None = None,
 ) -> Tensor:
     """Quadratic reference from position 0: full T x T weights, float64-capable. sparse_size
     (joint): each query keeps exact the G old keys with the best scores [B, T] (per position;
-    None: all alike), chosen from scratch for every query."""
+    None: all alike), chosen from scratch for every query. far_query, sink_query [B, Hq, T, D]
+    and far_keys [B, Hkv, T, D] (joint): the far tier's queries and every key as the far tier
+    holds it (`lln_core.ops.far`), all defaulting to q and k: the sparse cache and the LLN state
+    score far_query against far_keys, the sinks past the window sink_query against k."""
     _batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qg = group_queries(q, num_kv_heads, dtype)
+    fq = qg if far_query is None else group_queries(far_query, num_kv_heads, dtype)
+    sq = qg if sink_query is None else group_queries(sink_query, num_kv_heads, dtype)
+    fk = (k if far_keys is None else far_keys).to(dtype)
     kk, vv = k.to(dtype)[:, :, None], v.to(dtype)[:, :, None]
-    aq = feature_logits(alpha, qg, num_kv_heads, group, query_side=True)
-    bk = feature_logits(beta, k.to(dtype), num_kv_heads, group, query_side=False)[:, :, None]
+    aq = feature_logits(alpha, fq, num_kv_heads, group, query_side=True)
+    bk = feature_logits(beta, fk, num_kv_heads, group, query_side=False)[:, :, None]
     log_lln = torch.logsumexp(aq[..., :, None, :] + bk[..., None, :, :], dim=-1)
     log_sm = qg @ kk.transpose(-1, -2) * scale
     pos = torch.arange(seq_len, device=q.device)
     causal = pos[None] <= pos[:, None]
+    local = _local_of(local, combine)
     near = local.visible(pos[:, None], pos[None, :])
     w = per_head(mix, num_kv_heads, group, qg, query_side=True)
     ninf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
@@ -304,17 +335,21 @@ def naive_lln_diag_attention(
         y = w * y_lln + (1 - w) * y_loc
     else:
         _check_joint(local)
-        old = causal & ~near
+        far_sinks = local.far_sink_visible(pos[:, None], pos[None, :])
+        old = causal & ~near & ~far_sinks
         power = per_head(count_power, num_kv_heads, group, qg, query_side=True)
         n_old = old.sum(dim=-1, keepdim=True).clamp_min(1).to(dtype)  # per query
         log_weight = w - power * torch.log(n_old)
-        exact = near[None]
+        kept = torch.zeros_like(old)
         if sparse_size:
             scores = torch.zeros(q.shape[0], seq_len, dtype=dtype) if scores is None else scores
             kept = naive_sparse_mask(old, scores.to(dtype), sparse_size)  # [B, T, T]
-            exact, old = near | kept, old & ~kept
-            exact, old = exact[:, None, None], old[:, None, None]
-        logits = torch.where(exact, log_sm, torch.where(old, log_lln + log_weight, ninf))
+            old = old & ~kept
+        log_far = fq @ fk[:, :, None].transpose(-1, -2) * scale
+        log_sink = sq @ kk.transpose(-1, -2) * scale
+        logits = torch.where(old[..., None, None, :, :], log_lln + log_weight, ninf)
+        for mask, part in ((far_sinks, log_sink), (kept, log_far), (near, log_sm)):
+            logits = torch.where(mask[..., None, None, :, :], part, logits)
         y = torch.softmax(logits, dim=-1) @ vv
     return ungroup(y).to(q.dtype)
 
@@ -324,14 +359,25 @@ class _Prepared:
     """Validated inputs in the compute dtype, grouped and scaled once."""
 
     qg: Tensor  # [B, Hkv, G, T, D]
+    fq: Tensor  # the far tier's queries (sparse cache, LLN), grouped as qg
+    sq: Tensor  # the queries of the sinks past the window, grouped as qg
     k: Tensor
     v: Tensor
-    aq: Tensor  # alpha q (or q through the query feature map)
+    aq: Tensor  # alpha fq (or fq through the query feature map)
     beta: float | Tensor  # as given: per-head scale or key feature map
     weight: Tensor  # mix, [1, Hkv, G, 1]
     power: Tensor  # count_power, [1, Hkv, G, 1]
     state: LLNState
     scale: float
+    far: FarTier | None
+
+    def enter(self, k: Tensor) -> Tensor:
+        """Keys [B, Hkv, T, D] leaving the window, as the far tier keeps them: rotated, and
+        rounded to the exact pairs' storage, so that a key reads the same from the sparse cache
+        as on its way past it into the LLN state."""
+        if self.far is None:
+            return k
+        return round_to(self.far.enter(k).to(k.dtype), self.state.local.k.dtype)
 
     def key_logits(self, k: Tensor) -> Tensor:
         """beta k for keys [B, Hkv, T, D] (also keys read back from the window)."""
@@ -339,13 +385,17 @@ class _Prepared:
         return feature_logits(self.beta, k, num_kv_heads, group, query_side=False)
 
 
-def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power) -> _Prepared:
+def _prepare(
+    q, k, v, alpha, beta, mix, local, combine, state, scale, count_power, far=None
+) -> _Prepared:
     batch, num_kv_heads, group, _ = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     if combine not in ("average", "joint"):
         raise ValueError(f"combine must be 'average' or 'joint', got {combine!r}")
     if combine == "joint":
         _check_joint(local)
+    elif far is not None:
+        raise ValueError("a far tier is part of the joint normalisation (combine='joint')")
     if state is None:
         state = empty_lln_diag_state(
             batch, num_kv_heads, q.shape[-1], local, v_dim=v.shape[-1], dtype=dtype, device=q.device
@@ -355,16 +405,20 @@ def _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_powe
     if state.sparse is not None and combine != "joint":
         raise ValueError("a sparse cache joins the joint normalisation (combine='joint')")
     qg = group_queries(q, num_kv_heads, dtype)
+    fq = qg if far is None else group_queries(far.query, num_kv_heads, dtype)
     return _Prepared(
         qg=qg,
+        fq=fq,
+        sq=qg if far is None else group_queries(far.sink_query, num_kv_heads, dtype),
         k=k.to(dtype),
         v=v.to(dtype),
-        aq=feature_logits(alpha, qg, num_kv_heads, group, query_side=True),
+        aq=feature_logits(alpha, fq, num_kv_heads, group, query_side=True),
         beta=beta,
         weight=per_head(mix, num_kv_heads, group, qg, query_side=True)[..., 0],
         power=per_head(count_power, num_kv_heads, group, qg, query_side=True)[..., 0],
         state=state,
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+        far=far,
     )
 
 
@@ -384,15 +438,17 @@ def _forward(
     count_power: float | Tensor = 0.0,
     evict_score: Tensor | None = None,
     sparse_plan: SparsePlan | None = None,
+    far: FarTier | None = None,
 ) -> tuple[Tensor, LLNState]:
     """Chunked form over T tokens (prefill)."""
-    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power)
+    p = _prepare(q, k, v, alpha, beta, mix, local, combine, state, scale, count_power, far)
     batch, seq_len = q.shape[0], q.shape[2]
     valid = valid_tokens(lengths, batch, seq_len, q.device)
     tail = read_window_tail(p.state.local, p.state.num_tokens)  # keys n-W .. n-1, read once
     sparse = p.state.sparse
     if combine == "joint":
         old_k, old_v, old_valid = _delayed_keys(p.state, tail, p.k, p.v)
+        old_k = p.enter(old_k)
         if valid is not None:
             old_valid = old_valid & valid
         if sparse is not None:  # the cache takes the leaving keys and lets go of others
@@ -413,18 +469,39 @@ def _forward(
         scale=p.scale, valid=valid, tail=tail,
     )  # fmt: skip
     if combine == "joint":
+        positions = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
+        if local.num_sinks:
+            sinks = _far_sink_parts(p, cache, positions, local, valid)
+            num, den, log_scale = add_parts((num, den, log_scale), sinks)
         if sparse is not None:
             seen_k = gather_candidates(cand_k, sp.columns)
             seen_v = gather_candidates(cand_v, sp.columns)
-            exact = sparse_parts(p.qg, seen_k, seen_v, sp.visible, p.scale, plan=sp)
+            exact = sparse_parts(p.fq, seen_k, seen_v, sp.visible, p.scale, plan=sp)
             num, den, log_scale = add_parts((num, den, log_scale), exact)
-        positions = p.state.num_tokens[:, None] + torch.arange(seq_len, device=q.device)
         y = _joint(lln, num, den, log_scale, _log_weight(p, positions, local))
     else:
         w = p.weight[..., None]
         y = w * lln.normalised() + (1 - w) * num / den[..., None]
     added = count_tokens(valid, seq_len)
     return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, added, cache, sparse)
+
+
+def _far_sink_parts(
+    p: _Prepared, cache, positions: Tensor, local: LocalSpec, valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax parts of the sinks the window has passed, for queries at positions [B, T] (the
+    cache after the chunk holds every sink a query of it can see)."""
+    sinks = local.num_sinks
+    seen = local.far_sink_visible(positions[:, :, None], cache.pos[:, None, :sinks])
+    if valid is not None:
+        seen = seen & valid[:, :, None]
+    k, v = cache.k[:, :, :sinks].to(p.k.dtype), cache.v[:, :, :sinks].to(p.v.dtype)
+    return sparse_parts(p.sq, k, v, seen, p.scale)
+
+
+def _local_of(local: LocalSpec, combine: Combine) -> LocalSpec:
+    """Joint: sinks past the window belong to the far tier, not the local branch."""
+    return replace(local, far_sinks=True) if combine == "joint" else local
 
 
 def _log_weight(p: _Prepared, positions: Tensor, local: LocalSpec) -> Tensor:

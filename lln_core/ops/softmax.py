@@ -66,12 +66,15 @@ class LocalSpec:
     """Which keys the local softmax branch sees besides the query's own.
 
     kind: "window" (the last `size` tokens, the query included) or "block" (tokens of the
-    query's block of `size`); num_sinks: the first tokens, always visible.
+    query's block of `size`); num_sinks: the first tokens, always visible, unless far_sinks:
+    then a sink is part of the local branch only while it is near, and past that it belongs to
+    the far tier (`far_sink_visible`), which reads it at its own rotary distance.
     """
 
     kind: Literal["window", "block"] = "window"
     size: int = 64
     num_sinks: int = 0
+    far_sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("window", "block"):
@@ -89,7 +92,16 @@ class LocalSpec:
             near = torch.div(pos_k, self.size, rounding_mode="floor") == torch.div(
                 pos_q, self.size, rounding_mode="floor"
             )
-        return (pos_k >= 0) & (pos_k <= pos_q) & (near | (pos_k < self.num_sinks))
+        sink = pos_k < (0 if self.far_sinks else self.num_sinks)
+        return (pos_k >= 0) & (pos_k <= pos_q) & (near | sink)
+
+    def far_sink_visible(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """With far_sinks, the sinks the local branch leaves to the far tier (as `visible`)."""
+        if not self.far_sinks:
+            return torch.zeros(torch.broadcast_shapes(pos_q.shape, pos_k.shape), dtype=torch.bool,
+                               device=pos_k.device)  # fmt: skip
+        sink = (pos_k >= 0) & (pos_k < self.num_sinks) & (pos_k <= pos_q)
+        return sink & ~self.visible(pos_q, pos_k)
 
     def empty_cache(self, batch: int, num_kv_heads: int, head_dim: int, **kwargs) -> LocalKV:
         return LocalKV.empty(batch, num_kv_heads, head_dim, self.size, self.num_sinks, **kwargs)
@@ -365,8 +377,9 @@ class LocalStepPlan:
     write; bias: [B, 1, 1, L] 0 where the new query sees the slot, -inf elsewhere; evicted:
     [B, 1, 1, L] one-hot of the overwritten slot; evicted_bias: [B, 1, 1, 1] 0 if that slot held
     the key now leaving the sliding window (not a sink), else -inf; num_tokens: [B] after the step;
-    slot: [B] the written slot's index. in_place: the step writes the new key and value into the
-    given cache itself (the caller gives that cache up) instead of into a copy.
+    slot: [B] the written slot's index; sink_bias: [B, S] 0 where the far tier sees the sink
+    (`LocalSpec.far_sinks`), -inf elsewhere. in_place: the step writes the new key and value
+    into the given cache itself (the caller gives that cache up) instead of into a copy.
     """
 
     write: Tensor
@@ -376,12 +389,13 @@ class LocalStepPlan:
     evicted_bias: Tensor
     num_tokens: Tensor
     slot: Tensor
+    sink_bias: Tensor
     in_place: bool = False
 
     def flat(self) -> tuple[Tensor, ...]:
         """The tensors, in field order (`LocalStepPlan(*flat, in_place=...)` rebuilds it)."""
         return (self.write, self.pos, self.bias, self.evicted, self.evicted_bias, self.num_tokens,
-                self.slot)  # fmt: skip
+                self.slot, self.sink_bias)  # fmt: skip
 
 
 def local_step_plan(
@@ -395,6 +409,7 @@ def local_step_plan(
     left = num_tokens - ring
     evicted_valid = (cache.pos.gather(1, slot[:, None]) == left[:, None]) & (left >= sinks)[:, None]
     visible = spec.visible(num_tokens[:, None], pos)
+    far_sinks = spec.far_sink_visible(num_tokens[:, None], pos[:, :sinks])
     dtype = torch.promote_types(cache.k.dtype, torch.float32)  # the compute dtype
     return LocalStepPlan(
         write=is_slot[:, None, :, None],
@@ -404,6 +419,7 @@ def local_step_plan(
         evicted_bias=_log_mask(evicted_valid, dtype)[:, None, None],
         num_tokens=num_tokens + 1,
         slot=slot,
+        sink_bias=_log_mask(far_sinks, dtype),
         in_place=in_place,
     )
 

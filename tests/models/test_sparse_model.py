@@ -17,10 +17,14 @@ from tests.models.test_modeling import (
 
 SPARSE = dict(local_size=6, num_sinks=2, sparse_cache_size=3, sparse_span=1)
 KV_DTYPES = pytest.mark.parametrize("kv", ["auto", "bfloat16"])
+# far keys where they were written, or all at one distance (`lln_core/ops/far.py`)
+FAR = pytest.mark.parametrize("far", ["original", "fixed"])
+FIXED = dict(far_positions="fixed", far_distance=9, far_sink_distance=7)
 
 
-def sparse_model(dtype=torch.float64, **overrides):
-    return tiny_model("lln_diag", dtype=dtype, **{**SPARSE, **overrides})
+def sparse_model(dtype=torch.float64, far="original", **overrides):
+    far_config = FIXED if far == "fixed" else {}
+    return tiny_model("lln_diag", dtype=dtype, **{**SPARSE, **far_config, **overrides})
 
 
 def surprise(model, ids):
@@ -30,12 +34,13 @@ def surprise(model, ids):
     return torch.cat([torch.zeros(ids.shape[0], 1, dtype=nll.dtype), nll], dim=1)
 
 
+@FAR
 @KV_DTYPES
 @pytest.mark.parametrize("splits", [(1,), (4, 11), (13, 14, 30)])
-def test_full_equals_prefill_then_steps_float64(splits, kv):
+def test_full_equals_prefill_then_steps_float64(splits, kv, far):
     """Pieces and decode steps make the same cache decisions as one long forward (with
     bfloat16 storage too: keys and values are rounded once, where they are made)."""
-    model = sparse_model(kv_cache_dtype=kv)
+    model = sparse_model(kv_cache_dtype=kv, far=far)
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
@@ -61,17 +66,19 @@ def test_cache_holds_the_most_surprising_spans():
         assert sorted(layer_state.sparse.pos[0].tolist()) == sorted(best)
 
 
+@FAR
 @KV_DTYPES
-def test_batched_different_lengths_equal_each_alone(kv):
-    assert_batched_equals_alone(sparse_model(kv_cache_dtype=kv), tol=1e-10)
+def test_batched_different_lengths_equal_each_alone(kv, far):
+    assert_batched_equals_alone(sparse_model(kv_cache_dtype=kv, far=far), tol=1e-10)
 
 
+@FAR
 @KV_DTYPES
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_decode_paths_agree(compiled, kv):
+def test_decode_paths_agree(compiled, kv, far):
     """Compiled and in-place decode steps equal eager copying ones (float32)."""
-    eager = sparse_model(dtype=torch.float32, kv_cache_dtype=kv)
-    other = sparse_model(dtype=torch.float32, kv_cache_dtype=kv)
+    eager = sparse_model(dtype=torch.float32, kv_cache_dtype=kv, far=far)
+    other = sparse_model(dtype=torch.float32, kv_cache_dtype=kv, far=far)
     if compiled:
         assert other.compile_decode()
     # compiled float32 keys differ from eager ones in the last bits; stored in bfloat16, a key
@@ -92,16 +99,18 @@ def test_decode_paths_agree(compiled, kv):
             assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
 
 
+@FAR
 @KV_DTYPES
-def test_compiled_decode_attends_through_the_slot_kernel(kv):
+def test_compiled_decode_attends_through_the_slot_kernel(kv, far):
     """With head dims the AVX-512 kernel takes (16 here), a float32 compiled decode step reads
-    the window and the cache through `lln::slot_softmax` (two calls per layer, profiler) and
+    the window, the sinks past it and the cache through `lln::slot_softmax` (three calls per
+    layer, profiler) and
     follows the float64 model, which takes PyTorch's path, to float32 rounding (and bfloat16's,
     where the stored keys are rounded the same way in both). With bfloat16 slots, as the server
     runs it on a CPU, the step's host code is C++ (`cpp_wrapper`)."""
     if not slot_softmax.available():
         pytest.skip("the CPU has no AVX-512 (or no C++ compiler)")
-    wide = dict(hidden_size=64, kv_cache_dtype=kv)
+    wide = dict(hidden_size=64, kv_cache_dtype=kv, far=far)
     reference, model = sparse_model(**wide), sparse_model(dtype=torch.float32, **wide)
     model.load_state_dict(reference.state_dict())
     assert model.compile_decode(cpp_wrapper=kv == "bfloat16")
@@ -117,7 +126,7 @@ def test_compiled_decode_attends_through_the_slot_kernel(kv):
             assert (got.double() - want).abs().max() < 1e-4
             calls = {e.key: e.count for e in prof.key_averages()}
             if t > 16:  # the first steps also trace the op (and retrace it, dynamic)
-                assert calls.get("lln::slot_softmax") == 2 * model.config.num_hidden_layers
+                assert calls.get("lln::slot_softmax") == 3 * model.config.num_hidden_layers
 
 
 def test_compiled_plan_of_a_decode_step_equals_the_eager_plan():

@@ -5,7 +5,9 @@ question that asks for it, in held-out text, greedy; one needle or three per con
 
 Variants side by side in one run: the softmax teacher (full KV cache), the window alone (LLN
 removed), the default without the sparse cache (revision 6's kernel) and with it (and with
-its LLN part removed: what the LLN state costs or gives recall). Filler is
+its LLN part removed: what the LLN state costs or gives recall), revision 8 (far keys at the
+positions where they were written), and far-tier sweeps named `fixed-D` (every far key at
+rotary distance D), `fixed-D-sS` (the sinks at S), `...-nolln` (LLN part removed). Filler is
 The Debian Administrator's Handbook (never trained or calibrated on), taken at a different
 offset for every trial; statement and question wordings rotate. An answer counts when the first
 five-digit number the model writes is the code. Writes benchmarks/results/bench_recall.md.
@@ -88,15 +90,35 @@ def found(tokenizer, ids: list[int], code: int) -> bool:
 
 @torch.no_grad()
 def recall(model, tokenizer, filler, length: int, trials: int, needles: int, seed: int):
+    """(hits, questions, seconds spent prefilling the contexts)."""
     rng = random.Random(f"{seed}-{length}-{needles}")
     hits = total = 0
+    prefill = 0.0
     for _ in range(trials):
         context, questions = needle_prompt(tokenizer, filler, rng, length, needles)
+        began = time.perf_counter()
         _, states = model.forward_states(torch.tensor([context]), logits_to_keep=1)
+        prefill += time.perf_counter() - began
         for question, code in questions:
             hits += found(tokenizer, answer(model, states, question), code)
             total += 1
-    return hits, total
+    return hits, total, prefill
+
+
+def far_variant(key: str, sparse: dict) -> tuple[str, dict] | None:
+    """`fixed-D[-sS][-nolln]`: the default with every far key at rotary distance D (the sinks
+    at S), its LLN part removed with -nolln; None for other names."""
+    match = re.fullmatch(r"fixed-(\d+)(?:-s(\d+))?(-nolln)?", key)
+    if match is None:
+        return None
+    distance, sinks, no_lln = match.groups()
+    overrides = {**sparse, "far_positions": "fixed", "far_distance": int(distance),
+                 "far_sink_distance": int(sinks) if sinks else None}  # fmt: skip
+    name = f"far keys at distance {distance}" + (f", sinks at {sinks}" if sinks else "")
+    if no_lln:
+        overrides["mix"] = float("-inf")
+        name += ", LLN removed"
+    return name, overrides
 
 
 def state_bytes(model, length: int) -> int:
@@ -115,7 +137,8 @@ def main() -> None:
     parser.add_argument("--sparse-cache", type=int, default=SPARSE, help="G of the new variant")
     parser.add_argument("--kv-cache-dtype", default=KV_DTYPE, choices=["auto", "bfloat16"],
                         help="storage of the new variant's window and cache")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", default=["teacher", "window", "default", "sparse"])
+    parser.add_argument("--variants", nargs="+", default=["teacher", "rev8", "sparse"],
+                        help="names below, or fixed-D[-sS][-nolln]")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_recall.md"))
     args = parser.parse_args()
@@ -136,36 +159,48 @@ def main() -> None:
                             "weights, bfloat16 GEMMs", {**sparse, "bf16_gemms": True}),
         "sparse-no-lln": (f"window + sparse cache G={args.sparse_cache}{kv}, LLN removed",
                           {**sparse, "mix": float("-inf")}),
+        "rev8": ("revision 8 (far keys at their written positions)",
+                 {**sparse, "far_positions": "original"}),
     }  # fmt: skip
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     filler = tokenizer(handbook_text(), add_special_tokens=False).input_ids
-    rows = []
+    rows, speeds = [], []
     for key in args.variants:
-        name, overrides = variants[key]
+        name, overrides = far_variant(key, sparse) or variants[key]
         model = load_variant(path, overrides)
-        cells = []
+        cells, speed = [], []
         for length in args.lengths:
             began = time.perf_counter()
-            hits, total = recall(model, tokenizer, filler, length, args.trials, 1, args.seed)
+            hits, total, prefill = recall(model, tokenizer, filler, length, args.trials, 1,
+                                          args.seed)  # fmt: skip
             cells.append(f"{hits}/{total}")
-            print(f"{name} {length}: {hits}/{total} ({time.perf_counter() - began:.0f} s)",
-                  flush=True)  # fmt: skip
+            speed.append(f"{length * args.trials / prefill:.0f}")
+            print(f"{name} {length}: {hits}/{total} ({time.perf_counter() - began:.0f} s, "
+                  f"prefill {speed[-1]} tok/s)", flush=True)  # fmt: skip
         if args.three_needles:
-            hits, total = recall(model, tokenizer, filler, args.lengths[-1], args.three_needles,
-                                 3, args.seed)  # fmt: skip
+            hits, total, _ = recall(model, tokenizer, filler, args.lengths[-1],
+                                    args.three_needles, 3, args.seed)  # fmt: skip
             cells.append(f"{hits}/{total}")
             print(f"{name} 3 needles {args.lengths[-1]}: {hits}/{total}", flush=True)
         size = state_bytes(model, args.lengths[-1]) / 2**20
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {size:.2f} |")
+        speeds.append(f"| {name} | " + " | ".join(speed) + " |")
     header = [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in args.lengths]
+    lengths_header = list(header)
     if args.three_needles:
         header.append(f"3 needles at {header[-1]}")
     table = "\n".join([
         "| variant | " + " | ".join(header) + " | state MiB (KV cache at the longest) |",
         "|---|" + "---|" * (len(header) + 1),
         *rows,
+        "",
+        "Prefill tokens/s of the contexts (one sequence, float32, this run's machine):",
+        "",
+        "| variant | " + " | ".join(lengths_header) + " |",
+        "|---|" + "---|" * len(lengths_header),
+        *speeds,
     ])  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "benchmarks/bench_recall.py " + " ".join(

@@ -50,7 +50,7 @@ class ModelSpec:
 REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
         "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 912 exact pairs "
-        "chosen by surprise (keys/values in bfloat16), distilled",
+        "chosen by surprise (keys/values in bfloat16), far keys at rotary distance 1024, distilled",
         kernel="lln_diag",
         config={
             "local_kind": "window",
@@ -60,9 +60,11 @@ REGISTRY = {
             "sparse_cache_size": 912,
             "sparse_span": 8,
             "kv_cache_dtype": "bfloat16",
+            "far_positions": "fixed",
+            "far_distance": 1024,
         },
         params="smollm2-135m-lln.safetensors",
-        revision="8",
+        revision="9",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",

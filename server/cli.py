@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from models.configuration_lln import ATTENTION_KERNELS as KERNELS
-from models.configuration_lln import FEATURE_MAPS
+from models.configuration_lln import FAR_POSITIONS, FEATURE_MAPS
 from server.config import DTYPES, GEMM_DTYPES, EngineConfig
 
 
@@ -158,6 +158,15 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype", choices=("auto", "bfloat16"), default="auto",
         help="storage of the window's and sparse cache's keys/values (auto: the state's float32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--far-positions", choices=FAR_POSITIONS, default="fixed",
+        help="rotary positions of keys past the window (sinks, sparse cache, LLN): 'fixed' reads "
+        "them all at --far-distance (usable past the trained length), 'original' where written",
+    )  # fmt: skip
+    parser.add_argument(
+        "--far-distance", type=_non_negative_int, default=1024,
+        help="the rotary distance of far keys with --far-positions fixed",
+    )  # fmt: skip
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +220,8 @@ def run_convert(args: argparse.Namespace) -> int:
             num_sinks=args.num_sinks,
             combine=args.combine,
             kv_cache_dtype=args.kv_cache_dtype,
+            far_positions=args.far_positions,
+            far_distance=args.far_distance,
         )
         if args.sparse_cache:
             if args.combine != "joint" or args.local_kind != "window":

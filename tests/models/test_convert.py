@@ -150,6 +150,9 @@ def test_cli_convert_with_a_sparse_cache(llama_dir, tmp_path):
     assert model.config.sparse_cache_size == 24 and model.config.sparse_span == 2
     assert model.empty_states(1)[0].sparse.size == 24
     assert model.empty_states(1)[0].local.k.dtype == torch.bfloat16
+    # usable past the trained length at once: far keys at one rotary distance by default
+    assert model.config.far_positions == "fixed" and model.config.far_distance == 1024
+    assert model.config.uses_far_positions
     bad = run_cli("convert", str(path), str(tmp_path / "o"), "--sparse-cache", "8",
                   "--local-size", "4", "--sparse-span", "8")  # fmt: skip
     assert bad.returncode == 2 and "--sparse-span" in bad.stderr and "Traceback" not in bad.stderr
@@ -161,6 +164,8 @@ def test_cli_errors_are_messages_not_tracebacks(llama_dir, tmp_path):
         ("convert", str(path), str(tmp_path / "o"), "--calib-text", str(tmp_path / "missing.txt")),
         ("convert", str(tmp_path / "nowhere"), str(tmp_path / "o")),
         ("convert", str(path), str(tmp_path / "o"), "--kernel", "flash"),
+        ("convert", str(path), str(tmp_path / "o"), "--far-positions", "near"),
+        ("convert", str(path), str(tmp_path / "o"), "--far-distance", "-1"),
         ("generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "0"),
     ]
     for args in cases:

@@ -182,10 +182,11 @@ def test_bfloat16_storage_halves_the_exact_pairs_and_stays_close():
 
 
 def test_save_and_load_keeps_the_cache_config(tmp_path):
-    model = sparse_model(dtype=torch.float32)
+    model = sparse_model(dtype=torch.float32, far="fixed")
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert loaded.config.sparse_cache_size == 3 and loaded.config.sparse_span == 1
+    assert loaded.config.far_positions == "fixed" and loaded.config.far_distance == 9
     ids = torch.randint(0, 64, (1, 25), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, loaded(ids).logits)
@@ -202,6 +203,14 @@ def test_config_rejects_bad_sparse_settings():
         LLNConfig(sparse_cache_size=-1)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLNConfig(kv_cache_dtype="float16")
+    with pytest.raises(ValueError, match="far_positions"):
+        LLNConfig(far_positions="near")
+    with pytest.raises(ValueError, match="far_distance"):
+        LLNConfig(far_distance=-1)
+    # fixed far positions are part of the joint normalisation only
+    assert not LLNConfig(
+        combine="average", local_kind="block", far_positions="fixed"
+    ).uses_far_positions
     # the teacher run on a sparse checkpoint's weights ignores the setting
     assert not LLNConfig(attention_kernel="softmax", sparse_cache_size=4).uses_sparse_cache
 

@@ -46,7 +46,8 @@ KV_DTYPE = REGISTRY[DEFAULT_MODEL].config.get("kv_cache_dtype", "auto")
 
 
 def needle_prompt(tokenizer, filler: list[int], rng: random.Random, length: int, needles: int):
-    """Token ids of one context with `needles` facts and, per fact, (question ids, code)."""
+    """Token ids of one context with `needles` facts, per fact (question ids, code), and the
+    positions of the statements' tokens."""
     facts = []
     for i, subject in enumerate(rng.sample(SUBJECTS, needles)):
         statement, question = WORDINGS[(rng.randrange(len(WORDINGS)) + i) % len(WORDINGS)]
@@ -62,12 +63,14 @@ def needle_prompt(tokenizer, filler: list[int], rng: random.Random, length: int,
     body = filler[start : start + body_len]
     latest = body_len - MIN_DISTANCE
     depths = sorted(rng.randrange(0, latest) for _ in facts)
-    ids, last = [], 0
+    ids, last, needle_positions = [], 0, []
     for depth, (statement, _, _) in zip(depths, facts, strict=True):
-        ids += body[last:depth] + statement
+        ids += body[last:depth]
+        needle_positions += range(len(ids), len(ids) + len(statement))
+        ids += statement
         last = depth
     ids += body[last:]
-    return ids, [(question, code) for _, question, code in facts]
+    return ids, [(question, code) for _, question, code in facts], needle_positions
 
 
 @torch.no_grad()
@@ -90,19 +93,37 @@ def found(tokenizer, ids: list[int], code: int) -> bool:
 
 @torch.no_grad()
 def recall(model, tokenizer, filler, length: int, trials: int, needles: int, seed: int):
-    """(hits, questions, seconds spent prefilling the contexts)."""
+    """(hits, questions, seconds spent prefilling the contexts, the fraction of the
+    statements' tokens in the sparse cache or the window when the questions come: None
+    without a sparse cache)."""
     rng = random.Random(f"{seed}-{length}-{needles}")
-    hits = total = 0
+    hits = total = kept = needle_tokens = 0
     prefill = 0.0
     for _ in range(trials):
-        context, questions = needle_prompt(tokenizer, filler, rng, length, needles)
+        context, questions, needle_positions = needle_prompt(
+            tokenizer, filler, rng, length, needles
+        )
         began = time.perf_counter()
         _, states = model.forward_states(torch.tensor([context]), logits_to_keep=1)
         prefill += time.perf_counter() - began
+        kept += held_exactly(states, needle_positions, len(context))
+        needle_tokens += len(needle_positions)
         for question, code in questions:
             hits += found(tokenizer, answer(model, states, question), code)
             total += 1
-    return hits, total, prefill
+    share = kept / needle_tokens if getattr(states[0], "sparse", None) else None
+    return hits, total, prefill, share
+
+
+def held_exactly(states, positions: list[int], length: int) -> int:
+    """How many of `positions` the sparse cache or the window holds exactly after `length`
+    tokens (0 for a model without a sparse cache)."""
+    sparse = getattr(states[0], "sparse", None)
+    if sparse is None:
+        return 0
+    window = states[0].local.ring_size
+    cached = set(sparse.pos[0].tolist())
+    return sum(p in cached or p >= length - window for p in positions)
 
 
 def far_variant(key: str, sparse: dict) -> tuple[str, dict] | None:
@@ -173,15 +194,16 @@ def main() -> None:
         cells, speed = [], []
         for length in args.lengths:
             began = time.perf_counter()
-            hits, total, prefill = recall(model, tokenizer, filler, length, args.trials, 1,
-                                          args.seed)  # fmt: skip
-            cells.append(f"{hits}/{total}")
+            hits, total, prefill, share = recall(model, tokenizer, filler, length, args.trials,
+                                                 1, args.seed)  # fmt: skip
+            held = "" if share is None else f" ({share:.0%} held)"
+            cells.append(f"{hits}/{total}{held}")
             speed.append(f"{length * args.trials / prefill:.0f}")
-            print(f"{name} {length}: {hits}/{total} ({time.perf_counter() - began:.0f} s, "
+            print(f"{name} {length}: {cells[-1]} ({time.perf_counter() - began:.0f} s, "
                   f"prefill {speed[-1]} tok/s)", flush=True)  # fmt: skip
         if args.three_needles:
-            hits, total, _ = recall(model, tokenizer, filler, args.lengths[-1],
-                                    args.three_needles, 3, args.seed)  # fmt: skip
+            hits, total, _, _ = recall(model, tokenizer, filler, args.lengths[-1],
+                                       args.three_needles, 3, args.seed)  # fmt: skip
             cells.append(f"{hits}/{total}")
             print(f"{name} 3 needles {args.lengths[-1]}: {hits}/{total}", flush=True)
         size = state_bytes(model, args.lengths[-1]) / 2**20
@@ -195,6 +217,9 @@ def main() -> None:
         "| variant | " + " | ".join(header) + " | state MiB (KV cache at the longest) |",
         "|---|" + "---|" * (len(header) + 1),
         *rows,
+        "",
+        "(N% held: the share of the statements' tokens in the sparse cache or the window when "
+        "the question comes.)",
         "",
         "Prefill tokens/s of the contexts (one sequence, float32, this run's machine):",
         "",

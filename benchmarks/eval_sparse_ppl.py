@@ -2,13 +2,18 @@
 of GPL-3 next to the softmax teacher and to revision 6 (the same model without the cache), and
 by position bucket past the window on the 12 held-out test windows of eval_stage2_runs.py
 (NLLs cached there) against revision 6 and the window alone, with 95% paired bootstrap
-intervals over windows. Writes benchmarks/results/eval_sparse_ppl.md.
+intervals over windows. Writes benchmarks/results/eval_sparse_ppl.md. With --gpl3-only
+--variants NAME ...: only the GPL-3 table, for those variants (e.g. the shipped default and
+revision 8, whose far keys keep the positions where they were written).
 
     .venv/bin/python benchmarks/eval_sparse_ppl.py
+    .venv/bin/python benchmarks/eval_sparse_ppl.py --gpl3-only --variants default rev8 \
+        --out benchmarks/results/eval_far_ppl.md
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -33,6 +38,10 @@ VARIANTS = {
     REVISION_6: dict(NO_SPARSE),
     SHIPPED: dict(),
 }
+REVISION_8 = "revision 8 (far keys at their written positions)"
+CHOICES = {"teacher": "softmax teacher", "rev6": REVISION_6, "default": SHIPPED,
+           "rev8": REVISION_8}  # fmt: skip
+EXTRA = {REVISION_8: dict(far_positions="original")}
 HELDOUT = {  # eval_stage2_runs' parameter specs: None = window alone
     "window alone (LLN removed)": None,
     REVISION_6: RUNS / "B.safetensors",
@@ -40,19 +49,20 @@ HELDOUT = {  # eval_stage2_runs' parameter specs: None = window alone
 }
 
 
-def gpl3_rows(path: Path, tokenizer) -> list[str]:
+def gpl3_rows(path: Path, tokenizer, names: list[str] | None = None) -> list[str]:
     ids = torch.tensor(tokenizer(evaluation_text())["input_ids"])
+    variants = {**VARIANTS, **EXTRA}
     rows = {}
-    for name, overrides in VARIANTS.items():
-        model = load_variant(path, overrides)
+    for name in names or VARIANTS:
+        model = load_variant(path, variants[name])
         rows[name] = [perplexity(model, ids, window=n) for n in (1024, 4096)]
         print(name, rows[name], flush=True)
-    teacher = rows["softmax teacher"]
-    lines = ["| variant | ppl 1K | ppl 4K | x teacher 1K | x teacher 4K |", "|---|---|---|---|---|"]
+    base_name = "softmax teacher" if "softmax teacher" in rows else next(iter(rows))
+    base = rows[base_name]
+    lines = [f"| variant | ppl 1K | ppl 4K | x {base_name} 1K | x {base_name} 4K |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for name, (p1, p4) in rows.items():
-        lines.append(
-            f"| {name} | {p1:.2f} | {p4:.2f} | {p1 / teacher[0]:.3f} | {p4 / teacher[1]:.3f} |"
-        )
+        lines.append(f"| {name} | {p1:.2f} | {p4:.2f} | {p1 / base[0]:.4f} | {p4 / base[1]:.4f} |")
     return lines
 
 
@@ -77,9 +87,24 @@ def heldout_rows(path: Path, tokenizer) -> list[str]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpl3-only", action="store_true")
+    parser.add_argument("--variants", nargs="+", choices=CHOICES, help="with --gpl3-only")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval_sparse_ppl.md"))
+    args = parser.parse_args()
     torch.set_grad_enabled(False)
     path = resolve(DEFAULT_MODEL)
     _, tokenizer = load_model(DEFAULT_MODEL, progress=False)
+    if args.gpl3_only:
+        names = [CHOICES[v] for v in args.variants or CHOICES]
+        command = "benchmarks/eval_sparse_ppl.py --gpl3-only --variants " + " ".join(
+            args.variants or CHOICES
+        )
+        lines = ["# Perplexity, GPL-3 windows of 1K and 4K tokens", "", f"`{command}`", "",
+                 *gpl3_rows(path, tokenizer, names)]  # fmt: skip
+        args.out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     lines = [
         "# The sparse cache's perplexity cost", "",
         "`.venv/bin/python benchmarks/eval_sparse_ppl.py`", "",
@@ -87,8 +112,7 @@ def main() -> None:
         "Held-out test windows (12 x 4,096 tokens), perplexity by position bucket:", "",
         *heldout_rows(path, tokenizer),
     ]  # fmt: skip
-    out = Path("benchmarks/results/eval_sparse_ppl.md")
-    out.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

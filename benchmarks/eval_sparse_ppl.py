@@ -39,9 +39,21 @@ VARIANTS = {
     SHIPPED: dict(),
 }
 REVISION_8 = "revision 8 (far keys at their written positions)"
-CHOICES = {"teacher": "softmax teacher", "rev6": REVISION_6, "default": SHIPPED,
-           "rev8": REVISION_8}  # fmt: skip
-EXTRA = {REVISION_8: dict(far_positions="original")}
+CONVERTED = "converted, no training (calibrated LLN)"
+CONVERTED_NO_LLN = "converted, no training, LLN part off"
+CHOICES = {
+    "teacher": "softmax teacher",
+    "rev6": REVISION_6,
+    "default": SHIPPED,
+    "rev8": REVISION_8,
+    "converted": CONVERTED,
+    "converted-nolln": CONVERTED_NO_LLN,
+}
+EXTRA = {
+    REVISION_8: dict(far_positions="original"),
+    CONVERTED: dict(calibrated=True),
+    CONVERTED_NO_LLN: dict(calibrated=True, mix=float("-inf")),
+}
 HELDOUT = {  # eval_stage2_runs' parameter specs: None = window alone
     "window alone (LLN removed)": None,
     REVISION_6: RUNS / "B.safetensors",

@@ -1,5 +1,6 @@
 """The HTTP API on a tiny random model: OpenAI shapes, streaming, errors, auth, metrics."""
 
+import contextlib
 import json
 
 import pytest
@@ -31,12 +32,21 @@ def model():
 @pytest.fixture
 def server(model, tokenizer):
     engine = make_engine(model, tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
+    with serving(engine) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(engine):
+    """(a test client of the app over `engine`, its ServerState); the engine stops after."""
     state = ServerState(model_names=[MODEL], api_key=None, max_body_bytes=4096)
     state.metrics = Metrics(engine, MODEL)
     state.engine = AsyncEngine(engine).start()
-    with TestClient(build_app(state)) as client:
-        yield client, state
-    state.engine.shutdown()
+    try:
+        with TestClient(build_app(state)) as client:
+            yield client, state
+    finally:
+        state.engine.shutdown()
 
 
 def complete(client, **fields):

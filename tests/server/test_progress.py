@@ -7,14 +7,10 @@ import io
 
 import openai
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import server.cli as cli
-from server.api import ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.metrics import Metrics
-from tests.server.test_api import MODEL, events, model, tokenizer  # noqa: F401 (fixtures)
+from tests.server.test_api import MODEL, events, model, serving, tokenizer  # noqa: F401 (fixtures)
 from tests.server.test_engine import greedy, make_engine
 from tests.server.test_playground_browser import tiny_checkpoint
 
@@ -86,12 +82,8 @@ def server(model, tokenizer):  # noqa: F811
     """test_api's server without a prefix cache: the same prompt again is prefilled again."""
     engine = make_engine(model, tokenizer, max_num_seqs=4, max_num_batched_tokens=16,
                          prefix_cache_bytes=0)  # fmt: skip
-    state = ServerState(model_names=[MODEL], api_key=None, max_body_bytes=4096)
-    state.metrics = Metrics(engine, MODEL)
-    state.engine = AsyncEngine(engine).start()
-    with TestClient(build_app(state)) as client:
-        yield client, state
-    state.engine.shutdown()
+    with serving(engine) as running:
+        yield running
 
 
 def stream(client, path: str, **fields) -> list[dict]:

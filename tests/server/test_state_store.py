@@ -72,6 +72,16 @@ def test_a_state_of_another_model_revision_or_shape_is_refused(model, template, 
     assert bigger_tag.config_hash != tag.config_hash
     with pytest.raises(SessionError, match="state shape"):
         decode(blob, bigger_tag, bigger.empty_states(1), "s")
+    # the same shapes with far keys read at another rotary distance: the state means another
+    # thing (the sparse cache holds keys re-rotated to position 0), so it is refused too
+    fixed = tiny_model("lln_diag", dtype=torch.float32, vocab_size=29, local_size=4, num_sinks=1,
+                       sparse_cache_size=3, sparse_span=1, kv_cache_dtype="bfloat16",
+                       far_positions="fixed")  # fmt: skip
+    fixed.load_state_dict(model.state_dict())
+    fixed_tag = state_tag(fixed, "tiny", fixed.empty_states(1))
+    assert fixed_tag.config_hash != tag.config_hash and fixed_tag.weights == tag.weights
+    with pytest.raises(SessionError, match="state shape"):
+        decode(blob, fixed_tag, fixed.empty_states(1), "s")
 
 
 def test_a_corrupt_state_is_refused_never_loaded(model, template, tag):

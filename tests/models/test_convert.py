@@ -153,6 +153,11 @@ def test_cli_convert_with_a_sparse_cache(llama_dir, tmp_path):
     # usable past the trained length at once: far keys at one rotary distance by default
     assert model.config.far_positions == "fixed" and model.config.far_distance == 1024
     assert model.config.uses_far_positions
+    # the LLN part starts off (it swamps the window until distilled); outputs stay finite
+    assert all(bool(torch.isneginf(layer.self_attn.mix).all()) for layer in model.model.layers)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 29, (1, 60), generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(logits.logits).all()
     bad = run_cli("convert", str(path), str(tmp_path / "o"), "--sparse-cache", "8",
                   "--local-size", "4", "--sparse-span", "8")  # fmt: skip
     assert bad.returncode == 2 and "--sparse-span" in bad.stderr and "Traceback" not in bad.stderr

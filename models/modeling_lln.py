@@ -200,13 +200,11 @@ class LLNAttention(nn.Module):
                 q, k, v, alpha, beta, state=state, chunk_size=chunk, lengths=lengths
             )
         if self.kernel == "lln_diag":
-            kwargs = dict(local=self.local, combine=self.config.combine)
+            kwargs = dict(local=self.local, combine=self.config.combine, far=far)
             if hasattr(self, "count_power"):
                 kwargs["count_power"] = self.count_power
             if self.config.uses_sparse_cache:
                 kwargs["sparse_plan"] = sparse_plan
-            if far is not None:
-                kwargs["far"] = far
             if decode:
                 return lln_diag_step(q, k, v, alpha, beta, self.mix, state, plan=plan, **kwargs)
             return lln_diag_attention(

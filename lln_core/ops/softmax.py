@@ -96,10 +96,8 @@ class LocalSpec:
         return (pos_k >= 0) & (pos_k <= pos_q) & (near | sink)
 
     def far_sink_visible(self, pos_q: Tensor, pos_k: Tensor) -> Tensor:
-        """With far_sinks, the sinks the local branch leaves to the far tier (as `visible`)."""
-        if not self.far_sinks:
-            return torch.zeros(torch.broadcast_shapes(pos_q.shape, pos_k.shape), dtype=torch.bool,
-                               device=pos_k.device)  # fmt: skip
+        """The sinks the local branch leaves to the far tier (as `visible`; none unless
+        far_sinks)."""
         sink = (pos_k >= 0) & (pos_k < self.num_sinks) & (pos_k <= pos_q)
         return sink & ~self.visible(pos_q, pos_k)
 

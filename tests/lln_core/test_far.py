@@ -2,8 +2,6 @@
 anywhere + decode steps == the naive form with the far tier's queries and keys, with sinks, a
 sparse cache, GQA, padding and bfloat16 storage."""
 
-import math
-
 import pytest
 import torch
 
@@ -184,7 +182,6 @@ def test_rotary_angles_exact_at_any_position(gen, position):
     float32_error = (logits(position, torch.float32) - at_zero).abs().max() / scale
     assert exact_error < 1e-5
     assert float32_error > 100 * exact_error
-    assert math.isfinite(float32_error)
 
 
 def test_padded_batch_rows_at_different_positions(gen):

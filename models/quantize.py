@@ -10,8 +10,10 @@ weights, in tile layout); else PyTorch's `_weight_int8pack_mm` (bfloat16 activat
 For more rows (prefill) they fall behind the bfloat16 GEMM of oneDNN (AMX where the CPU has it),
 so each layer also keeps its dequantized weights in bfloat16 (as `weight`) and picks the kernel
 by the number of rows. All paths compute with the same int8 weights; outputs come back in the
-input's dtype. A row's output does not depend on the other rows of its kernel's call, but the
-VNNI and AMX kernels sum their groups in different orders (float32 rounding apart). Norms, LLN
+input's dtype. A row's output does not depend on the other rows of its kernel's call, and the
+VNNI and AMX kernels give the same bits (one order of the group sums), but PyTorch's int8
+kernel and the bfloat16 GEMM compute differently: `set_batch_invariant` sends decode rows
+through one arithmetic whatever their number (the engine's `--deterministic`). Norms, LLN
 features, window keys/values and states stay float32. Measured on a 2-core AVX-512 CPU over the
 default model's 211 layers (`benchmarks/bench_int8_kernels.py`): VNNI 7.9 / 9.9 / 10.9 / 26.2 ms
 at 1 / 4 / 5 / 16 rows, AMX 9.0 / 10.1 / 10.5 / 14.3, the bfloat16 GEMM 29-32 ms (ahead of VNNI
@@ -40,6 +42,10 @@ MIN_AMX_ROWS = 5
 # float32 models: rows from which matmuls run in bfloat16 (Bf16GemmLinear): prefill chunks, not
 # decode batches, so that a sequence's decode is float32 whatever the batch
 MIN_BF16_ROWS = 64
+# PyTorch's float32 GEMM (MKL) sums a row in one order at 1 row (a GEMV), another at 2-3 rows
+# and a third from 4 rows on, measured on the CI CPU (AVX2) for the default model's shapes: a
+# batch-invariant float32 layer pads calls of fewer rows to this many
+MIN_INVARIANT_ROWS = 4
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,19 +81,36 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", (q.to(torch.float32) * scale[:, None].float()).bfloat16())
         bias = None if linear.bias is None else linear.bias.detach().to(torch.float32)
         self.register_buffer("bias", bias)
+        self.batch_invariant = False  # `set_batch_invariant`
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
-        if MIN_AMX_ROWS <= rows.shape[0] <= MAX_VNNI_ROWS and self.amx and rows.is_cpu:
-            y = torch.ops.lln.int8_gemm_amx(rows, self.weight_amx, self.scale_f32)
-        elif rows.shape[0] <= MAX_VNNI_ROWS and self.vnni and rows.is_cpu:
-            y = torch.ops.lln.int8_gemv(rows, self.weight_int8, self.scale_f32)
-        elif rows.shape[0] <= MAX_GEMV_ROWS:
-            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scale)
+        if self.batch_invariant and is_decode_input(x):
+            y = self._decode_rows(rows)
         else:
-            y = rows.to(torch.bfloat16) @ self.weight.T
+            y = self._rows(rows)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _rows(self, rows: Tensor) -> Tensor:
+        """The fastest kernel for this many rows."""
+        if MIN_AMX_ROWS <= rows.shape[0] <= MAX_VNNI_ROWS and self.amx and rows.is_cpu:
+            return torch.ops.lln.int8_gemm_amx(rows, self.weight_amx, self.scale_f32)
+        if rows.shape[0] <= MAX_VNNI_ROWS and self.vnni and rows.is_cpu:
+            return torch.ops.lln.int8_gemv(rows, self.weight_int8, self.scale_f32)
+        if rows.shape[0] <= MAX_GEMV_ROWS:
+            return torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scale)
+        return rows.to(torch.bfloat16) @ self.weight.T
+
+    def _decode_rows(self, rows: Tensor) -> Tensor:
+        """One decode token per row, each row the same bits whatever their number: lln-serve's
+        kernels at any count (VNNI and AMX agree bitwise), else PyTorch's int8 kernel at any
+        count (where the bfloat16 GEMM would take over from 5 rows with other roundings)."""
+        if self.vnni and rows.is_cpu:
+            if self.amx and rows.shape[0] >= MIN_AMX_ROWS:
+                return torch.ops.lln.int8_gemm_amx(rows, self.weight_amx, self.scale_f32)
+            return torch.ops.lln.int8_gemv(rows, self.weight_int8, self.scale_f32)
+        return torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scale)
 
     def extra_repr(self) -> str:
         kernel = "VNNI GEMV" if self.vnni else "int8pack GEMV"
@@ -146,11 +169,12 @@ class Bf16GemmLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.register_buffer("weight_bf16", linear.weight.detach().bfloat16(), persistent=False)
+        self.batch_invariant = False  # `set_batch_invariant`
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._bf16_gemm(x)
         if y is None:
-            return F.linear(x, self.weight, self.bias)
+            return float_linear(x, self.weight, self.bias, self.batch_invariant)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -168,11 +192,64 @@ class Bf16GemmLinear(nn.Module):
         training = torch.is_grad_enabled() and self.weight.requires_grad
         if rows.shape[0] < MIN_BF16_ROWS or training or torch.compiler.is_compiling():
             return None
+        if self.batch_invariant and is_decode_input(x):  # float32 at any decode batch
+            return None
         y = F.linear(rows.to(torch.bfloat16), self.weight_bf16)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 GEMM"
+
+
+class PaddedLinear(nn.Module):
+    """A float nn.Linear (the same Parameters, so a tied embedding stays tied) whose calls of
+    fewer than MIN_INVARIANT_ROWS rows are padded to that many: each row then gets the bits it
+    gets in any larger call (`set_batch_invariant`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.batch_invariant = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return float_linear(x, self.weight, self.bias, self.batch_invariant)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, padded rows"
+
+
+def is_decode_input(x: Tensor) -> bool:
+    """x [B, 1, K]: one token of each of B sequences (a decode step). A batch-invariant engine
+    runs every prefill chunk in a forward of its own ([1, T, K]), so only a decode step's row
+    count depends on the other requests."""
+    return x.dim() == 3 and x.shape[1] == 1
+
+
+def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pad: bool) -> Tensor:
+    """F.linear; pad: calls of fewer than MIN_INVARIANT_ROWS rows computed with zero rows
+    added, so that a row's bits do not depend on how many rows came with it."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not pad or rows.shape[0] >= MIN_INVARIANT_ROWS:
+        return F.linear(x, weight, bias)
+    padded = F.pad(rows, (0, 0, 0, MIN_INVARIANT_ROWS - rows.shape[0]))
+    y = F.linear(padded, weight, bias)[: rows.shape[0]]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def set_batch_invariant(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every linear layer of `model` give a row the same bits whatever the other rows of
+    its call (enabled) or pick the fastest kernel by row count (not): int8 decode rows through
+    one kernel, float32 calls padded to MIN_INVARIANT_ROWS rows (plain float32 nn.Linear layers
+    become PaddedLinear). In place; call before compiling the decode step (its graphs do not
+    re-check the layers). Returns the model."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (Int8Linear, Bf16GemmLinear, PaddedLinear)):
+                child.batch_invariant = enabled
+            elif enabled and type(child) is nn.Linear and child.weight.dtype == torch.float32:
+                setattr(parent, name, PaddedLinear(child))
+    return model
 
 
 def use_bf16_gemms(model: nn.Module) -> nn.Module:

@@ -57,6 +57,13 @@ SERVE_OPTIONS = [
     ("--session-ttl", float, 3600.0, "seconds an idle session is kept"),
     ("--compile", int, 1, "compile decode steps (1) or run them eagerly (0)"),
     ("--enforce-eager", bool, False, "CUDA: run decode steps eagerly, without CUDA graphs"),
+    (
+        "--deterministic",
+        bool,
+        True,
+        "a request's tokens do not depend on the other requests: prompts split and prefilled "
+        "on their own, decode rows through one arithmetic at any batch size",
+    ),
     ("--max-model-len", int, 1 << 20, "most tokens of prompt + generation per sequence"),
     ("--default-max-tokens", int, 4096, "generation bound of requests without max_tokens"),
     (
@@ -446,6 +453,7 @@ def run_serve(args: argparse.Namespace) -> int:
             session_ttl_s=float(args.session_ttl),
             compile_decode=bool(int(args.compile)),
             enforce_eager=bool(args.enforce_eager),
+            deterministic=bool(args.deterministic),
             max_model_len=int(args.max_model_len),
             default_max_tokens=int(args.default_max_tokens),
             state_store=args.state_store,

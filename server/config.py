@@ -39,6 +39,10 @@ class EngineConfig:
     share_prefix_states: with Redis, prefix-cache states are shared by every replica too.
     session_lock_ttl_s: a session in use is locked in Redis for this long, refreshed while its
     request runs (a crashed replica's lock frees itself after it).
+    deterministic: a request's tokens do not depend on the other requests in the engine: its
+    prefill chunks are split by its own prompt alone and run in forwards of their own, and
+    every decode row takes one arithmetic whatever the batch (`models.quantize.
+    set_batch_invariant`). Off: the fastest kernel per row count and prompts packed together.
     """
 
     model: str = "smollm2-135m-lln"
@@ -60,6 +64,7 @@ class EngineConfig:
     state_store: str | None = None
     share_prefix_states: bool = False
     session_lock_ttl_s: float = 30.0
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         ints = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size",

@@ -31,11 +31,21 @@ class RunnerOutput:
 
 class ModelRunner:
     """use_graphs: decode batches replay CUDA graphs (`StaticDecoder`); else the same static
-    step runs eagerly."""
+    step runs eagerly. chunk_alone: each prefill chunk runs in a forward of its own, so that
+    its matmuls see the same rows whatever else the step prefills (GEMM libraries pick their
+    blocking, and so their sums' order, by the row count)."""
 
-    def __init__(self, model: LLNForCausalLM, pool: StatePool, *, use_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        model: LLNForCausalLM,
+        pool: StatePool,
+        *,
+        use_graphs: bool = False,
+        chunk_alone: bool = False,
+    ) -> None:
         self.model = model
         self.pool = pool
+        self.chunk_alone = chunk_alone
         self.device = model.lm_head.weight.device
         self.decoder = StaticDecoder(model, pool, pool.num_slots, use_graphs=use_graphs)
 
@@ -46,9 +56,13 @@ class ModelRunner:
             rows.append(self._decode(batch))
         prompt_logits: dict[str, Tensor] = {}
         if batch.prefills:
-            last, prompt_logits = self._prefill(batch.prefills)
-            finishing = [i for i, c in enumerate(batch.prefills) if c.is_last]
-            rows.append(last[finishing])
+            groups = [[c] for c in batch.prefills] if self.chunk_alone else [batch.prefills]
+            for chunks in groups:
+                last, logits = self._prefill(chunks)
+                prompt_logits.update(logits)
+                finishing = [i for i, c in enumerate(chunks) if c.is_last]
+                if finishing:
+                    rows.append(last[finishing])
         vocab = self.model.config.vocab_size
         if not rows:
             logits = torch.empty(0, vocab, device=self.device)

@@ -67,6 +67,10 @@ class Scheduler:
     place to restore a prefix-cache snapshot and advance num_computed_tokens (it must leave at
     least one prompt token to compute, since the first output token needs the prompt's last
     logits). prefill_chunk_size, if set, caps a chunk and aligns chunk ends to its multiples.
+    whole_chunks: a chunk that does not fit in what is left of the step's token budget waits
+    for a later step instead of being cut to fit, so that where a prompt is split depends on
+    the prompt alone, not on the other requests (a chunk longer than a step can ever hold is
+    cut at `max_chunk`, which depends on the limits alone).
     """
 
     def __init__(
@@ -78,12 +82,14 @@ class Scheduler:
         free_slot: Callable[[int], None],
         prefill_chunk_size: int | None = None,
         on_admit: Callable[[Request], None] | None = None,
+        whole_chunks: bool = False,
     ) -> None:
         _check_limits(max_num_seqs, max_num_batched_tokens, max_waiting, prefill_chunk_size)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.prefill_chunk_size = prefill_chunk_size
+        self.whole_chunks = whole_chunks
         self._allocate_slot = allocate_slot
         self._free_slot = free_slot
         self._on_admit = on_admit
@@ -193,11 +199,22 @@ class Scheduler:
             )
         return request
 
+    @property
+    def max_chunk(self) -> int:
+        """The budget a prefilling request always finds when it is first in line: every other
+        slot decoding."""
+        return self.max_num_batched_tokens - (self.max_num_seqs - 1)
+
     def _add_chunk(self, batch: ScheduledBatch, request: Request, budget: int) -> int:
         start = request.num_computed_tokens
-        num_tokens = min(request.num_prefill_tokens_left, budget)
+        num_tokens = request.num_prefill_tokens_left
         if self.prefill_chunk_size is not None:
             num_tokens = min(num_tokens, self.prefill_chunk_size - start % self.prefill_chunk_size)
+        if self.whole_chunks:
+            num_tokens = min(num_tokens, self.max_chunk)
+            if num_tokens > budget:
+                return 0
+        num_tokens = min(num_tokens, budget)
         if num_tokens <= 0:
             return 0
         is_last = start + num_tokens == request.num_prompt_tokens

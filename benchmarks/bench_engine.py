@@ -21,7 +21,8 @@ time), and the peer: the same weights as a softmax Llama in transformers with it
 cache (`softmax_peer.py`). `--quick` shrinks every size (a CPU smoke run).
 
 `--dtypes float32 int8` measures instead decode tokens/s at 1 and 16 sequences for each weight
-dtype (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md.
+dtype (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md; `int8+fast` the same without
+`--deterministic` (its cost: `--dtypes int8 int8+fast float32 float32+fast`).
 
 `--guided` measures instead what structured outputs cost per decode step (the llguidance mask
 and token bookkeeping), 1 and 16 sequences under a JSON schema next to the same number
@@ -399,11 +400,14 @@ DTYPE_ROUNDS = 5
 def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
     """Decode tokens/s at 1 and 16 sequences for each weight dtype, engines one after another
     in one process (issue 19: 16 sequences >= 6x one): bench_engine_dtypes.md. An entry
-    DTYPE:GEMM also sets `--gemm-dtype` (float32 weights: float32:float32, float32:bfloat16)."""
+    DTYPE:GEMM also sets `--gemm-dtype` (float32 weights: float32:float32, float32:bfloat16);
+    a suffix +fast runs it with `--no-deterministic` (the fastest kernel per batch size)."""
     rows = []
     for entry in dtypes:
-        dtype, _, gemm = entry.partition(":")
-        engine = make_engine(16, device, dtype=dtype, gemm_dtype=gemm or "auto")
+        spec = entry.removesuffix("+fast")
+        dtype, _, gemm = spec.partition(":")
+        engine = make_engine(16, device, dtype=dtype, gemm_dtype=gemm or "auto",
+                             deterministic=spec == entry)  # fmt: skip
         for n in (1, 16):  # warm-up: compiles the decode step for both batch sizes
             decode_throughput(engine, n, "-warm-up")
         # alternating rounds: one short run each is at the mercy of the machine's speed spells
@@ -425,7 +429,8 @@ def dtypes_report(dtypes: list[str], device: str, out: Path) -> str:
         f"Medians of {DTYPE_ROUNDS} rounds, each a 1-sequence then a 16-sequence run; 16 / 1 is "
         "the median of the rounds' ratios.",
         "",
-        "| weights[:GEMMs] | 1 sequence tok/s | 16 sequences tok/s | 16 / 1 |",
+        "| weights[:GEMMs][+fast: not deterministic] | 1 sequence tok/s | 16 sequences tok/s "
+        "| 16 / 1 |",
         "|---|---|---|---|",
         *rows,
     ])  # fmt: skip

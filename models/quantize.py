@@ -42,10 +42,11 @@ MIN_AMX_ROWS = 5
 # float32 models: rows from which matmuls run in bfloat16 (Bf16GemmLinear): prefill chunks, not
 # decode batches, so that a sequence's decode is float32 whatever the batch
 MIN_BF16_ROWS = 64
-# PyTorch's float32 GEMM (MKL) sums a row in one order at 1 row (a GEMV), another at 2-3 rows
-# and a third from 4 rows on, measured on the CI CPU (AVX2) for the default model's shapes: a
-# batch-invariant float32 layer pads calls of fewer rows to this many
-MIN_INVARIANT_ROWS = 4
+# PyTorch's float32 GEMM (MKL) sums a row in one order at 1 row (a GEMV), another at 2-3 rows,
+# and in a third in whole blocks of 4 rows, where the 1-3 rows left over take the others
+# (measured on the CI CPU, AVX2, at the default model's shapes, with and without bias): a
+# batch-invariant float32 layer pads every call to a multiple of this many rows
+ROW_TILE = 4
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,9 +203,9 @@ class Bf16GemmLinear(nn.Module):
 
 
 class PaddedLinear(nn.Module):
-    """A float nn.Linear (the same Parameters, so a tied embedding stays tied) whose calls of
-    fewer than MIN_INVARIANT_ROWS rows are padded to that many: each row then gets the bits it
-    gets in any larger call (`set_batch_invariant`)."""
+    """A float nn.Linear (the same Parameters, so a tied embedding stays tied) whose calls are
+    padded to a multiple of ROW_TILE rows: each row then gets the same bits in a call of any
+    size (`set_batch_invariant`)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -227,12 +228,12 @@ def is_decode_input(x: Tensor) -> bool:
 
 
 def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pad: bool) -> Tensor:
-    """F.linear; pad: calls of fewer than MIN_INVARIANT_ROWS rows computed with zero rows
-    added, so that a row's bits do not depend on how many rows came with it."""
+    """F.linear; pad: computed with zero rows added up to a multiple of ROW_TILE, so that a
+    row's bits do not depend on how many rows came with it."""
     rows = x.reshape(-1, x.shape[-1])
-    if not pad or rows.shape[0] >= MIN_INVARIANT_ROWS:
+    if not pad or rows.shape[0] % ROW_TILE == 0:
         return F.linear(x, weight, bias)
-    padded = F.pad(rows, (0, 0, 0, MIN_INVARIANT_ROWS - rows.shape[0]))
+    padded = F.pad(rows, (0, 0, 0, -rows.shape[0] % ROW_TILE))
     y = F.linear(padded, weight, bias)[: rows.shape[0]]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -240,9 +241,9 @@ def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pad: bool) -> T
 def set_batch_invariant(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Make every linear layer of `model` give a row the same bits whatever the other rows of
     its call (enabled) or pick the fastest kernel by row count (not): int8 decode rows through
-    one kernel, float32 calls padded to MIN_INVARIANT_ROWS rows (plain float32 nn.Linear layers
-    become PaddedLinear). In place; call before compiling the decode step (its graphs do not
-    re-check the layers). Returns the model."""
+    one kernel, float32 calls padded to a multiple of ROW_TILE rows (plain float32 nn.Linear
+    layers become PaddedLinear). In place; call before compiling the decode step (its graphs do
+    not re-check the layers). Returns the model."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (Int8Linear, Bf16GemmLinear, PaddedLinear)):

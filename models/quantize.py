@@ -10,10 +10,10 @@ weights, in tile layout); else PyTorch's `_weight_int8pack_mm` (bfloat16 activat
 For more rows (prefill) they fall behind the bfloat16 GEMM of oneDNN (AMX where the CPU has it),
 so each layer also keeps its dequantized weights in bfloat16 (as `weight`) and picks the kernel
 by the number of rows. All paths compute with the same int8 weights; outputs come back in the
-input's dtype. A row's output does not depend on the other rows of its kernel's call, and the
-VNNI and AMX kernels give the same bits (one order of the group sums), but PyTorch's int8
-kernel and the bfloat16 GEMM compute differently: `set_batch_invariant` sends decode rows
-through one arithmetic whatever their number (the engine's `--deterministic`). Norms, LLN
+input's dtype. A row's output does not depend on the other rows of its kernel's call, but the
+kernels sum in different orders (the VNNI and AMX kernels their groups; PyTorch's int8 kernel
+and the bfloat16 GEMM otherwise): `set_batch_invariant` sends decode rows through one kernel
+whatever their number (the engine's `--deterministic`). Norms, LLN
 features, window keys/values and states stay float32. Measured on a 2-core AVX-512 CPU over the
 default model's 211 layers (`benchmarks/bench_int8_kernels.py`): VNNI 7.9 / 9.9 / 10.9 / 26.2 ms
 at 1 / 4 / 5 / 16 rows, AMX 9.0 / 10.1 / 10.5 / 14.3, the bfloat16 GEMM 29-32 ms (ahead of VNNI
@@ -104,12 +104,11 @@ class Int8Linear(nn.Module):
         return rows.to(torch.bfloat16) @ self.weight.T
 
     def _decode_rows(self, rows: Tensor) -> Tensor:
-        """One decode token per row, each row the same bits whatever their number: lln-serve's
-        kernels at any count (VNNI and AMX agree bitwise), else PyTorch's int8 kernel at any
-        count (where the bfloat16 GEMM would take over from 5 rows with other roundings)."""
+        """One decode token per row, each row the same bits whatever their number: the VNNI
+        GEMV at any count (not the AMX GEMM from 5 rows, which sums the groups in another
+        order), else PyTorch's int8 kernel at any count (where the bfloat16 GEMM would take
+        over from 5 rows with other roundings)."""
         if self.vnni and rows.is_cpu:
-            if self.amx and rows.shape[0] >= MIN_AMX_ROWS:
-                return torch.ops.lln.int8_gemm_amx(rows, self.weight_amx, self.scale_f32)
             return torch.ops.lln.int8_gemv(rows, self.weight_int8, self.scale_f32)
         return torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scale)
 

@@ -9,9 +9,7 @@
 // int8_gemv (few rows, weights [N, K] as stored): VNNI's vpdpbusd multiplies 64 weight bytes by
 // 64 activation bytes in one instruction, 16 int32 lanes of 4; it takes one unsigned operand, so
 // |q| goes in and the sign of q moves onto the weight (a masked negation; weights are in
-// [-127, 127]). The four lanes of a group add up in int32 and the groups are scaled and
-// summed in K order exactly as in int8_gemm_amx, so the two kernels give the same bits and a
-// row's output does not depend on the other rows of the call, nor on which kernel took it.
+// [-127, 127]). Each lane is scaled by its group's scale.
 // int8_gemm_amx (more rows, weights packed in AMX's tile layout): one tile multiply (TDPBSSD,
 // signed x signed) computes 16 rows x 16 output channels x one group of 16 activations, four of
 // them in flight; at 16 rows it does in 1 instruction what takes vpdpbusd 64 (plus their
@@ -37,8 +35,8 @@ namespace {
 constexpr int64_t kBlock = 64;    // weight bytes per vpdpbusd: 16 lanes of 4
 constexpr int64_t kGroup = 16;    // activations per scale: 4 int32 lanes
 constexpr int64_t kLane = 4;      // activations per int32 lane (the scales are stored per lane)
-constexpr int kChannels = 16;     // output channels per inner loop: the lanes of a sum
-constexpr int64_t kPrefetch = 16; // rows ahead whose weights are prefetched
+constexpr int64_t kRows = 8;      // output channels per inner loop
+constexpr int64_t kPrefetch = 8;  // rows ahead whose weights are prefetched
 constexpr int64_t kMaxRows = 4;   // activation rows per pass over a group of weight rows
 #define LLN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define LLN_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -92,94 +90,66 @@ struct Args {
   int64_t K, N, nb;
 };
 
-// The 16 channels' int32 dot products of one 64-byte block (d[r]: channel r, lane j the sum of
-// K = 4j .. 4j + 3) -> one vector per group of 16 activations (the block's four 128-bit lanes),
-// lane r the group's sum for channel r. Integer sums: any order gives the same numbers.
-LLN_VNNI inline __m512i quad_sums(__m512i d0, __m512i d1, __m512i d2, __m512i d3) {
-  // 128-bit lane j of the result: group j's sums for the four channels, in order
-  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
-  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
-  return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-}
-
-LLN_VNNI inline void transpose_groups(const __m512i u[4], __m512i g[4]) {
-  // u[quad], 128-bit lane j: group j, channels 4 quad .. 4 quad + 3 -> g[j]: group j, channels 0..15
-  const __m512i v0 = _mm512_shuffle_i32x4(u[0], u[1], 0x44), v1 = _mm512_shuffle_i32x4(u[0], u[1], 0xEE);
-  const __m512i v2 = _mm512_shuffle_i32x4(u[2], u[3], 0x44), v3 = _mm512_shuffle_i32x4(u[2], u[3], 0xEE);
-  g[0] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-  g[1] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-  g[2] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-  g[3] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
-}
-
-// weight rows [n, n + count) (count <= 16; the others count as zero) against activation rows
-// [m0, m0 + M). The float arithmetic is int8_gemm_amx's, to the bit: per output, the exact
-// int32 sum of each group of 16 times the group's scale, added in K order by one FMA each from
-// zero, then times the channel's scale. So a row gets the same bits from either kernel, alone
-// or among any rows.
-template <int M, bool kPrefetchAhead, bool kFull>
-LLN_VNNI void dot_rows(const Args& a, int64_t m0, int64_t n, int64_t count) {
-  __m512 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+// weight rows [n, n + R) against activation rows [m0, m0 + M)
+template <int M, int R, bool kPrefetchAhead>
+LLN_VNNI void dot_rows(const Args& a, int64_t m0, int64_t n) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   const int8_t* q = a.q + m0 * a.nb * kBlock;
   const float* xscale = a.xscale + m0 * a.nb * (kBlock / kLane);
   for (int64_t b = 0; b < a.nb; ++b) {
     const int64_t k = b * kBlock;
     const __mmask64 mask = a.K - k >= kBlock ? ~0ULL : (1ULL << (a.K - k)) - 1;
-    if constexpr (kPrefetchAhead)
-      for (int r = 0; r < kChannels; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(a.w + (n + r + kPrefetch) * a.K + k), _MM_HINT_T0);
+    __m512i xabs[M];
+    __mmask64 xneg[M];
+    __m512 xs[M];
     for (int m = 0; m < M; ++m) {
       const __m512i xq = _mm512_loadu_si512(q + m * a.nb * kBlock + k);
-      const __mmask64 xneg = _mm512_movepi8_mask(xq);
-      const __m512i xabs = _mm512_abs_epi8(xq);
-      __m512i u[4], g[4];
-      for (int quad = 0; quad < 4; ++quad) {
-        __m512i d[4];
-        for (int i = 0; i < 4; ++i) {
-          const int r = 4 * quad + i;
-          if (!kFull && r >= count) { d[i] = zero; continue; }
-          const __m512i wv = _mm512_maskz_loadu_epi8(mask, a.w + (n + r) * a.K + k);
-          d[i] = _mm512_dpbusd_epi32(zero, xabs, _mm512_mask_sub_epi8(wv, xneg, zero, wv));
-        }
-        u[quad] = quad_sums(d[0], d[1], d[2], d[3]);
+      xneg[m] = _mm512_movepi8_mask(xq);
+      xabs[m] = _mm512_abs_epi8(xq);
+      xs[m] = _mm512_loadu_ps(xscale + (m * a.nb + b) * (kBlock / kLane));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* row = a.w + (n + r) * a.K + k;
+      if constexpr (kPrefetchAhead) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetch * a.K), _MM_HINT_T0);
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, row);
+      for (int m = 0; m < M; ++m) {
+        const __m512i ws = _mm512_mask_sub_epi8(wv, xneg[m], zero, wv);
+        const __m512i dot = _mm512_dpbusd_epi32(zero, xabs[m], ws);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs[m], acc[r][m]);
       }
-      transpose_groups(u, g);
-      const float* s = xscale + (m * a.nb + b) * (kBlock / kLane);  // one per lane of 4
-      for (int j = 0; j < 4; ++j)
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(g[j]), _mm512_set1_ps(s[j * (kGroup / kLane)]), acc[m]);
     }
   }
-  const __mmask16 keep = kFull ? 0xFFFF : (__mmask16)((1u << count) - 1);
-  const __m512 ws = _mm512_maskz_loadu_ps(keep, a.wscale + n);
-  for (int m = 0; m < M; ++m)
-    _mm512_mask_storeu_ps(a.out + (m0 + m) * a.N + n, keep, _mm512_mul_ps(acc[m], ws));
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      a.out[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) * a.wscale[n + r];
 }
 
-// weight rows [n, n + count) against every activation row, kMaxRows at a time: the first pass
+// weight rows [n, n + R) against every activation row, kMaxRows at a time: the first pass
 // streams the weights from memory (prefetching ahead), the others find them in L1
-template <bool kPrefetchAhead, bool kFull>
-LLN_VNNI void dot_all_rows(const Args& a, int64_t M, int64_t n, int64_t count) {
+template <int R, bool kPrefetchAhead>
+LLN_VNNI void dot_all_rows(const Args& a, int64_t M, int64_t n) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const bool first = m0 == 0;
     switch (std::min<int64_t>(kMaxRows, M - m0)) {
-      case 1: first ? dot_rows<1, kPrefetchAhead, kFull>(a, m0, n, count) : dot_rows<1, false, kFull>(a, m0, n, count); break;
-      case 2: first ? dot_rows<2, kPrefetchAhead, kFull>(a, m0, n, count) : dot_rows<2, false, kFull>(a, m0, n, count); break;
-      case 3: first ? dot_rows<3, kPrefetchAhead, kFull>(a, m0, n, count) : dot_rows<3, false, kFull>(a, m0, n, count); break;
-      default: first ? dot_rows<4, kPrefetchAhead, kFull>(a, m0, n, count) : dot_rows<4, false, kFull>(a, m0, n, count); break;
+      case 1: first ? dot_rows<1, R, kPrefetchAhead>(a, m0, n) : dot_rows<1, R, false>(a, m0, n); break;
+      case 2: first ? dot_rows<2, R, kPrefetchAhead>(a, m0, n) : dot_rows<2, R, false>(a, m0, n); break;
+      case 3: first ? dot_rows<3, R, kPrefetchAhead>(a, m0, n) : dot_rows<3, R, false>(a, m0, n); break;
+      default: first ? dot_rows<4, R, kPrefetchAhead>(a, m0, n) : dot_rows<4, R, false>(a, m0, n); break;
     }
   }
 }
 
 LLN_VNNI void gemv(const Args& a, int64_t M) {
   // each thread takes a contiguous run of rows: one forward stream through the weights
-  at::parallel_for(0, (a.N + kChannels - 1) / kChannels, 2, [&](int64_t g0, int64_t g1) {
-    int64_t n = g0 * kChannels;
-    const int64_t end = std::min(a.N, g1 * kChannels);
-    for (; n + kChannels + kPrefetch <= end; n += kChannels) dot_all_rows<true, true>(a, M, n, kChannels);
-    for (; n + kChannels <= end; n += kChannels) dot_all_rows<false, true>(a, M, n, kChannels);
-    if (n < end) dot_all_rows<false, false>(a, M, n, end - n);
+  at::parallel_for(0, (a.N + kRows - 1) / kRows, 4, [&](int64_t g0, int64_t g1) {
+    int64_t n = g0 * kRows;
+    const int64_t end = std::min(a.N, g1 * kRows);
+    for (; n + kRows + kPrefetch <= end; n += kRows) dot_all_rows<kRows, true>(a, M, n);
+    for (; n + kRows <= end; n += kRows) dot_all_rows<kRows, false>(a, M, n);
+    for (; n < end; ++n) dot_all_rows<1, false>(a, M, n);
   });
 }
 

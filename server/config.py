@@ -43,6 +43,8 @@ class EngineConfig:
     prefill chunks are split by its own prompt alone and run in forwards of their own, and
     every decode row takes one arithmetic whatever the batch (`models.quantize.
     set_batch_invariant`). Off: the fastest kernel per row count and prompts packed together.
+    None (the default): on where it costs nothing measurable (`models.quantize.
+    batch_invariance_is_free`: int8 weights on a CPU without AMX).
     """
 
     model: str = "smollm2-135m-lln"
@@ -64,7 +66,7 @@ class EngineConfig:
     state_store: str | None = None
     share_prefix_states: bool = False
     session_lock_ttl_s: float = 30.0
-    deterministic: bool = True
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         ints = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size",

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from models.modeling_lln import LLNForCausalLM
-from models.quantize import set_batch_invariant
+from models.quantize import batch_invariance_is_free, set_batch_invariant
 from server.config import EngineConfig
 from server.detokenizer import IncrementalDetokenizer
 from server.errors import QueueFullError
@@ -136,7 +136,11 @@ class LLMEngine:
             model, tokenizer = _load(config)
         self.config = config
         self.model, self.tokenizer = model, tokenizer
-        set_batch_invariant(model, config.deterministic)
+        self.deterministic = config.deterministic
+        if self.deterministic is None:
+            self.deterministic = batch_invariance_is_free(model)
+        logger.info("deterministic inference: %s", "on" if self.deterministic else "off")
+        set_batch_invariant(model, self.deterministic)
         if config.compile_decode:
             model.compile_decode(cpp_wrapper=torch.device(config.device).type == "cpu")
         self.pool = StatePool(model, config.max_num_seqs)
@@ -148,12 +152,12 @@ class LLMEngine:
             self.pool.free,
             prefill_chunk_size=config.prefill_chunk_size,
             on_admit=self._on_admit,
-            whole_chunks=config.deterministic,
+            whole_chunks=self.deterministic,
         )
         device = model.lm_head.weight.device
         use_graphs = device.type == "cuda" and not config.enforce_eager
         self.runner = ModelRunner(
-            model, self.pool, use_graphs=use_graphs, chunk_alone=config.deterministic
+            model, self.pool, use_graphs=use_graphs, chunk_alone=self.deterministic
         )
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=device)

@@ -131,3 +131,13 @@ def test_enforce_eager_flag_and_environment_variable():
     finally:
         del os.environ["LLN_SERVE_ENFORCE_EAGER"]
     assert EngineConfig(device="cuda", enforce_eager=True).enforce_eager
+
+
+def test_deterministic_is_unset_by_default_and_set_by_flag_or_environment(monkeypatch):
+    from server.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).deterministic is None  # the engine decides
+    assert build_parser().parse_args(["serve", "--deterministic"]).deterministic is True
+    assert build_parser().parse_args(["serve", "--no-deterministic"]).deterministic is False
+    monkeypatch.setenv("LLN_SERVE_DETERMINISTIC", "0")
+    assert build_parser().parse_args(["serve"]).deterministic is False

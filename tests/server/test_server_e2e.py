@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def base_url():
-    env = {"LLN_SERVE_MAX_NUM_SEQS": "4", "LLN_SERVE_API_KEY": "test-key"}
+    env = {"LLN_SERVE_MAX_NUM_SEQS": "4", "LLN_SERVE_API_KEY": "test-key",
+           "LLN_SERVE_DETERMINISTIC": "1"}  # fmt: skip
     server = ServeProcess(["--model", DEFAULT_MODEL], env).wait_ready(600)
     yield server.url
     server.stop()
@@ -253,3 +254,26 @@ def _gauge(base_url: str, name: str) -> float:
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not exported")
+
+
+def test_a_second_server_process_gives_the_same_bits(client):
+    """`--deterministic`: four prompts in one request to this server (prefilled
+    and decoded together) get the texts and logprobs that another process of the same model
+    gives each of them alone."""
+    prompts = ["The capital of France is", "Three primary colours are", "def fibonacci(n):",
+               "Water boils at a temperature of"]  # fmt: skip
+    fields = dict(model=DEFAULT_MODEL, max_tokens=12, temperature=0, logprobs=1)
+    together = client.completions.create(prompt=prompts, **fields).choices
+    other = ServeProcess(["--model", DEFAULT_MODEL, "--deterministic"],
+                         {"LLN_SERVE_API_KEY": "test-key"})  # fmt: skip
+    other.wait_ready(600)
+    try:
+        second = openai.OpenAI(base_url=f"{other.url}/v1", api_key="test-key", max_retries=0)
+        alone = [second.completions.create(prompt=p, **fields).choices[0] for p in prompts]
+    finally:
+        other.stop()
+
+    def answer(choice) -> tuple:
+        return choice.text, choice.logprobs.token_logprobs
+
+    assert [answer(c) for c in sorted(together, key=lambda c: c.index)] == list(map(answer, alone))

@@ -69,11 +69,11 @@ PAGE_POLICY = (
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param=None, code=None, headers=None):
+    """An error answer; its body's `code` is the HTTP status, as vLLM's (always an integer)."""
+
+    def __init__(self, status: int, message: str, type_: str, param=None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code,
-        )  # fmt: skip
+        self.status, self.message, self.type, self.param = status, message, type_, param
         self.headers = headers or {}
 
 
@@ -156,14 +156,14 @@ def _add_request_schemas(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def _error_body(status: int, message: str, type_: str, param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code or status}}
+def _error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_request: Request, error: APIError):
-        body = _error_body(error.status, error.message, error.type, error.param, error.code)
+        body = _error_body(error.status, error.message, error.type, error.param)
         return JSONResponse(body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -252,7 +252,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         and optionally one saved session (what the playground charts)."""
         _authorize(request, state)
         if state.engine is None:
-            raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+            raise APIError(503, "the engine is not ready", "service_unavailable",
                            headers={"Retry-After": "5"})  # fmt: skip
         saved = None
         if session_id is not None:  # the store's info: no lock taken; off the event loop
@@ -260,7 +260,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             if saved is None:
                 raise APIError(
                     404, f"no saved session {session_id!r} (never saved, expired or evicted)",
-                    "not_found_error", "session_id", code="session_not_found",
+                    "not_found_error", "session_id",
                 )  # fmt: skip
         return _state_info(state, saved)
 
@@ -324,9 +324,7 @@ def _authorize(request: Request, state: ServerState) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         token.encode(), state.api_key.encode()
     ):
-        raise APIError(
-            401, "invalid or missing API key", "authentication_error", code="invalid_api_key"
-        )
+        raise APIError(401, "invalid or missing API key", "authentication_error")
 
 
 async def _parse(request: Request, state: ServerState, schema):
@@ -356,15 +354,21 @@ async def _parse(request: Request, state: ServerState, schema):
         response = _invalid(error.errors())
         payload = json.loads(response.body)["error"]
         raise APIError(400, payload["message"], payload["type"], payload["param"]) from None
-    if body.model not in state.model_names:
-        raise APIError(
-            404, f"The model `{body.model}` does not exist.", "not_found_error", "model",
-            code="model_not_found",
-        )  # fmt: skip
+    _check_model(state, body.model)
     if state.engine is None or not state.engine.is_healthy:
-        raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+        raise APIError(503, "the engine is not ready", "service_unavailable",
                        headers={"Retry-After": "5"})  # fmt: skip
     return body
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    """404 for a model this server does not serve, naming those it does."""
+    if model is not None and model not in state.model_names:
+        served = ", ".join(f"`{name}`" for name in state.model_names)
+        raise APIError(
+            404, f"The model `{model}` does not exist; this server serves {served}.",
+            "not_found_error", "model",
+        )  # fmt: skip
 
 
 def _store_health(store) -> dict:
@@ -384,7 +388,7 @@ async def _session_call(request: Request, state: ServerState, action: str, sessi
         raise APIError(400, "session_id: at most 256 characters", "invalid_request_error",
                        "session_id")  # fmt: skip
     if state.engine is None or not state.engine.is_healthy:
-        raise APIError(503, "the engine is not ready", "service_unavailable", code=503,
+        raise APIError(503, "the engine is not ready", "service_unavailable",
                        headers={"Retry-After": "5"})  # fmt: skip
     store = state.engine.engine.sessions
     try:
@@ -397,13 +401,12 @@ async def _session_call(request: Request, state: ServerState, action: str, sessi
 
 
 def _no_session(session_id: str) -> APIError:
-    return APIError(404, f"no saved session {session_id!r}", "not_found_error", "session_id",
-                    code="session_not_found")  # fmt: skip
+    return APIError(404, f"no saved session {session_id!r}", "not_found_error", "session_id")
 
 
 def _too_large(state: ServerState) -> APIError:
     return APIError(413, f"request body larger than {state.max_body_bytes} bytes",
-                    "invalid_request_error", code="request_too_large")  # fmt: skip
+                    "invalid_request_error")  # fmt: skip
 
 
 def _guided(state: ServerState, body):
@@ -863,7 +866,7 @@ def _progress_event(chunk, out: RequestOutput, prompt_index: int | None) -> str:
 
 
 def _error_event(error: APIError) -> str:
-    return _event(_error_body(error.status, error.message, error.type, error.param, error.code))
+    return _event(_error_body(error.status, error.message, error.type, error.param))
 
 
 def _event(payload: dict) -> str:

@@ -356,7 +356,7 @@ class ErrorInfo(_Model):
     message: str
     type: str
     param: str | None = None
-    code: str | int | None = None
+    code: int  # the HTTP status
 
 
 class ErrorResponse(_Model):

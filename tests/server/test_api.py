@@ -205,7 +205,9 @@ def test_chat_input_errors(server):
 def test_unknown_model_is_404_and_large_body_is_413(server):
     client, _ = server
     missing = complete(client, model="gpt-17")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    message = missing.json()["error"]["message"]
+    assert "gpt-17" in message and f"serves `{MODEL}`" in message
     huge = complete(client, prompt="a" * 5000)
     assert huge.status_code == 413
 
@@ -237,6 +239,36 @@ def test_api_key_is_required_when_configured(model, tokenizer):
             assert client.get("/health").status_code == 200  # probes need no key
     finally:
         state.engine.shutdown()
+
+
+def test_every_error_code_is_the_integer_http_status(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    state = ServerState(model_names=[MODEL], api_key="k", max_body_bytes=4096)
+    key = {"Authorization": "Bearer k"}
+    with TestClient(build_app(state)) as client:
+        one = {"model": MODEL, "prompt": "a", "max_tokens": 1}
+        loading = client.post("/v1/completions", json=one, headers=key)  # no engine yet: 503
+        state.engine = AsyncEngine(engine).start()
+        answers = [
+            loading,
+            client.post("/v1/completions", json={"model": MODEL, "prompt": "a"}),  # 401
+            client.post(
+                "/v1/completions", json={"model": MODEL, "n": 0, "prompt": "a"}, headers=key
+            ),  # 400 (validation)
+            client.post("/v1/completions", content=b"{", headers=key),  # 400 (malformed)
+            client.post("/v1/completions", json={"model": "x", "prompt": "a"}, headers=key),
+            client.get("/v1/sessions/nothing", headers=key),  # 404 (no session)
+            client.get("/no/such/route"),  # 404 (route)
+            client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "a" * 5000}, headers=key
+            ),  # 413
+        ]
+    state.engine.shutdown()
+    statuses = [r.status_code for r in answers]
+    assert statuses == [503, 401, 400, 400, 404, 404, 404, 413]
+    for response in answers:
+        code = response.json()["error"]["code"]
+        assert type(code) is int and code == response.status_code, response.text
 
 
 def test_health_is_503_while_loading_and_after_a_crash(model, tokenizer):

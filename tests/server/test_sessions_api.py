@@ -74,7 +74,7 @@ def turn(client, prompt: str, session: str, max_tokens: int = 4):
 def test_get_and_delete_a_session(replicas, backend):
     client = (replicas(None) if backend == "memory" else replicas()).client
     missing = client.get("/v1/sessions/s")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
     assert turn(client, "abcdef", "s").status_code == 200
     info = client.get("/v1/sessions/s").json()
     assert info["object"] == "session" and info["num_tokens"] == 6 + 4

@@ -462,6 +462,22 @@ class _Choice:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_logprobs: list | None = None
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet sent
+
+
+def _held_back(choice: _Choice, out: RequestOutput, text: str, first: bool) -> bool:
+    """True for a streamed output with no text to send (the detokenizer holds back part of a
+    character): no chunk goes out; its logprobs wait for the next one."""
+    if text or out.finished or first:
+        return False
+    choice.held_logprobs += out.logprobs or []
+    return True
+
+
+def _with_held(choice: _Choice, out: RequestOutput) -> list[TokenLogprob]:
+    """The output's logprobs after those of the tokens held back before it."""
+    entries, choice.held_logprobs = [*choice.held_logprobs, *(out.logprobs or [])], []
+    return entries
 
 
 async def _outputs(
@@ -670,9 +686,11 @@ async def _completion_events(body, request_id, first, choices, prompts, echo, to
             if body.echo and choice.index not in sent_echo:
                 sent_echo.add(choice.index)
                 text = echo[number] + text
-            logprobs = None
-            if body.logprobs is not None and out.logprobs:
-                step = _Choice(choice.index, logprobs=out.logprobs)
+            if _held_back(choice, out, text, first=False):
+                continue
+            logprobs, entries = None, _with_held(choice, out)
+            if body.logprobs is not None and entries:
+                step = _Choice(choice.index, logprobs=entries)
                 logprobs = _completion_logprobs(step, tokenizer, [], echo=False)
             chunk = CompletionResponse(id=request_id, model=body.model, choices=[CompletionChoice(
                 index=choice.index, text=text, logprobs=logprobs,
@@ -817,11 +835,14 @@ async def _chat_events(body, request_id, first, choices, tokenizer):
                 continue
             choice = choices[out.index]
             _accumulate(choice, out)
+            if _held_back(choice, out, out.text, first=out.index not in started):
+                continue
             delta = DeltaMessage(content=out.text)
             if out.index not in started:
                 started.add(out.index)
                 delta.role = "assistant"
-            logprobs = _chat_logprobs(out.logprobs or [], tokenizer) if body.logprobs else None
+            entries = _with_held(choice, out)
+            logprobs = _chat_logprobs(entries, tokenizer) if body.logprobs else None
             chunk = ChatCompletionChunk(id=request_id, model=body.model, choices=[ChatChunkChoice(
                 index=out.index, delta=delta, logprobs=logprobs,
                 finish_reason=out.finish_reason if out.finished else None,

@@ -199,3 +199,32 @@ def test_a_prefix_cache_hit_keeps_the_constraint(engine):
                 cached.append(out.num_cached_tokens)
         jsonschema.validate(json.loads(text), SCHEMA)
     assert cached[0] == 0 and cached[-1] > 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_no_empty_chunk_while_a_character_is_incomplete(client, path):
+    """Each emoji is 4 byte tokens: the detokenizer holds back the first 3, and those steps
+    send nothing (their logprobs come with the chunk that completes the character)."""
+    body = {"model": MODEL, "max_tokens": 20, "stream": True, "logprobs": 1,
+            "guided_choice": ["😀🎉"], "stream_options": {"include_usage": True}}  # fmt: skip
+    if path == "/v1/completions":
+        body["prompt"] = "emoji"
+    else:
+        body["messages"] = [{"role": "user", "content": "emoji"}]
+        body["top_logprobs"], body["logprobs"] = 1, True
+    lines = [line[6:] for line in client.post(path, json=body).iter_lines() if line[:6] == "data: "]
+    chunks = [json.loads(line) for line in lines[:-1]]
+    *tokens, usage = chunks
+    texts = [c["choices"][0]["delta"].get("content") if "delta" in c["choices"][0]
+             else c["choices"][0]["text"] for c in tokens]  # fmt: skip
+    assert "".join(texts) == "😀🎉"
+    for i, (chunk, text) in enumerate(zip(tokens, texts, strict=True)):
+        first, last = i == 0, chunk["choices"][0].get("finish_reason") is not None
+        assert text or first or last, chunks
+    if path == "/v1/completions":
+        scored = sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in tokens)
+    else:
+        scored = sum(
+            len((c["choices"][0].get("logprobs") or {}).get("content", [])) for c in tokens
+        )
+    assert scored == usage["usage"]["completion_tokens"] >= 8

@@ -11,7 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lln_core.state import kv_cache_bytes
@@ -42,6 +42,8 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -50,6 +52,9 @@ from server.protocol import (
     SessionInfo,
     SessionObject,
     StateInfo,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     TopLogprob,
     Usage,
     new_id,
@@ -57,6 +62,7 @@ from server.protocol import (
 )
 from server.state_store import SessionError, StoreUnavailableError
 from server.state_store import SessionInfo as StoredSession
+from server.tokenization import InputError, detokenize, tokenize, tokenize_schema
 
 logger = logging.getLogger("lln_serve.api")
 VERSION = "0.1.0"
@@ -120,18 +126,26 @@ _ERRORS = {
 }  # fmt: skip
 
 
-def _documented(request_model, response_model) -> dict:
+def _documented(request_model, response_model, stream: bool = True) -> dict:
     """Route arguments that document a body the route parses itself (to bound its size
-    first): the request schema, the JSON response, the SSE stream and the errors."""
-    body = {"$ref": f"#/components/schemas/{request_model.__name__}"}
-    stream = {"type": "string", "description": "with stream: true, chunks as SSE events"}
+    first): the request schema (a tuple of models: one of them), the JSON response, the SSE
+    stream and the errors."""
+    models = request_model if isinstance(request_model, tuple) else (request_model,)
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    body = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    events = {"type": "string", "description": "with stream: true, chunks as SSE events"}
+    ok = {200: {"content": {"text/event-stream": {"schema": events}}}} if stream else {}
     return dict(
         response_model=response_model,
-        responses={200: {"content": {"text/event-stream": {"schema": stream}}}, **_ERRORS},
+        responses={**ok, **_ERRORS},
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": body}}}
         },
     )
+
+
+_TOKENIZE_BODY = (TokenizeCompletionRequest, TokenizeChatRequest)
+_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, *_TOKENIZE_BODY, DetokenizeRequest)
 
 
 def _add_request_schemas(app: FastAPI) -> None:
@@ -144,7 +158,7 @@ def _add_request_schemas(app: FastAPI) -> None:
             return app.openapi_schema
         document = build()
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest):
+        for model in _REQUEST_MODELS:
             schema = model.model_json_schema(
                 ref_template="#/components/schemas/{model}", by_alias=True
             )
@@ -264,6 +278,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                 )  # fmt: skip
         return _state_info(state, saved)
 
+    @app.post("/tokenize", **_documented(_TOKENIZE_BODY, TokenizeResponse, stream=False))
+    async def tokenize_route(request: Request):
+        """vLLM's extension: the ids of a prompt or of a conversation through the chat
+        template; `max_model_len` bounds prompt + generation."""
+        body = await _parse(request, state, tokenize_schema)
+        limit = state.engine.engine.config.max_model_len
+        return _input_call(lambda: tokenize(state.engine.engine.tokenizer, body, limit))
+
+    @app.post("/detokenize", **_documented(DetokenizeRequest, DetokenizeResponse, stream=False))
+    async def detokenize_route(request: Request):
+        """vLLM's extension: the text of token ids."""
+        body = await _parse(request, state, DetokenizeRequest)
+        return _input_call(lambda: detokenize(state.engine.engine.tokenizer, body))
+
     @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
         body = await _parse(request, state, CompletionRequest)
@@ -273,6 +301,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         body = await _parse(request, state, ChatCompletionRequest)
         return await _chat(request, state, body)
+
+
+def _input_call(call: Callable):
+    try:
+        return call()
+    except InputError as error:
+        raise APIError(400, str(error), "invalid_request_error", error.param) from None
 
 
 def _add_playground(app: FastAPI) -> None:
@@ -327,7 +362,9 @@ def _authorize(request: Request, state: ServerState) -> None:
         raise APIError(401, "invalid or missing API key", "authentication_error")
 
 
-async def _parse(request: Request, state: ServerState, schema):
+async def _parse(request: Request, state: ServerState, schema: type[BaseModel] | Callable):
+    """The body, authorized, bounded and validated; `schema` is a model, or a function of the
+    body's JSON that picks one."""
     _authorize(request, state)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
@@ -348,6 +385,8 @@ async def _parse(request: Request, state: ServerState, schema):
     refused = unsupported_field(data)
     if refused is not None:
         raise APIError(400, f"{refused[0]}: {refused[1]}", "invalid_request_error", refused[0])
+    if not isinstance(schema, type):
+        schema = schema(data)
     try:
         body = schema.model_validate(data)
     except ValidationError as error:

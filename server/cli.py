@@ -30,7 +30,12 @@ SERVE_OPTIONS = [
     ("--served-model-name", str, None, "model name in the API (default: --model)"),
     ("--host", str, "127.0.0.1", "interface to listen on"),
     ("--port", int, 8000, "TCP port"),
-    ("--api-key", str, None, "require 'Authorization: Bearer KEY' on /v1 routes"),
+    (
+        "--api-key",
+        str,
+        None,
+        "require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize",
+    ),
     ("--cors-origins", str, "", "comma-separated allowed CORS origins ('*' for any)"),
     ("--max-body-bytes", int, 4 * 2**20, "largest request body"),
     ("--max-num-seqs", int, 8, "state slots: sequences running at once"),

@@ -218,7 +218,42 @@ class ChatCompletionRequest(_SamplingFields):
         return messages
 
 
+class TokenizeCompletionRequest(_Request):
+    """`POST /tokenize` of a prompt (vLLM's shape)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Request):
+    """`POST /tokenize` of a conversation through the chat template (vLLM's shape)."""
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---- responses -------------------------------------------------------------------------------
+
+
+class TokenizeResponse(_Model):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Model):
+    prompt: str
 
 
 class PromptTokensDetails(_Model):

@@ -65,3 +65,23 @@ def test_real_requests_and_responses_conform(server, document):  # noqa: F811
 def test_the_document_needs_no_engine():
     app = build_app(ServerState(model_names=["m"]))
     assert "/v1/completions" in TestClient(app).get("/openapi.json").json()["paths"]
+
+
+def test_tokenize_routes_are_documented_and_conform(server, document):  # noqa: F811
+    client, _ = server
+    tokenize = document["paths"]["/tokenize"]["post"]
+    body = tokenize["requestBody"]["content"]["application/json"]["schema"]
+    assert [ref["$ref"].rsplit("/", 1)[1] for ref in body["oneOf"]] == [
+        "TokenizeCompletionRequest", "TokenizeChatRequest",
+    ]  # fmt: skip
+    for request in [{"model": MODEL, "prompt": "abc", "return_token_strs": True},
+                    {"messages": [{"role": "user", "content": "hi"}]}]:  # fmt: skip
+        jsonschema.validate(request, {**body, "components": document["components"]})
+        response = client.post("/tokenize", json=request)
+        assert response.status_code == 200
+        jsonschema.validate(response.json(), resolved(document, "TokenizeResponse"))
+    tokens = client.post("/tokenize", json={"prompt": "abc"}).json()["tokens"]
+    response = client.post("/detokenize", json={"model": MODEL, "tokens": tokens})
+    assert response.status_code == 200 and response.json()["prompt"] == "abc"
+    jsonschema.validate(response.json(), resolved(document, "DetokenizeResponse"))
+    assert "400" in document["paths"]["/detokenize"]["post"]["responses"]

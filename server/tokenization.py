@@ -1,0 +1,68 @@
+"""`/tokenize` and `/detokenize` (vLLM's extension routes): a prompt or a conversation to the
+ids the engine would be given, and ids back to text. Bad input is an InputError that names the
+field; the API answers it with a 400."""
+
+from __future__ import annotations
+
+from server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+
+
+class InputError(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def tokenize_schema(data: dict) -> type[TokenizeChatRequest] | type[TokenizeCompletionRequest]:
+    """The request shape a body asks for: a conversation if it has `messages`."""
+    return TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest
+
+
+def tokenize(
+    tokenizer, body: TokenizeCompletionRequest | TokenizeChatRequest, max_model_len: int
+) -> TokenizeResponse:
+    if isinstance(body, TokenizeChatRequest):
+        text = _render_chat(tokenizer, body)
+    elif body.prompt:
+        text = body.prompt
+    else:
+        raise InputError("prompt", "must not be empty")
+    ids = list(tokenizer(text, add_special_tokens=body.add_special_tokens).input_ids)
+    strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids,
+                            token_strs=strs)  # fmt: skip
+
+
+def detokenize(tokenizer, body: DetokenizeRequest) -> DetokenizeResponse:
+    if not body.tokens:
+        raise InputError("tokens", "must contain at least one token id")
+    size = len(tokenizer)
+    bad = next((t for t in body.tokens if not 0 <= t < size), None)
+    if bad is not None:
+        raise InputError("tokens", f"token id {bad} is outside the vocabulary (0..{size - 1})")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+
+def _render_chat(tokenizer, body: TokenizeChatRequest) -> str:
+    """The conversation as the chat template renders it (what /v1/chat/completions feeds)."""
+    if not body.messages:
+        raise InputError("messages", "must contain at least one message")
+    messages = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+        for m in body.messages
+    ]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=body.add_generation_prompt, tokenize=False
+        )
+    except Exception as error:  # the template refuses some conversations (e.g. role order)
+        raise InputError("messages", f"chat template: {error}") from None
+    if not isinstance(text, str) or not text:
+        raise InputError("messages", "the chat template rendered nothing")
+    return text

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as token_models
 from transformers import PreTrainedTokenizerFast
 
+import server.guided
 from server.api import ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.request import GuidedSpec, SamplingParams
@@ -228,3 +229,20 @@ def test_no_empty_chunk_while_a_character_is_incomplete(client, path):
             len((c["choices"][0].get("logprobs") or {}).get("content", [])) for c in tokens
         )
     assert scored == usage["usage"]["completion_tokens"] >= 8
+
+
+def test_a_repeated_schema_is_compiled_once(client, monkeypatch):
+    compiled = []
+
+    def counting(spec):
+        compiled.append(spec)
+        return grammar(spec)
+
+    grammar = server.guided._grammar
+    monkeypatch.setattr(server.guided, "_grammar", counting)
+    schema = {**SCHEMA, "title": "compiled once"}  # not cached by the other tests
+    for _ in range(2):
+        assert chat(client, guided_json=schema, max_tokens=5).status_code == 200
+    assert len(compiled) == 1
+    assert chat(client, guided_json={**schema, "title": "another"}, max_tokens=5).status_code == 200
+    assert len(compiled) == 2

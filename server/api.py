@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lln_core.state import kv_cache_bytes
 from server.async_engine import AsyncEngine, EngineDeadError
 from server.engine import RequestOutput, TokenLogprob
-from server.errors import QueueFullError
+from server.errors import QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 from server.protocol import (
     AssistantMessage,
@@ -543,7 +543,7 @@ async def _outputs(
                        headers={"Retry-After": "1"}) from None  # fmt: skip
     except ValueError as error:
         raise APIError(400, str(error), "invalid_request_error") from None
-    except EngineDeadError as error:
+    except (EngineDeadError, ShuttingDownError) as error:
         raise APIError(503, str(error), "service_unavailable") from None
 
 

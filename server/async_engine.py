@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from server.engine import LLMEngine, RequestOutput, write_session
-from server.errors import QueueFullError
+from server.errors import QueueFullError, ShuttingDownError
 from server.prefix_cache import prefix_hashes
 from server.request import SamplingParams
 from server.state_store import Session
@@ -116,6 +116,14 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    def fail_open_requests(self, reason: str) -> int:
+        """End every open stream with ShuttingDownError(reason) (each aborts its request as it
+        ends). Returns how many there were."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, ShuttingDownError(reason))
+        return len(streams)
 
     async def _acquire(self, session_id: str) -> Session | None:
         """Load and lock a session on an I/O thread; if the caller goes away meanwhile, the

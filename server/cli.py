@@ -38,6 +38,13 @@ SERVE_OPTIONS = [
     ),
     ("--cors-origins", str, "", "comma-separated allowed CORS origins ('*' for any)"),
     ("--max-body-bytes", int, 4 * 2**20, "largest request body"),
+    (
+        "--shutdown-timeout",
+        float,
+        30.0,
+        "on SIGINT/SIGTERM, seconds open requests may take to finish; then they end with an "
+        "error (503, or an error event in a stream) and the process exits",
+    ),
     ("--max-num-seqs", int, 8, "state slots: sequences running at once"),
     ("--max-num-batched-tokens", int, 1024, "tokens per engine step"),
     ("--max-waiting", int, 256, "queued requests beyond the slots (more get 503)"),
@@ -479,6 +486,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_body_bytes=int(args.max_body_bytes),
             served_model_name=args.served_model_name,
             ui=not no_ui,
+            shutdown_timeout_s=float(args.shutdown_timeout),
         )
     except ValueError as error:
         return _fail(str(error))

@@ -139,9 +139,12 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     served_model_name: str | None = None  # defaults to the engine's model
     ui: bool = True  # the playground at `/` (`--no-ui` turns it off: 404)
+    shutdown_timeout_s: float = 30.0  # on SIGINT/SIGTERM, open requests are aborted after it
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535 (0: any free port), got {self.port}")
+        if not self.shutdown_timeout_s >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout_s}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")

@@ -9,3 +9,8 @@ class QueueFullError(RuntimeError):
             f"the server is overloaded: {max_waiting} requests are already waiting; retry later"
         )
         self.max_waiting = max_waiting
+
+
+class ShuttingDownError(RuntimeError):
+    """The server stops and its graceful-shutdown bound has passed: open requests end with it
+    (503; a stream gets an error event, then `data: [DONE]`)."""

@@ -4,7 +4,10 @@ server exits with the reason and a non-zero status."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import socket
 import sys
 import threading
 
@@ -18,6 +21,32 @@ from server.metrics import Metrics
 from server.request import SamplingParams
 
 logger = logging.getLogger("lln_serve")
+STREAM_GRACE_S = 2.0  # after the bound, for the failed requests to send their error and end
+
+
+class BoundedShutdownServer(uvicorn.Server):
+    """uvicorn, whose graceful shutdown (SIGINT, SIGTERM) waits at most `bound` seconds for
+    open requests: then they end with a 503 error (a stream: an error event, then [DONE]) and
+    their sequences are aborted. uvicorn cancels whatever is still open STREAM_GRACE_S later."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, bound: float) -> None:
+        super().__init__(config)
+        self.state, self.bound = state, bound
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.bound, self.fail_open_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def fail_open_requests(self) -> None:
+        if self.state.engine is None:
+            return
+        reason = f"the server is shutting down (open requests end after {self.bound:g} s)"
+        count = self.state.engine.fail_open_requests(reason)
+        if count:
+            logger.warning("shutdown: %d open request(s) ended after %g s", count, self.bound)
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
@@ -30,20 +59,44 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         ui=server_config.ui,
     )
     app = build_app(state, list(server_config.cors_origins))
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level="info")
-    )
+    bound = server_config.shutdown_timeout_s
+    config = uvicorn.Config(
+        app, host=server_config.host, port=server_config.port, log_level="info",
+        timeout_graceful_shutdown=bound + STREAM_GRACE_S,
+    )  # fmt: skip
+    server = BoundedShutdownServer(config, state, bound)
     loader = threading.Thread(
         target=_load, args=(state, engine_config, name, server), name="lln-loader", daemon=True
     )
     loader.start()
-    server.run()
+    _run_until_stopped(server)
     if state.engine is not None:
         state.engine.shutdown()
     if state.loading_error is not None:
         print(f"lln-serve serve: error: {state.loading_error}", file=sys.stderr)
         return 1
     return 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(_signum: int, _frame) -> None:
+    raise _Stopped
+
+
+def _run_until_stopped(server: uvicorn.Server) -> None:
+    """Run uvicorn; the SIGINT or SIGTERM it handled (and raises again once done) ends the run
+    here, so that the engine still shuts down (pending session saves land) and the exit is 0."""
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _load(state: ServerState, config: EngineConfig, name: str, server: uvicorn.Server) -> None:

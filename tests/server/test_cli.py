@@ -141,3 +141,17 @@ def test_deterministic_is_unset_by_default_and_set_by_flag_or_environment(monkey
     assert build_parser().parse_args(["serve", "--no-deterministic"]).deterministic is False
     monkeypatch.setenv("LLN_SERVE_DETERMINISTIC", "0")
     assert build_parser().parse_args(["serve"]).deterministic is False
+
+
+def test_shutdown_timeout_flag_environment_and_check(monkeypatch):
+    from server.cli import build_parser
+    from server.config import ServerConfig
+
+    assert build_parser().parse_args(["serve"]).shutdown_timeout == 30.0
+    assert build_parser().parse_args(["serve", "--shutdown-timeout", "2.5"]).shutdown_timeout == 2.5
+    monkeypatch.setenv("LLN_SERVE_SHUTDOWN_TIMEOUT", "4")
+    assert build_parser().parse_args(["serve"]).shutdown_timeout == 4.0
+    assert ServerConfig(shutdown_timeout_s=0).shutdown_timeout_s == 0
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="shutdown_timeout must be >= 0"):
+            ServerConfig(shutdown_timeout_s=bad)

@@ -751,10 +751,7 @@ async def _completion_events(body, request_id, first, choices, prompts, echo, to
 
 async def _chat(request: Request, state: ServerState, body: ChatCompletionRequest):
     tokenizer = state.engine.engine.tokenizer
-    messages = [  # a participant's name goes to the template, which may use it
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-        for m in body.messages
-    ]
+    messages = [m.for_template() for m in body.messages]
     ids = None
     if body.session_id is not None:  # a continued session: only its new turns
         saved = await _stored_session(state, body.session_id)

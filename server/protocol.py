@@ -202,6 +202,14 @@ class ChatMessage(_Request):
             return self.content or ""
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict:
+        """The message as a chat template takes it (a participant's name too: it may use it)."""
+        return {
+            "role": self.role,
+            "content": self.text(),
+            **({"name": self.name} if self.name else {}),
+        }
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]

@@ -53,10 +53,7 @@ def _render_chat(tokenizer, body: TokenizeChatRequest) -> str:
     """The conversation as the chat template renders it (what /v1/chat/completions feeds)."""
     if not body.messages:
         raise InputError("messages", "must contain at least one message")
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-        for m in body.messages
-    ]
+    messages = [m.for_template() for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(
             messages, add_generation_prompt=body.add_generation_prompt, tokenize=False

@@ -41,13 +41,17 @@ from server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ResponseFunctionCall,
+    ResponseToolCall,
     SessionDeleted,
     SessionInfo,
     SessionObject,
@@ -63,6 +67,8 @@ from server.protocol import (
 from server.state_store import SessionError, StoreUnavailableError
 from server.state_store import SessionInfo as StoredSession
 from server.tokenization import InputError, detokenize, tokenize, tokenize_schema
+from server.tool_stream import CallDelta, Reply, merge
+from server.tools import ChatPlan, ToolError, plan_chat
 
 logger = logging.getLogger("lln_serve.api")
 VERSION = "0.1.0"
@@ -751,13 +757,13 @@ async def _completion_events(body, request_id, first, choices, prompts, echo, to
 
 async def _chat(request: Request, state: ServerState, body: ChatCompletionRequest):
     tokenizer = state.engine.engine.tokenizer
-    messages = [m.for_template() for m in body.messages]
+    plan = _tool_call(lambda: plan_chat(body, tokenizer))
     ids = None
     if body.session_id is not None:  # a continued session: only its new turns
         saved = await _stored_session(state, body.session_id)
         if saved is not None and saved.pending is not None:
-            ids = _continuation_ids(tokenizer, messages, list(saved.pending))
-    ids = ids or _chat_ids(tokenizer, messages)
+            ids = _continuation_ids(tokenizer, plan.history, list(saved.pending))
+    ids = ids or _chat_ids(tokenizer, plan.messages, plan.tools)
     top = body.top_logprobs
     if top is not None and not 0 <= top <= 20:
         raise APIError(400, "top_logprobs must be between 0 and 20", "invalid_request_error",
@@ -766,9 +772,8 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
     logprobs = (top or 0) if body.logprobs else None
-    params = _sampling(
-        lambda: body.sampling_params(max_tokens, logprobs=logprobs, guided=_guided(state, body))
-    )
+    guided = _guided(state, body) if plan.format is None else _tool_grammar(state, plan)
+    params = _sampling(lambda: body.sampling_params(max_tokens, logprobs=logprobs, guided=guided))
     _check_capacity(state, 1, body.n)
     request_id = new_id("chatcmpl")
     progress = body.stream and body.return_progress
@@ -776,10 +781,29 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     choices = [_Choice(i) for i in range(body.n)]
     if body.stream:
         first = await _first_or_error(_merged([stream]))
-        return _sse(_chat_events(body, request_id, first, choices, tokenizer))
+        return _sse(_chat_events(body, request_id, first, choices, tokenizer, plan))
     return await _until_disconnect(
-        request, _chat_full(body, request_id, stream, choices, tokenizer)
+        request, _chat_full(body, request_id, stream, choices, tokenizer, plan)
     )
+
+
+def _tool_call(build: Callable[[], ChatPlan]) -> ChatPlan:
+    try:
+        return build()
+    except ToolError as error:
+        raise APIError(400, str(error), "invalid_request_error", error.param) from None
+
+
+def _tool_grammar(state: ServerState, plan: ChatPlan):
+    """The grammar of the tools' calls, compiled here so that a bad schema is a 400."""
+    if plan.guided is None:
+        return None
+    try:
+        state.engine.engine.guided.compile(plan.guided)
+    except ValueError as error:
+        message = f"the tools' schemas cannot be used: {error}"
+        raise APIError(400, message, "invalid_request_error", "tools") from None
+    return plan.guided
 
 
 async def _stored_session(state: ServerState, session_id: str) -> StoredSession | None:
@@ -792,9 +816,11 @@ async def _stored_session(state: ServerState, session_id: str) -> StoredSession 
         return None
 
 
-def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, tools=tools
+        )
     except Exception as error:  # the template refuses some conversations (e.g. role order)
         raise APIError(
             400, f"chat template: {error}", "invalid_request_error", "messages"
@@ -829,21 +855,36 @@ def _continuation_ids(tokenizer, messages: list[dict], pending: list[int]) -> li
     return tokenizer(text, add_special_tokens=False).input_ids or None
 
 
-async def _chat_full(body, request_id, stream, choices, tokenizer):
+async def _chat_full(body, request_id, stream, choices, tokenizer, plan: ChatPlan):
     async for out in stream:
         _accumulate(choices[out.index], out)
-    result = [
-        ChatChoice(
+    result = []
+    for c in choices:
+        reply = plan.parse(c.text) if plan.format else Reply(c.text)
+        result.append(ChatChoice(
             index=c.index,
-            message=AssistantMessage(content=c.text),
+            message=_assistant_message(reply),
             logprobs=_chat_logprobs(c.logprobs, tokenizer) if body.logprobs else None,
-            finish_reason=c.finish_reason,
-        )
-        for c in choices
-    ]
+            finish_reason=_finish_reason(c.finish_reason, bool(reply.calls)),
+        ))  # fmt: skip
     return ChatCompletionResponse(
         id=request_id, model=body.model, choices=result, usage=_usage(choices, choices[:1])
     )
+
+
+def _assistant_message(reply: Reply) -> AssistantMessage:
+    if not reply.calls:
+        return AssistantMessage(content=reply.content or "")
+    calls = [
+        ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+        for c in reply.calls
+    ]
+    return AssistantMessage(content=reply.content, tool_calls=calls)
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's `tool_calls` for a reply that ended with its calls (not for one cut short)."""
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def _chat_logprobs(entries: list[TokenLogprob], tokenizer) -> ChatLogprobs:
@@ -860,9 +901,11 @@ def _chat_logprobs(entries: list[TokenLogprob], tokenizer) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-async def _chat_events(body, request_id, first, choices, tokenizer):
+async def _chat_events(body, request_id, first, choices, tokenizer, plan: ChatPlan):
     merged, pending = first
     started = set()
+    splitters = [plan.splitter() for _ in choices] if plan.format else None
+    called = set()
     try:
         async for _, out in _chain(pending, merged):
             if out.progress is not None:
@@ -871,17 +914,22 @@ async def _chat_events(body, request_id, first, choices, tokenizer):
                 continue
             choice = choices[out.index]
             _accumulate(choice, out)
-            if _held_back(choice, out, out.text, first=out.index not in started):
+            if splitters is None:
+                delta = DeltaMessage(content=out.text)
+            else:
+                delta = _tool_delta(splitters[out.index], out)
+                called.update([out.index] if delta.tool_calls else [])
+            if _held_back(choice, out, _sent(delta), first=out.index not in started):
                 continue
-            delta = DeltaMessage(content=out.text)
             if out.index not in started:
                 started.add(out.index)
                 delta.role = "assistant"
             entries = _with_held(choice, out)
             logprobs = _chat_logprobs(entries, tokenizer) if body.logprobs else None
+            reason = _finish_reason(out.finish_reason, out.index in called)
             chunk = ChatCompletionChunk(id=request_id, model=body.model, choices=[ChatChunkChoice(
                 index=out.index, delta=delta, logprobs=logprobs,
-                finish_reason=out.finish_reason if out.finished else None,
+                finish_reason=reason if out.finished else None,
             )])  # fmt: skip
             yield _event(chunk.model_dump(exclude_none=True))
         if body.stream_options and body.stream_options.include_usage:
@@ -891,6 +939,30 @@ async def _chat_events(body, request_id, first, choices, tokenizer):
     except APIError as error:
         yield _error_event(error)
     yield "data: [DONE]\n\n"
+
+
+def _sent(delta: DeltaMessage) -> str:
+    """What a delta sends ("" for none: the chunk is held back)."""
+    return (delta.content or "") + ("call" if delta.tool_calls else "")
+
+
+def _tool_delta(splitter, out: RequestOutput) -> DeltaMessage:
+    """The content and call pieces of one output (all that is left, if it is the last)."""
+    pieces = splitter.feed(out.text)
+    if out.finished:
+        pieces += splitter.finish()
+    content, calls = merge(pieces)
+    if not calls:
+        return DeltaMessage(content=content or "")
+    return DeltaMessage(content=content, tool_calls=[_delta_call(c) for c in calls])
+
+
+def _delta_call(piece: CallDelta) -> DeltaToolCall:
+    first = piece.id is not None
+    return DeltaToolCall(
+        index=piece.index, id=piece.id, type="function" if first else None,
+        function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments),
+    )  # fmt: skip
 
 
 # ---- SSE helpers ---------------------------------------------------------------------------------

@@ -13,13 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from server.request import GuidedSpec, SamplingParams
 
 # Fields of OpenAI's API this server does not honour: a request that sets one gets a 400 that
-# says so (with a value that asks for nothing, e.g. `tool_choice: "none"`, it passes).
+# says so (with a value that asks for nothing, e.g. `functions: []`, it passes).
 UNSUPPORTED = {
-    "tools": "tool calls are not supported by this server",
-    "functions": "function calls are not supported by this server",
-    "function_call": "function calls are not supported by this server",
-    "tool_choice": "tool calls are not supported by this server",
-    "parallel_tool_calls": "tool calls are not supported by this server",
+    "functions": "the legacy `functions` field is not supported: use `tools`",
+    "function_call": "the legacy `function_call` field is not supported: use `tool_choice`",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -97,8 +94,6 @@ class _SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    tool_choice: Literal["none"] | None = None  # anything else is refused (UNSUPPORTED)
-    tools: list | None = None  # only an empty list passes
     session_id: str | None = Field(
         max_length=256,
         default=None,
@@ -192,10 +187,38 @@ class ContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text (a string, as OpenAI's)")
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _json_text(cls, arguments):
+        if not isinstance(arguments, str):
+            raise ValueError(
+                f"must be a string of JSON (as OpenAI returns it), not {type(arguments).__name__}"
+            )
+        return arguments
+
+
+class ToolCall(_Request):
+    """A call an assistant message made (the history of a conversation with tools)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, description="assistant messages: the calls it made (content may be null)"
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="tool messages: the id of the call this is the result of"
+    )
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -211,8 +234,41 @@ class ChatMessage(_Request):
         }
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(description="letters, digits, `_`, `-` and `.`, at most 64")
+    description: str | None = None
+    parameters: dict | None = Field(
+        default=None, description="a JSON schema of type object (the arguments)"
+    )
+    strict: bool | None = None  # the arguments always follow the schema here
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="auto (the default with tools): a call or an answer; required: a call; "
+        "none: an answer; a named function: a call of that one",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None,
+        description="let one reply make several calls (default false, as llama.cpp's)",
+    )
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -312,9 +368,21 @@ class ChatLogprobs(_Model):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(_Model):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(_Model):
@@ -333,9 +401,25 @@ class ChatCompletionResponse(_Model):
     usage: Usage
 
 
+class DeltaFunctionCall(_Model):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Model):
+    """A piece of a streamed call: `id`, `type` and `function.name` in its first delta only,
+    `function.arguments` in pieces (concatenated by the client, as the OpenAI SDK does)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(_Model):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Model):

@@ -952,9 +952,7 @@ def _tool_delta(splitter, out: RequestOutput) -> DeltaMessage:
     if out.finished:
         pieces += splitter.finish()
     content, calls = merge(pieces)
-    if not calls:
-        return DeltaMessage(content=content or "")
-    return DeltaMessage(content=content, tool_calls=[_delta_call(c) for c in calls])
+    return DeltaMessage(content=content, tool_calls=[_delta_call(c) for c in calls] or None)
 
 
 def _delta_call(piece: CallDelta) -> DeltaToolCall:

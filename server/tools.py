@@ -321,6 +321,24 @@ def generic_schema(tools: list[dict], choice: str, parallel: bool, response: dic
     return {**branch, "$defs": defs}
 
 
+def _closed(node):
+    """The schema with no extra properties where it names some and says nothing of others: a
+    small model given the choice invents arguments (JSON Schema's default allows them)."""
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    result = {}
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            result[key] = {name: _closed(sub) for name, sub in value.items()}
+        else:
+            result[key] = value if key in _NOT_SCHEMAS else _closed(value)
+    if "properties" in result and not {"additionalProperties", "patternProperties"} & set(result):
+        result["additionalProperties"] = False
+    return result
+
+
 def _one_key(key: str, schema: dict) -> dict:
     return {"type": "object", "properties": {key: schema}, "required": [key],
             "additionalProperties": False}  # fmt: skip
@@ -330,7 +348,7 @@ def _calls_schema(tools: list[dict], choice: str, defs: dict, arguments_key: str
     options = []
     for i, tool in enumerate(tools):
         if choice in ("auto", "required") or tool["name"] == choice:
-            arguments = _hoisted(tool["parameters"], f"tool{i}", defs)
+            arguments = _hoisted(_closed(tool["parameters"]), f"tool{i}", defs)
             options.append({
                 "type": "object",
                 "properties": {"name": {"const": tool["name"]}, arguments_key: arguments},
@@ -351,6 +369,7 @@ def _hoisted(schema: dict, key: str, defs: dict) -> dict:
 
 
 _NOT_SCHEMAS = ("const", "enum", "default", "examples")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def _rebased(node, key: str):

@@ -331,3 +331,20 @@ def test_choice_none_is_a_plain_chat():
                      Template(CHATML))  # fmt: skip
     assert plan.format is None and plan.guided is None
     assert plan.messages == [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_arguments_get_no_properties_their_schema_does_not_name(guided):
+    """JSON Schema allows unnamed properties by default; a small model given them invents
+    arguments, so the grammar allows them only where the schema says so."""
+    loose = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            "extra": {"type": "object", "additionalProperties": True},
+        },
+    }
+    tools = [{"name": "f", "description": "", "parameters": loose}]
+    spec = GuidedSpec.json_schema(generic_schema(tools, "required", False, None))
+    assert accepts(guided, spec, call("f", {"properties": {"x": 1}, "extra": {"any": 2}}))
+    assert not accepts(guided, spec, call("f", {"properties": {"x": 1}, "y": 2}))
+    assert not accepts(guided, spec, call("f", {"properties": {"x": 1, "y": 2}}))

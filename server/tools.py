@@ -73,7 +73,7 @@ def plan_chat(body: ChatCompletionRequest, tokenizer) -> ChatPlan:
         messages = [m.for_template() for m in body.messages]
         return ChatPlan(messages, messages)
     support = template_support(tokenizer)
-    history = history_messages(body.messages, support)
+    history = history_messages(body.messages, support, body.session_id is not None)
     if choice == "none":
         return ChatPlan(history, history)
     _refuse_other_constraints(body)
@@ -207,14 +207,17 @@ def _renders(tokenizer, messages: list[dict], needle: str, **extra) -> bool:
 # ---- history: earlier calls and their results --------------------------------------------------
 
 
-def history_messages(messages: list[ChatMessage], support: TemplateSupport) -> list[dict]:
+def history_messages(
+    messages: list[ChatMessage], support: TemplateSupport, continued: bool = False
+) -> list[dict]:
     """The conversation for the template: calls and results in the template's own format
-    (native), or as the generic format's JSON. Raises ToolError for a result of no call."""
+    (native), or as the generic format's JSON. Raises ToolError for a result of no call
+    (unless `continued`: a session's new turns answer calls its saved state holds)."""
     names: dict[str, str] = {}
     result = []
     for i, message in enumerate(messages):
         if message.role == "tool":
-            result.append(_tool_result(i, message, names, support))
+            result.append(_tool_result(i, message, names, support, continued))
         elif message.role == "assistant" and message.tool_calls:
             calls = [(c.id, c.function.name, _arguments(c.function.arguments))
                      for c in message.tool_calls]  # fmt: skip
@@ -246,16 +249,18 @@ def _assistant_calls(message: ChatMessage, calls: list[tuple], support: Template
     return {"role": "assistant", "content": text}
 
 
-def _tool_result(i: int, message: ChatMessage, names: dict, support: TemplateSupport) -> dict:
+def _tool_result(
+    i: int, message: ChatMessage, names: dict, support: TemplateSupport, continued: bool
+) -> dict:
     call_id = message.tool_call_id
     if call_id is None:
         raise ToolError(f"messages.{i}.tool_call_id", "a tool message needs the id of its call")
-    if call_id not in names:
+    if call_id not in names and not continued:
         raise ToolError(
             f"messages.{i}.tool_call_id",
             f"{call_id[:80]!r} is the id of no tool call in an earlier assistant message",
         )
-    name = message.name or names[call_id]
+    name = message.name or names.get(call_id, "")
     if support.native is not None:
         return {"role": "tool", "content": message.text(), "tool_call_id": call_id, "name": name}
     body = {"tool_response": {"name": name, "id": call_id, "content": message.text()}}

@@ -10,6 +10,7 @@ const app = {
   model: null,
   info: null, // GET /v1/state_info: state bytes, KV bytes per token, load
   history: [], // chat messages kept in the conversation (sent again when sessions are off)
+  pendingCalls: [], // tool calls of the last answer: the next messages are their results
   sessionId: null,
   turns: [], // chart points: {tokens, state, kv}
   running: null, // AbortController of the answer being streamed
@@ -128,9 +129,27 @@ function newSessionId() {
   return `playground-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
+function toolFields() {
+  // OpenAI's tools, tool_choice and parallel_tool_calls from the Tools box (none if empty)
+  const text = $("tools").value.trim();
+  if (!text) return {};
+  let tools;
+  try {
+    tools = JSON.parse(text);
+  } catch (error) {
+    throw new Error(`Tools: not JSON (${error.message})`);
+  }
+  const parallel = $("parallel-calls").checked;
+  return { tools, tool_choice: $("tool-choice").value, parallel_tool_calls: parallel };
+}
+
 function chatMessages(text) {
   // {added: what joins the conversation, send: what this request carries}
-  const user = { role: "user", content: text };
+  // after a tool call, the message is its result
+  const call = app.pendingCalls.shift();
+  const user = call
+    ? { role: "tool", tool_call_id: call.id, content: text }
+    : { role: "user", content: text };
   const system = $("system").value.trim();
   const first = app.history.length === 0;
   const added = first && system ? [{ role: "system", content: system }, user] : [user];
@@ -147,7 +166,14 @@ async function send(text) {
     return;
   }
   const chat = mode() === "chat";
-  const body = { model: app.model, ...sampling() };
+  let tools = {};
+  try {
+    tools = chat ? toolFields() : {};
+  } catch (error) {
+    addMessage("error", error.message);
+    return;
+  }
+  const body = { model: app.model, ...sampling(), ...tools };
   const context = $("context-text").value;
   const content = context ? `${context}\n\n${text}` : text;
   const turn = chat ? chatMessages(content) : null;
@@ -176,7 +202,9 @@ async function send(text) {
   } finally {
     setRunning(null);
   }
-  if (chat) app.history.push(...turn.added, { role: "assistant", content: result.text });
+  if (chat) app.history.push(...turn.added, assistantTurn(result));
+  app.pendingCalls = result.calls.slice();
+  if (result.calls.length) meta(answer, `your next message is the result of ${result.calls[0].function.name}`);
   if (context) clearContext(); // it is in the conversation now (in the session's state)
   await recordTurn(result.usage, timing, answer).catch((error) => {
     meta(answer, `figures unavailable: ${error.message}`);
@@ -186,7 +214,7 @@ async function send(text) {
 async function readStream(response, answer, timing, chat) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  const out = { text: "", usage: null };
+  const out = { text: "", usage: null, calls: [] };
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
@@ -213,6 +241,7 @@ function handleEvent(event, out, answer, timing, chat) {
     if (chunk.prompt_progress) showPrefill(chunk.prompt_progress);
     for (const choice of chunk.choices || []) {
       const piece = chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
+      if (chat && choice.delta && choice.delta.tool_calls) addCallPieces(out, choice.delta.tool_calls);
       const now = performance.now();
       if (timing.first === null) {
         timing.first = now;
@@ -221,10 +250,29 @@ function handleEvent(event, out, answer, timing, chat) {
       timing.last = now;
       timing.chunks += 1;
       out.text += piece;
-      answer.firstChild.textContent = out.text;
+      answer.firstChild.textContent = out.text + callsText(out.calls);
       showRate(timing, timing.chunks);
     }
   }
+}
+
+function addCallPieces(out, pieces) {
+  // as the OpenAI SDK accumulates: id and name in a call's first piece, arguments in pieces
+  for (const piece of pieces) {
+    if (!out.calls[piece.index]) {
+      out.calls[piece.index] = { id: piece.id, type: "function", function: { name: piece.function.name, arguments: "" } };
+    }
+    out.calls[piece.index].function.arguments += piece.function.arguments || "";
+  }
+}
+
+function callsText(calls) {
+  return calls.map((c) => `\n→ ${c.function.name}(${c.function.arguments})`).join("");
+}
+
+function assistantTurn(result) {
+  if (!result.calls.length) return { role: "assistant", content: result.text };
+  return { role: "assistant", content: result.text || null, tool_calls: result.calls };
 }
 
 function finishFailed(error, answer, userItem, controller) {
@@ -451,6 +499,7 @@ function setRunning(controller) {
 function resetConversation() {
   if (app.running) app.running.abort();
   app.history = [];
+  app.pendingCalls = [];
   app.sessionId = null;
   app.turns = [];
   $("messages").replaceChildren();
@@ -492,6 +541,7 @@ function init() {
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
     radio.addEventListener("change", () => {
       $("system-label").hidden = mode() !== "chat";
+      $("tools-box").hidden = mode() !== "chat";
       resetConversation();
     });
   }

@@ -38,8 +38,12 @@ def test_routes_document_their_bodies(document):
             "ErrorResponse"
         )
     fields = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    for name in ("messages", "max_tokens", "response_format", "guided_json", "session_id"):
+    for name in ("messages", "max_tokens", "response_format", "guided_json", "session_id",
+                 "tools", "tool_choice", "parallel_tool_calls"):  # fmt: skip
         assert name in fields
+    schemas = document["components"]["schemas"]
+    assert {"tool_calls", "tool_call_id"} <= set(schemas["ChatMessage"]["properties"])
+    assert "tool_calls" in schemas["AssistantMessage"]["properties"]
     assert "prompt" in document["components"]["schemas"]["CompletionRequest"]["required"]
 
 

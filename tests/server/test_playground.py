@@ -90,6 +90,20 @@ def test_the_page_loads_a_long_context_and_shows_prefill_progress():
     assert "#prefill-bar" in (STATIC_DIR / "style.css").read_text()
 
 
+def test_the_page_offers_tools_and_shows_calls():
+    """The Tools box (functions as JSON, the choice, parallel calls) and the script that sends
+    them, accumulates streamed calls as the OpenAI SDK does, and sends the next message as the
+    call's result."""
+    page = (STATIC_DIR / "index.html").read_text()
+    for control in ('id="tools-box"', 'id="tools"', 'id="tool-choice"', 'id="parallel-calls"'):
+        assert control in page, control
+    script = (STATIC_DIR / "app.js").read_text()
+    pieces = ("tool_choice:", "parallel_tool_calls", "choice.delta.tool_calls", 'role: "tool"',
+              "tool_call_id: call.id", "tool_calls: result.calls")  # fmt: skip
+    for piece in pieces:
+        assert piece in script, piece
+
+
 def test_no_ui_flag_and_environment_variable():
     assert build_parser().parse_args(["serve"]).no_ui == "0"
     assert build_parser().parse_args(["serve", "--no-ui"]).no_ui == "1"

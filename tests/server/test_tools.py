@@ -348,3 +348,13 @@ def test_arguments_get_no_properties_their_schema_does_not_name(guided):
     assert accepts(guided, spec, call("f", {"properties": {"x": 1}, "extra": {"any": 2}}))
     assert not accepts(guided, spec, call("f", {"properties": {"x": 1}, "y": 2}))
     assert not accepts(guided, spec, call("f", {"properties": {"x": 1, "y": 2}}))
+
+
+def test_a_continued_session_answers_calls_its_saved_state_holds():
+    """With a session the client sends only its new turns: a result may answer a call that
+    only the saved state has seen."""
+    messages = request(messages=[HISTORY[2]]).messages
+    out = history_messages(messages, GENERIC, continued=True)
+    assert json.loads(out[0]["content"])["tool_response"]["id"] == "call_1"
+    with pytest.raises(ToolError):
+        history_messages(messages, GENERIC)

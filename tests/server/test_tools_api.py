@@ -293,3 +293,20 @@ def test_a_template_that_renders_tools_gets_them_in_its_own_format():
     assert template_support(byte_tokenizer(HERMES)).native == "hermes"
     chatml = template_support(byte_tokenizer(CHATML))
     assert chatml.native is None and chatml.system and chatml.tool_role
+
+
+def test_requests_and_replies_with_tools_conform_to_the_openapi_document(client):
+    document = client.get("/openapi.json").json()
+
+    def schema(name: str) -> dict:
+        return {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+
+    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "tool_choice": "required",
+            "max_tokens": 120, "parallel_tool_calls": False, "seed": 1}  # fmt: skip
+    jsonschema.validate(body, schema("ChatCompletionRequest"))
+    reply = client.post("/v1/chat/completions", json=body).json()
+    jsonschema.validate(reply, schema("ChatCompletionResponse"))
+    history = {**body, "messages": [*USER, reply["choices"][0]["message"], {
+        "role": "tool", "tool_call_id": reply["choices"][0]["message"]["tool_calls"][0]["id"],
+        "content": "done"}]}  # fmt: skip
+    jsonschema.validate(history, schema("ChatCompletionRequest"))

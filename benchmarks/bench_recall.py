@@ -128,7 +128,14 @@ def held_exactly(states, positions: list[int], length: int) -> int:
 
 def far_variant(key: str, sparse: dict) -> tuple[str, dict] | None:
     """`fixed-D[-sS][-nolln]`: the default with every far key at rotary distance D (the sinks
-    at S), its LLN part removed with -nolln; None for other names."""
+    at S), its LLN part removed with -nolln; `grouped-G-M`: the sparse cache's pairs at grouped
+    distances (G tokens a position, at most M); None for other names."""
+    grouped = re.fullmatch(r"grouped-(\d+)-(\d+)", key)
+    if grouped is not None:
+        group, ceiling = map(int, grouped.groups())
+        overrides = {**sparse, "far_positions": "grouped", "far_group": group,
+                     "far_max_distance": ceiling}  # fmt: skip
+        return f"sparse cache at grouped distances (g={group}, at most {ceiling})", overrides
     match = re.fullmatch(r"fixed-(\d+)(?:-s(\d+))?(-nolln)?", key)
     if match is None:
         return None
@@ -159,7 +166,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default=KV_DTYPE, choices=["auto", "bfloat16"],
                         help="storage of the new variant's window and cache")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=["teacher", "rev8", "sparse"],
-                        help="names below, or fixed-D[-sS][-nolln]")  # fmt: skip
+                        help="names below, fixed-D[-sS][-nolln] or grouped-G-M")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_recall.md"))
     args = parser.parse_args()

@@ -34,7 +34,9 @@ class LLNConfig(LlamaConfig):
     window has passed them, the sparse cache, the LLN state): "original" (each key where it was
     written: distances grow with the context, past the trained range) or "fixed" (every far key
     at far_distance from the query, the sinks at far_sink_distance minus their position;
-    `lln_core/ops/far.py`). far_sink_distance None: far_distance.
+    `lln_core/ops/far.py`) or "grouped" (as "fixed", but the sparse cache's pairs at grouped
+    distances that keep their order: far_group text tokens a position, at most
+    far_max_distance). far_sink_distance None: far_distance.
     """
 
     model_type = "lln_llama"
@@ -54,6 +56,8 @@ class LLNConfig(LlamaConfig):
     far_positions: str = "original"
     far_distance: int = 1024
     far_sink_distance: int | None = None
+    far_group: int = 8
+    far_max_distance: int = 4096
     # Qwen2 has biases on q/k/v but not on o; None means "as attention_bias" (Llama).
     o_proj_bias: bool | None = None
 
@@ -85,7 +89,7 @@ class LLNConfig(LlamaConfig):
     def uses_far_positions(self) -> bool:
         """Whether the far tier reads fixed rotary distances (LLN+Diag, joint, "fixed")."""
         return (
-            self.far_positions == "fixed"
+            self.far_positions in ("fixed", "grouped")
             and self.attention_kernel == "lln_diag"
             and self.combine == "joint"
         )
@@ -98,6 +102,8 @@ class LLNConfig(LlamaConfig):
         sink_distance = self.far_sink_distance
         if self.far_distance < 0 or (sink_distance is not None and sink_distance < 0):
             raise ValueError("far_distance and far_sink_distance must be >= 0")
+        if self.far_group < 1 or self.far_max_distance < self.local_size:
+            raise ValueError("far_group must be >= 1 and far_max_distance >= local_size")
 
     @property
     def uses_sparse_cache(self) -> bool:

@@ -368,6 +368,8 @@ class LLNModel(LLNPreTrainedModel):
             sink_distance=config.far_distance if sink_distance is None else sink_distance,
             scaling=self.rotary_emb.attention_scaling,
             dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+            group=config.far_group if config.far_positions == "grouped" else 0,
+            max_distance=config.far_max_distance,
         )  # fmt: skip
 
     def _use_compiled(self, states: States, seq_len: int, lengths: Tensor | None) -> bool:
@@ -408,7 +410,7 @@ def compile_decode_layers(template: BatchedState, cpp_wrapper: bool = False) -> 
     ):
         plan = None if plan_tensors is None else LocalStepPlan(*plan_tensors, in_place=in_place)
         sparse_plan = None if sparse_tensors is None else SparsePlan(*sparse_tensors)
-        far_rotary = None if far_tensors is None else FarRotary(*far_tensors)
+        far_rotary = None if far_tensors is None else FarRotary.unflat(far_tensors)
         flats = []
         for layer, state_tensors in zip(layers, group_states, strict=True):
             state = template.unflat(state_tensors)

@@ -44,7 +44,7 @@ from lln_core.ops.common import (
     ungroup,
     valid_tokens,
 )
-from lln_core.ops.far import FarTier
+from lln_core.ops.far import FarTier, rotate
 from lln_core.ops.lln.chunk import (
     SEGMENT_TOKENS,
     TINY,
@@ -208,10 +208,19 @@ def lln_diag_step(
         # the query sees the cache after the step (`SparsePlan.visible`): the cached pairs
         # that stay, and the leaving pair if it enters; read before the write, as the window
         seen = torch.where(sp.visible[:, 0], 0.0, float("-inf")).to(qg.dtype)  # [B, G + 1]
-        q_scaled = p.fq[:, :, :, 0] * p.scale
-        leaving_logit = q_scaled @ leaving_k.transpose(-1, -2) + seen[:, None, None, sparse.size :]
+        q_scaled, cached_k, read_k = p.fq[:, :, :, 0] * p.scale, sparse.k, leaving_k
+        if p.gq is not None:  # each pair rotated to where this query reads it
+            q_scaled = p.gq[:, :, :, 0] * p.scale
+            cos, sin = sp.shared(
+                ("grouped-step", p.k.dtype),
+                lambda: far.grouped.step_rotation(sp.candidates, p.k.dtype),
+            )
+            read = torch.cat([sparse.k.to(leaving_k.dtype), leaving_k], dim=2)
+            read = rotate(read, cos[:, None], sin[:, None])
+            cached_k, read_k = read[:, :, : sparse.size], read[:, :, sparse.size :]
+        leaving_logit = q_scaled @ read_k.transpose(-1, -2) + seen[:, None, None, sparse.size :]
         parts += [
-            slot_softmax(q_scaled, sparse.k, sparse.v, seen[:, : sparse.size]),
+            slot_softmax(q_scaled, cached_k, sparse.v, seen[:, : sparse.size]),
             one_slot(leaving_logit, leaving_v),
         ]
     else:
@@ -304,13 +313,16 @@ def naive_lln_diag_attention(
     far_query: Tensor | None = None,
     sink_query: Tensor | None = None,
     far_keys: Tensor | None = None,
+    kept_logits: Tensor | None = None,
 ) -> Tensor:
     """Quadratic reference from position 0: full T x T weights, float64-capable. sparse_size
     (joint): each query keeps exact the G old keys with the best scores [B, T] (per position;
     None: all alike), chosen from scratch for every query. far_query, sink_query [B, Hq, T, D]
     and far_keys [B, Hkv, T, D] (joint): the far tier's queries and every key as the far tier
     holds it (`lln_core.ops.far`), all defaulting to q and k: the sparse cache and the LLN state
-    score far_query against far_keys, the sinks past the window sink_query against k."""
+    score far_query against far_keys, the sinks past the window sink_query against k.
+    kept_logits [B, Hkv, G, T, T] (joint, unscaled): the sparse cache's logits in place of
+    far_query against far_keys (grouped far positions: `far.naive_grouped_logits`)."""
     _batch, num_kv_heads, group, seq_len = check_qkv(q, k, v)
     dtype = compute_dtype(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -345,7 +357,8 @@ def naive_lln_diag_attention(
             scores = torch.zeros(q.shape[0], seq_len, dtype=dtype) if scores is None else scores
             kept = naive_sparse_mask(old, scores.to(dtype), sparse_size)  # [B, T, T]
             old = old & ~kept
-        log_far = fq @ fk[:, :, None].transpose(-1, -2) * scale
+        log_far = fq @ fk[:, :, None].transpose(-1, -2) if kept_logits is None else kept_logits
+        log_far = log_far.to(dtype) * scale
         log_sink = sq @ kk.transpose(-1, -2) * scale
         logits = torch.where(old[..., None, None, :, :], log_lln + log_weight, ninf)
         for mask, part in ((far_sinks, log_sink), (kept, log_far), (near, log_sm)):
@@ -361,6 +374,8 @@ class _Prepared:
     qg: Tensor  # [B, Hkv, G, T, D]
     fq: Tensor  # the far tier's queries (sparse cache, LLN), grouped as qg
     sq: Tensor  # the queries of the sinks past the window, grouped as qg
+    gq: Tensor | None  # grouped far positions: the sparse cache's queries, grouped as qg
+    cq: Tensor | None  # and the queries of its pairs past the ceiling
     k: Tensor
     v: Tensor
     aq: Tensor  # alpha fq (or fq through the query feature map)
@@ -406,10 +421,13 @@ def _prepare(
         raise ValueError("a sparse cache joins the joint normalisation (combine='joint')")
     qg = group_queries(q, num_kv_heads, dtype)
     fq = qg if far is None else group_queries(far.query, num_kv_heads, dtype)
+    grouped = None if far is None else far.grouped
     return _Prepared(
         qg=qg,
         fq=fq,
         sq=qg if far is None else group_queries(far.sink_query, num_kv_heads, dtype),
+        gq=None if grouped is None else group_queries(grouped.query, num_kv_heads, dtype),
+        cq=None if grouped is None else group_queries(grouped.clamp_query, num_kv_heads, dtype),
         k=k.to(dtype),
         v=v.to(dtype),
         aq=feature_logits(alpha, fq, num_kv_heads, group, query_side=True),
@@ -474,9 +492,12 @@ def _forward(
             sinks = _far_sink_parts(p, cache, positions, local, valid)
             num, den, log_scale = add_parts((num, den, log_scale), sinks)
         if sparse is not None:
-            seen_k = gather_candidates(cand_k, sp.columns)
-            seen_v = gather_candidates(cand_v, sp.columns)
-            exact = sparse_parts(p.fq, seen_k, seen_v, sp.visible, p.scale, plan=sp)
+            if p.gq is None:
+                seen_k = gather_candidates(cand_k, sp.columns)
+                seen_v = gather_candidates(cand_v, sp.columns)
+                exact = sparse_parts(p.fq, seen_k, seen_v, sp.visible, p.scale, plan=sp)
+            else:
+                exact = _grouped_sparse_parts(p, cand_k, cand_v, sp)
             num, den, log_scale = add_parts((num, den, log_scale), exact)
         y = _joint(lln, num, den, log_scale, _log_weight(p, positions, local))
     else:
@@ -484,6 +505,28 @@ def _forward(
         y = w * lln.normalised() + (1 - w) * num / den[..., None]
     added = count_tokens(valid, seq_len)
     return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, added, cache, sparse)
+
+
+def _grouped_sparse_parts(
+    p: _Prepared, cand_k: Tensor, cand_v: Tensor, sp: SparsePlan
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The sparse cache's softmax parts at grouped far positions: pairs within the ceiling
+    at their grouped distance, those past it (if any) at the ceiling (`lln_core.ops.far`)."""
+    grouped = p.far.grouped
+
+    def shared():  # the same for every layer: made once per plan
+        pos = sp.candidates.gather(1, sp.columns)  # [B, M]
+        clamped = grouped.clamped(pos)  # [B, T, M]
+        beyond = sp.visible & clamped
+        return grouped.key_rotation(pos, p.k.dtype), sp.visible & ~clamped, beyond, beyond.any()
+
+    (cos, sin), near, beyond, any_beyond = sp.shared(("grouped", p.k.dtype), shared)
+    seen_k = gather_candidates(cand_k, sp.columns)
+    seen_v = gather_candidates(cand_v, sp.columns)
+    parts = sparse_parts(p.gq, rotate(seen_k, cos[:, None], sin[:, None]), seen_v, near, p.scale)
+    if any_beyond:
+        parts = add_parts(parts, sparse_parts(p.cq, seen_k, seen_v, beyond, p.scale))
+    return parts
 
 
 def _far_sink_parts(

@@ -35,7 +35,7 @@ class SparsePlan:
     [B, T, M] column m is in the cache at query i; merged: [B, T] the candidate merged into the
     LLN state at query i, merged_valid [B, T] whether one is; keep: [B, G] the candidate in each
     slot after the T queries; pos, score: [B, G] the new cache's positions (-1 = empty) and
-    scores.
+    scores; candidates: [B, G + T] every candidate's position (-1 = none).
     """
 
     columns: Tensor
@@ -45,21 +45,26 @@ class SparsePlan:
     keep: Tensor
     pos: Tensor
     score: Tensor
-    # the visibility as the fused kernel's mask, made once and shared by every layer
-    _masks: dict = field(default_factory=dict, compare=False, repr=False)
+    candidates: Tensor
+    # what every layer needs of the plan alike (the fused kernel's mask, the far tier's key
+    # rotations), made by the first layer that asks
+    _shared: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def shared(self, key: tuple, make):
+        """make() once per plan, under `key`; later calls (the other layers) reuse it."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def fused_mask(self, group: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The visibility as an additive mask [B, 1, G T, M] (0 or -inf) for G query heads
         per KV head, and whether each of those G T queries sees any candidate [B, 1, G T]."""
-        key = (group, dtype)
-        if key not in self._masks:
-            self._masks[key] = fused_mask(self.visible, group, dtype)
-        return self._masks[key]
+        return self.shared(("mask", group, dtype), lambda: fused_mask(self.visible, group, dtype))
 
     def flat(self) -> tuple[Tensor, ...]:
         """The tensors in field order (`SparsePlan(*flat)` rebuilds it)."""
         return (self.columns, self.visible, self.merged, self.merged_valid, self.keep, self.pos,
-                self.score)  # fmt: skip
+                self.score, self.candidates)  # fmt: skip
 
 
 def leaving_plan(
@@ -138,6 +143,7 @@ def sparse_plan(
         keep=keep,
         pos=torch.where(keep_valid, pos.gather(1, keep), -1),
         score=torch.where(keep_valid, score.gather(1, keep), float("-inf")),
+        candidates=pos,
     )
 
 
@@ -166,6 +172,7 @@ def step_sparse_plan(
         keep=keep,
         pos=torch.where(keep_valid, pos.gather(1, keep), -1),
         score=torch.where(keep_valid, score.gather(1, keep), float("-inf")),
+        candidates=pos,
     )
 
 

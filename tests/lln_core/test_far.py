@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lln_core.ops.common import round_to
-from lln_core.ops.far import FarRotary, rotary_cos_sin, rotate
+from lln_core.ops.far import FarRotary, naive_grouped_logits, rotary_cos_sin, rotate
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
     lln_diag_attention,
@@ -22,6 +22,7 @@ SPEC = LocalSpec("window", 6, num_sinks=2)
 DIM = 8
 INV_FREQ = 1.0 / (100_000 ** (torch.arange(0, DIM, 2, dtype=torch.float64) / DIM))
 DISTANCE, SINK_DISTANCE = 9, 7
+GROUP, MAX_DISTANCE = 3, 10  # grouped: the ceiling is reached 18-ish tokens back
 
 
 def rope(x, positions):
@@ -29,9 +30,10 @@ def rope(x, positions):
     return rotate(x, *rotary_cos_sin(INV_FREQ, positions, dtype=x.dtype))
 
 
-def far_rotary(positions, dtype=torch.float64):
+def far_rotary(positions, dtype=torch.float64, grouped=False):
     return FarRotary.make(INV_FREQ, positions, window=SPEC.size, distance=DISTANCE,
-                          sink_distance=SINK_DISTANCE, dtype=dtype)  # fmt: skip
+                          sink_distance=SINK_DISTANCE, dtype=dtype, group=GROUP if grouped else 0,
+                          max_distance=MAX_DISTANCE)  # fmt: skip
 
 
 def inputs(gen, batch, heads, seq_len, kv_dtype=None):
@@ -48,27 +50,40 @@ def inputs(gen, batch, heads, seq_len, kv_dtype=None):
     return q_raw, q, k, v, alpha, beta
 
 
-def naive_far(q_raw, k, kv_dtype):
-    """The far tier's queries and every key as the far tier holds it (at position 0)."""
+def naive_far(q_raw, k, kv_dtype, grouped=False):
+    """The far tier's queries and every key as the far tier holds it (at position 0); grouped:
+    the sparse cache's logits from its distances (`naive_grouped_logits`)."""
     pos = torch.arange(k.shape[2])
     cos, sin = rotary_cos_sin(INV_FREQ, pos, dtype=k.dtype)
     far_keys = rotate(k, cos, -sin)
     if kv_dtype is not None:
         far_keys = round_to(far_keys, kv_dtype)
-    return dict(
+    far = dict(
         far_query=rope(q_raw, torch.tensor(DISTANCE)),
         sink_query=rope(q_raw, torch.tensor(SINK_DISTANCE)),
         far_keys=far_keys,
     )
+    if grouped:
+        batch, heads, seq_len, dim = q_raw.shape
+        q_grouped = q_raw.view(batch, k.shape[1], heads // k.shape[1], seq_len, dim)
+        far["kept_logits"] = naive_grouped_logits(
+            q_grouped, far_keys, INV_FREQ, window=SPEC.size, group=GROUP, max_distance=MAX_DISTANCE
+        )
+    return far
 
 
 @pytest.mark.parametrize("heads", [(2, 2), (6, 2)], ids=["gqa1", "gqa3"])
-@pytest.mark.parametrize("size", [0, 4], ids=["no-cache", "cache4"])
+@pytest.mark.parametrize(
+    ("size", "grouped"),
+    [(0, False), (4, False), (4, True)],  # grouped positions are the sparse cache's
+    ids=["no-cache", "cache4", "cache4-grouped"],
+)
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16], ids=["kv-state", "kv-bf16"])
-def test_forms_agree(gen, heads, size, kv_dtype):
+def test_forms_agree(gen, heads, size, kv_dtype, grouped):
     """Prefill split anywhere, then decode steps: outputs and final states equal the naive
-    form with every far key at the fixed distance; chunked prefill of the whole sequence
-    leaves the same state as the steps."""
+    form with every far key at the fixed distance (grouped: the sparse cache's pairs at their
+    grouped distances, up to the ceiling); chunked prefill of the whole sequence leaves the
+    same state as the steps."""
     batch, seq_len = 2, 45
     q_raw, q, k, v, alpha, beta = inputs(gen, batch, heads, seq_len, kv_dtype)
     mix, power = mix_for("joint", heads[0]), power_for("joint", heads[0])
@@ -76,7 +91,7 @@ def test_forms_agree(gen, heads, size, kv_dtype):
     kwargs = dict(local=SPEC, combine="joint", count_power=power)
     y_ref = naive_lln_diag_attention(
         q, k, v, alpha, beta, mix, sparse_size=size, scores=scores,
-        **naive_far(q_raw, k, kv_dtype), **kwargs,
+        **naive_far(q_raw, k, kv_dtype, grouped), **kwargs,
     )  # fmt: skip
 
     def empty():
@@ -86,7 +101,7 @@ def test_forms_agree(gen, heads, size, kv_dtype):
 
     def run(state, start, end):
         positions = torch.arange(start, end).expand(batch, -1)
-        far = far_rotary(positions).tier(q_raw[:, :, start:end])
+        far = far_rotary(positions, grouped=grouped).tier(q_raw[:, :, start:end])
         sl = slice(start, end)
         score = evict_scores(scores, start, end, SPEC.size) if size else None
         if end - start == 1:

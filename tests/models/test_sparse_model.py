@@ -17,13 +17,15 @@ from tests.models.test_modeling import (
 
 SPARSE = dict(local_size=6, num_sinks=2, sparse_cache_size=3, sparse_span=1)
 KV_DTYPES = pytest.mark.parametrize("kv", ["auto", "bfloat16"])
-# far keys where they were written, or all at one distance (`lln_core/ops/far.py`)
-FAR = pytest.mark.parametrize("far", ["original", "fixed"])
+# far keys where they were written, all at one distance, or the sparse cache's at grouped
+# distances up to a ceiling that 40 tokens pass (`lln_core/ops/far.py`)
+FAR = pytest.mark.parametrize("far", ["original", "fixed", "grouped"])
 FIXED = dict(far_positions="fixed", far_distance=9, far_sink_distance=7)
+GROUPED = dict(FIXED, far_positions="grouped", far_group=2, far_max_distance=12)
 
 
 def sparse_model(dtype=torch.float64, far="original", **overrides):
-    far_config = FIXED if far == "fixed" else {}
+    far_config = {"fixed": FIXED, "grouped": GROUPED}.get(far, {})
     return tiny_model("lln_diag", dtype=dtype, **{**SPARSE, **far_config, **overrides})
 
 

@@ -182,11 +182,20 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--far-positions", choices=FAR_POSITIONS, default="fixed",
         help="rotary positions of keys past the window (sinks, sparse cache, LLN): 'fixed' reads "
-        "them all at --far-distance (usable past the trained length), 'original' where written",
+        "them all at --far-distance (usable past the trained length), 'grouped' as fixed but the "
+        "sparse cache's pairs in order, --far-group tokens a position, 'original' where written",
     )  # fmt: skip
     parser.add_argument(
         "--far-distance", type=_non_negative_int, default=1024,
-        help="the rotary distance of far keys with --far-positions fixed",
+        help="the rotary distance of far keys with --far-positions fixed or grouped",
+    )  # fmt: skip
+    parser.add_argument(
+        "--far-group", type=_positive_int, default=8,
+        help="--far-positions grouped: text tokens per rotary position of the sparse cache",
+    )  # fmt: skip
+    parser.add_argument(
+        "--far-max-distance", type=_positive_int, default=4096,
+        help="--far-positions grouped: the largest distance of a sparse-cache pair",
     )  # fmt: skip
 
 
@@ -243,6 +252,8 @@ def run_convert(args: argparse.Namespace) -> int:
             kv_cache_dtype=args.kv_cache_dtype,
             far_positions=args.far_positions,
             far_distance=args.far_distance,
+            far_group=args.far_group,
+            far_max_distance=args.far_max_distance,
         )
         if args.sparse_cache:
             if args.combine != "joint" or args.local_kind != "window":

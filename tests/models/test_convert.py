@@ -171,6 +171,15 @@ def test_cli_errors_are_messages_not_tracebacks(llama_dir, tmp_path):
         ("convert", str(path), str(tmp_path / "o"), "--kernel", "flash"),
         ("convert", str(path), str(tmp_path / "o"), "--far-positions", "near"),
         ("convert", str(path), str(tmp_path / "o"), "--far-distance", "-1"),
+        (
+            "convert",
+            str(path),
+            str(tmp_path / "o"),
+            "--far-positions",
+            "grouped",
+            "--far-max-distance",
+            "8",
+        ),  # below the window
         ("generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "0"),
     ]
     for args in cases:

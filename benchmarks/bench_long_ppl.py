@@ -4,8 +4,9 @@ of 1,024 tokens of one long text fed through one sequence's state, against its p
     .venv/bin/python benchmarks/bench_long_ppl.py --tokens 32768 --variants fixed rev8
 
 The stream is The Debian Administrator's Handbook (never trained or calibrated on) from its
-start, repeated if --tokens asks for more. Variants: the default (`fixed`: far keys at one
-rotary distance), revision 8 (`rev8`: far keys where they were written) and the softmax teacher
+start, repeated if --tokens asks for more. Variants: `grouped` (the sparse cache's pairs at
+grouped distances, at most 4096), revision 9 (`fixed`: every far key at one rotary distance),
+revision 8 (`rev8`: far keys where they were written) and the softmax teacher
 (`teacher`, full KV cache: its memory grows with the stream). Writes
 benchmarks/results/bench_long_ppl.md and .png.
 """
@@ -30,7 +31,11 @@ import matplotlib.pyplot as plt
 
 BLOCK = 1024
 VARIANTS = {
-    "fixed": ("default (far keys at distance 1024)", {}),
+    "fixed": ("revision 9 (every far key at distance 1024)", {"far_positions": "fixed"}),
+    "grouped": (
+        "sparse cache at grouped distances (g=8, at most 4096)",
+        {"far_positions": "grouped", "far_group": 8, "far_max_distance": 4096},
+    ),
     "rev8": ("revision 8 (far keys at their written positions)", {"far_positions": "original"}),
     "teacher": ("softmax teacher (full KV cache)", {"attention_kernel": "softmax"}),
 }

@@ -39,6 +39,8 @@ VARIANTS = {
     SHIPPED: dict(),
 }
 REVISION_8 = "revision 8 (far keys at their written positions)"
+REVISION_9 = "revision 9 (every far key at distance 1024)"
+GROUPED = "sparse cache at grouped distances (g=8, at most 4096)"
 CONVERTED = "converted, no training (calibrated LLN)"
 CONVERTED_NO_LLN = "converted, no training, LLN part off"
 CHOICES = {
@@ -46,11 +48,15 @@ CHOICES = {
     "rev6": REVISION_6,
     "default": SHIPPED,
     "rev8": REVISION_8,
+    "rev9": REVISION_9,
+    "grouped": GROUPED,
     "converted": CONVERTED,
     "converted-nolln": CONVERTED_NO_LLN,
 }
 EXTRA = {
     REVISION_8: dict(far_positions="original"),
+    REVISION_9: dict(far_positions="fixed"),
+    GROUPED: dict(far_positions="grouped", far_group=8, far_max_distance=4096),
     CONVERTED: dict(calibrated=True),
     CONVERTED_NO_LLN: dict(calibrated=True, mix=float("-inf")),
 }

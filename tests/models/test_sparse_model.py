@@ -74,11 +74,13 @@ def test_batched_different_lengths_equal_each_alone(kv, far):
     assert_batched_equals_alone(sparse_model(kv_cache_dtype=kv, far=far), tol=1e-10)
 
 
-# fixed far positions with the default's bfloat16 storage only: each compiled case costs
-# a compilation of its own
+# fixed and grouped far positions with the default's bfloat16 storage only: each compiled
+# case costs a compilation of its own
 @pytest.mark.parametrize(
-    ("kv", "far"), [("auto", "original"), ("bfloat16", "original"), ("bfloat16", "fixed")]
-)
+    ("kv", "far"),
+    [("auto", "original"), ("bfloat16", "original"), ("bfloat16", "fixed"),
+     ("bfloat16", "grouped")],
+)  # fmt: skip
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_decode_paths_agree(compiled, kv, far):
     """Compiled and in-place decode steps equal eager copying ones (float32)."""

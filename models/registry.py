@@ -50,7 +50,8 @@ class ModelSpec:
 REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
         "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 912 exact pairs "
-        "chosen by surprise (keys/values in bfloat16), far keys at rotary distance 1024, distilled",
+        "chosen by surprise (keys/values in bfloat16), far keys at rotary distance 1024 (the "
+        "cache's pairs in order: 8 tokens a position, at most 4096), distilled",
         kernel="lln_diag",
         config={
             "local_kind": "window",
@@ -60,11 +61,13 @@ REGISTRY = {
             "sparse_cache_size": 912,
             "sparse_span": 8,
             "kv_cache_dtype": "bfloat16",
-            "far_positions": "fixed",
+            "far_positions": "grouped",
             "far_distance": 1024,
+            "far_group": 8,
+            "far_max_distance": 4096,
         },
         params="smollm2-135m-lln.safetensors",
-        revision="9",
+        revision="10",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",

@@ -14,7 +14,8 @@ sparse cache's pairs: a pair written at position n sits at floor(n / g) and the 
 it at floor(m / g) + W - floor(W / g), so distances past the window grow g times slower than
 the text; a pair whose grouped distance would pass `max_distance` is read at max_distance (the
 query rotated there against the key at 0). Measured on the default, one distance for all 912
-pairs lost the needle where grouped distances found it (`benchmarks/results/bench_recall_far.md`).
+pairs lost the needle where grouped distances found it
+(`benchmarks/results/bench_recall_grouped.md`).
 The LLN state and the sinks keep the fixed distance: a sum of keys has no order to keep.
 
 This file is where far keys and queries get their positions; the kernels take a `FarTier`

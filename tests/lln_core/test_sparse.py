@@ -197,8 +197,8 @@ def test_step_plan_equals_the_general_plan(trial):
     evict_valid = torch.rand(batch, 1, generator=gen) < 0.8
     fast = step_sparse_plan(cache, evict_pos, evict_score, evict_valid)
     slow = sparse_plan(cache, evict_pos, evict_score, evict_valid, compact=False)
-    for name, a, b in zip(("columns", "visible", "merged", "merged_valid", "keep", "pos",
-                           "score"), fast.flat(), slow.flat(), strict=True):  # fmt: skip
+    names = ("columns", "visible", "merged", "merged_valid", "keep", "pos", "score", "candidates")
+    for name, a, b in zip(names, fast.flat(), slow.flat(), strict=True):
         if name == "merged":  # meaningless where nothing is merged
             a, b = a[slow.merged_valid], b[slow.merged_valid]
         assert torch.equal(a, b), name

@@ -15,6 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as token_models
+from transformers import PreTrainedTokenizerFast
 
 
 def free_port() -> int:
@@ -128,3 +131,17 @@ def redis_url(redis_process) -> str:
         redis_process.start()
     redis_process.flush()
     return redis_process.url
+
+
+def byte_level_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A 257-token tokenizer (every byte, and </s> as 0) for grammar and template tests."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"</s>": 0, **{c: 1 + i for i, c in enumerate(alphabet)}}
+    tokenizer = Tokenizer(token_models.BPE(vocab, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["</s>"])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>")
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    return hf

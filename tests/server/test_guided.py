@@ -11,8 +11,6 @@ import jsonschema
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers import models as token_models
 from transformers import PreTrainedTokenizerFast
 
 import server.guided
@@ -20,6 +18,7 @@ from server.api import ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.request import GuidedSpec, SamplingParams
 from tests.models.conftest import tiny_model
+from tests.server.conftest import byte_level_tokenizer
 from tests.server.test_engine import make_engine
 
 MODEL = "tiny"
@@ -37,15 +36,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"</s>": 0, **{c: 1 + i for i, c in enumerate(alphabet)}}
-    tokenizer = Tokenizer(token_models.BPE(vocab, []))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["</s>"])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>")
-    hf.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
-    return hf
+    return byte_level_tokenizer("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
 
 
 @pytest.fixture(scope="module")

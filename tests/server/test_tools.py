@@ -8,7 +8,7 @@ import random
 
 import jsonschema
 import pytest
-from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import Tokenizer
 from tokenizers import models as token_models
 from transformers import PreTrainedTokenizerFast
 
@@ -24,6 +24,7 @@ from server.tools import (
     native_grammar,
     plan_chat,
 )
+from tests.server.conftest import byte_level_tokenizer
 
 ADDRESS = {
     "type": "object",
@@ -84,15 +85,7 @@ def _compact(value) -> str:
 
 @pytest.fixture(scope="module")
 def guided() -> GuidedDecoding:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"</s>": 0, **{c: 1 + i for i, c in enumerate(alphabet)}}
-    tokenizer = Tokenizer(token_models.BPE(vocab, []))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["</s>"])
-    return GuidedDecoding(
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>"), 257
-    )
+    return GuidedDecoding(byte_level_tokenizer(), 257)
 
 
 def accepts(guided: GuidedDecoding, spec: GuidedSpec, text: str) -> bool:

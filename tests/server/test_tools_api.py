@@ -11,14 +11,13 @@ import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers import models as token_models
 from transformers import PreTrainedTokenizerFast
 
 from server.api import ServerState, build_app
 from server.async_engine import AsyncEngine
 from server.tools import template_support
 from tests.models.conftest import tiny_model
+from tests.server.conftest import byte_level_tokenizer
 from tests.server.test_api import events
 from tests.server.test_engine import make_engine
 
@@ -73,15 +72,7 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def byte_tokenizer(template: str) -> PreTrainedTokenizerFast:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"</s>": 0, **{c: 1 + i for i, c in enumerate(alphabet)}}
-    tokenizer = Tokenizer(token_models.BPE(vocab, []))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["</s>"])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>")
-    hf.chat_template = template
-    return hf
+    return byte_level_tokenizer(template)
 
 
 def serve(template: str):

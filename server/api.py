@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -64,8 +63,11 @@ from server.protocol import (
     new_id,
     unsupported_field,
 )
+from server.rate_limits import RateLimited, RateLimiter, TooLarge
 from server.state_store import SessionError, StoreUnavailableError
 from server.state_store import SessionInfo as StoredSession
+from server.tenant_http import TENANT_KEY, LeaseMiddleware, hold, scope_tenant
+from server.tenants import Tenant, TenantRegistry
 from server.tokenization import InputError, detokenize, tokenize, tokenize_schema
 from server.tool_stream import CallDelta, Reply, merge
 from server.tools import ChatPlan, ToolError, plan_chat
@@ -91,7 +93,8 @@ class APIError(Exception):
 
 @dataclass
 class ServerState:
-    """What the routes need; `engine` is None while the model loads (health answers 503)."""
+    """What the routes need; `engine` is None while the model loads (health answers 503).
+    tenants: who the keys belong to (default: `api_key` alone, or open without it)."""
 
     model_names: list[str]
     api_key: str | None = None
@@ -100,6 +103,12 @@ class ServerState:
     metrics: Metrics | None = None
     loading_error: str | None = None
     ui: bool = True  # serve the playground at `/` (`--no-ui`: 404)
+    tenants: TenantRegistry | None = None
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+
+    def __post_init__(self) -> None:
+        if self.tenants is None:
+            self.tenants = TenantRegistry(self.api_key)
 
 
 def build_app(state: ServerState, cors_origins: list[str] | None = None) -> FastAPI:
@@ -112,6 +121,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None) -> Fast
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    app.add_middleware(LeaseMiddleware, limiter=state.limiter)
     _add_error_handlers(app)
     _add_routes(app, state)
     if state.ui:
@@ -125,8 +135,10 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None) -> Fast
 _ERRORS = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
-        (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+        (400, "invalid request"), (401, "missing or wrong API key"),
+        (404, "unknown model, or no such session (of this tenant)"),
         (409, "session in use, evicted, or saved by another model"), (413, "body too large"),
+        (429, "over the tenant's rate limit (Retry-After, x-ratelimit-* headers)"),
         (503, "overloaded (Retry-After) or not ready"),
     ]
 }  # fmt: skip
@@ -282,6 +294,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                     404, f"no saved session {session_id!r} (never saved, expired or evicted)",
                     "not_found_error", "session_id",
                 )  # fmt: skip
+            saved = dataclasses.replace(saved, session_id=session_id)  # not the scoped id
         return _state_info(state, saved)
 
     @app.post("/tokenize", **_documented(_TOKENIZE_BODY, TokenizeResponse, stream=False))
@@ -357,15 +370,55 @@ def _state_info(state: ServerState, saved: StoredSession | None) -> StateInfo:
 # ---- request parsing ---------------------------------------------------------------------------
 
 
-def _authorize(request: Request, state: ServerState) -> None:
-    if state.api_key is None:
-        return
+def _authorize(request: Request, state: ServerState) -> Tenant:
+    """The caller's tenant (kept in the request's scope), or 401."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.encode(), state.api_key.encode()
-    ):
+    tenant = state.tenants.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+    if tenant is None:
         raise APIError(401, "invalid or missing API key", "authentication_error")
+    request.scope[TENANT_KEY] = tenant
+    return tenant
+
+
+def _tenant(request: Request) -> Tenant:
+    tenant = scope_tenant(request.scope)
+    assert tenant is not None, "_authorize first"  # a programming error, not bad input
+    return tenant
+
+
+def _session_key(request: Request, session_id: str | None) -> str | None:
+    """The store's id of the caller's session (scoped by tenant); 400 for a bad id."""
+    if session_id is None:
+        return None
+    if len(session_id) > 256:
+        raise APIError(400, "session_id: at most 256 characters", "invalid_request_error",
+                       "session_id")  # fmt: skip
+    if not session_id.isprintable():
+        raise APIError(400, "session_id: control characters are not allowed",
+                       "invalid_request_error", "session_id")  # fmt: skip
+    return _tenant(request).session_key(session_id)
+
+
+def _unscoped(message: str, key: str, session_id: str) -> str:
+    """A store message about `key` as the client knows it (its own session id)."""
+    return message.replace(repr(key), repr(session_id))
+
+
+def _admit(request: Request, state: ServerState, num_sequences: int, num_tokens: int) -> None:
+    """Hold the tenant's rate-limit lease until the response is over; 429 or 400 if not."""
+    tenant = _tenant(request)
+    try:
+        lease = state.limiter.admit(tenant, num_sequences, num_tokens)
+    except RateLimited as error:
+        if state.metrics is not None:
+            state.metrics.tenants.rate_limited(tenant.name, error.limit)
+        raise APIError(429, str(error), error.limit, headers=error.headers) from None
+    except TooLarge as error:
+        raise APIError(400, str(error), "invalid_request_error") from None
+    hold(request.scope, lease)
+    if state.metrics is not None:
+        state.metrics.tenants.request(tenant.name, num_tokens)
 
 
 async def _parse(request: Request, state: ServerState, schema: type[BaseModel] | Callable):
@@ -427,19 +480,19 @@ def _store_health(store) -> dict:
 
 
 async def _session_call(request: Request, state: ServerState, action: str, session_id: str):
-    """store.info / store.delete off the event loop, with the API's errors."""
+    """store.info / store.delete of the caller's session off the event loop, with the API's
+    errors; another tenant's session is not found, as one that does not exist."""
     _authorize(request, state)
-    if len(session_id) > 256:
-        raise APIError(400, "session_id: at most 256 characters", "invalid_request_error",
-                       "session_id")  # fmt: skip
+    key = _session_key(request, session_id)
     if state.engine is None or not state.engine.is_healthy:
         raise APIError(503, "the engine is not ready", "service_unavailable",
                        headers={"Retry-After": "5"})  # fmt: skip
     store = state.engine.engine.sessions
     try:
-        return await asyncio.to_thread(getattr(store, action), session_id)
+        return await asyncio.to_thread(getattr(store, action), key)
     except SessionError as error:
-        raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+        message = _unscoped(str(error), key, session_id)
+        raise APIError(409, message, "invalid_request_error", "session_id") from None
     except StoreUnavailableError as error:
         raise APIError(503, str(error), "service_unavailable", "session_id",
                        headers={"Retry-After": "1"}) from None  # fmt: skip
@@ -525,25 +578,45 @@ def _with_held(choice: _Choice, out: RequestOutput) -> list[TokenLogprob]:
     return entries
 
 
+@dataclass(frozen=True)
+class _Caller:
+    """Whose request it is: the tenant, its session (as named by the client, and as the
+    store knows it) and the prefix cache's scope."""
+
+    tenant: Tenant
+    session_id: str | None
+    session_key: str | None
+    prefix_salt: bytes
+
+
+def _caller(request: Request, body) -> _Caller:
+    tenant = _tenant(request)
+    key = _session_key(request, body.session_id)
+    return _Caller(tenant, body.session_id, key, tenant.prefix_salt(body.cache_salt))
+
+
 async def _outputs(
-    state: ServerState, request_id: str, prompt_ids: list[int], params, session_id,
+    state: ServerState, request_id: str, prompt_ids: list[int], params, caller: _Caller,
     return_progress: bool = False,
 ) -> AsyncIterator[RequestOutput]:  # fmt: skip
-    """The engine's stream for one prompt, with metrics and errors mapped to API errors."""
+    """The engine's stream for one prompt, with metrics, the tenant's generated tokens, and
+    errors mapped to API errors."""
     engine = state.engine
     try:
         async for out in engine.generate(
-            request_id, prompt_ids, params, session_id, return_progress=return_progress
-        ):
-            if state.metrics is not None and out.progress is None:
-                state.metrics.observe(out)
+            request_id, prompt_ids, params, caller.session_key, return_progress=return_progress,
+            prefix_salt=caller.prefix_salt,
+        ):  # fmt: skip
+            if out.progress is None:
+                _account(state, caller.tenant, out)
             yield out
     except QueueFullError as error:
         raise APIError(
             503, str(error), "service_unavailable", headers={"Retry-After": "1"}
         ) from None
     except SessionError as error:
-        raise APIError(409, str(error), "invalid_request_error", "session_id") from None
+        message = _unscoped(str(error), caller.session_key, caller.session_id)
+        raise APIError(409, message, "invalid_request_error", "session_id") from None
     except StoreUnavailableError as error:
         raise APIError(503, str(error), "service_unavailable", "session_id",
                        headers={"Retry-After": "1"}) from None  # fmt: skip
@@ -551,6 +624,14 @@ async def _outputs(
         raise APIError(400, str(error), "invalid_request_error") from None
     except (EngineDeadError, ShuttingDownError) as error:
         raise APIError(503, str(error), "service_unavailable") from None
+
+
+def _account(state: ServerState, tenant: Tenant, out: RequestOutput) -> None:
+    if out.token_ids:
+        state.limiter.charge(tenant, len(out.token_ids))
+    if state.metrics is not None:
+        state.metrics.observe(out)
+        state.metrics.tenants.generated(tenant.name, len(out.token_ids))
 
 
 async def _merged(
@@ -638,10 +719,12 @@ async def _completions(request: Request, state: ServerState, body: CompletionReq
         guided=_guided(state, body),
     ))  # fmt: skip
     _check_capacity(state, len(prompts), body.n)
+    caller = _caller(request, body)
+    _admit(request, state, len(prompts) * body.n, sum(map(len, prompts)))
     request_id = new_id("cmpl")
     progress = body.stream and body.return_progress
     streams = [
-        _outputs(state, f"{request_id}-{i}", ids, params, body.session_id, progress)
+        _outputs(state, f"{request_id}-{i}", ids, params, caller, progress)
         for i, ids in enumerate(prompts)
     ]
     n = body.n
@@ -759,8 +842,9 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     tokenizer = state.engine.engine.tokenizer
     plan = _tool_call(lambda: plan_chat(body, tokenizer))
     ids = None
-    if body.session_id is not None:  # a continued session: only its new turns
-        saved = await _stored_session(state, body.session_id)
+    caller = _caller(request, body)
+    if caller.session_key is not None:  # a continued session: only its new turns
+        saved = await _stored_session(state, caller.session_key)
         if saved is not None and saved.pending is not None:
             ids = _continuation_ids(tokenizer, plan.history, list(saved.pending))
     ids = ids or _chat_ids(tokenizer, plan.messages, plan.tools)
@@ -775,9 +859,10 @@ async def _chat(request: Request, state: ServerState, body: ChatCompletionReques
     guided = _guided(state, body) if plan.format is None else _tool_grammar(state, plan)
     params = _sampling(lambda: body.sampling_params(max_tokens, logprobs=logprobs, guided=guided))
     _check_capacity(state, 1, body.n)
+    _admit(request, state, body.n, len(ids))
     request_id = new_id("chatcmpl")
     progress = body.stream and body.return_progress
-    stream = _outputs(state, request_id, list(ids), params, body.session_id, progress)
+    stream = _outputs(state, request_id, list(ids), params, caller, progress)
     choices = [_Choice(i) for i in range(body.n)]
     if body.stream:
         first = await _first_or_error(_merged([stream]))

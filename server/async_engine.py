@@ -79,21 +79,24 @@ class AsyncEngine:
         session_id: str | None = None,
         *,
         return_progress: bool = False,
+        prefix_salt: bytes = b"",
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until all its n choices finish (with return_progress,
         prefill progress outputs first). Raises what `LLMEngine.add_request` raises (before any
-        output), or EngineDeadError."""
+        output), or EngineDeadError. prefix_salt: the prefix cache's scope (a tenant's)."""
         if not self.is_healthy:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         if not self.engine.can_accept(params.n):
             raise QueueFullError(self.engine.config.max_waiting)
         loop = asyncio.get_running_loop()
         extra: dict = {"return_progress": True} if return_progress else {}
+        if prefix_salt:
+            extra["prefix_salt"] = prefix_salt
         if session_id is not None:
             self.engine.precheck(prompt_token_ids, params, session_id)  # before loading
             extra["acquired"] = (await self._acquire(session_id),)
         elif self.engine.sessions.shares_prefixes:
-            extra["shared_prefix"] = await self._shared_prefix(prompt_token_ids)
+            extra["shared_prefix"] = await self._shared_prefix(prompt_token_ids, prefix_salt)
         stream = _Stream(loop, asyncio.Queue())
         added = loop.create_future()
         self._streams[request_id] = stream
@@ -140,13 +143,13 @@ class AsyncEngine:
         if not future.cancelled() and future.exception() is None:
             self._io.submit(self.engine.sessions.abandon, session_id, future.result())
 
-    async def _shared_prefix(self, prompt: list[int]):
+    async def _shared_prefix(self, prompt: list[int], salt: bytes = b""):
         """The longest prefix state of the prompt in the shared store, unless this process
         caches it already: (block index, state) or None."""
         cache = self.engine.prefix_cache
         if cache.max_bytes == 0:
             return None
-        usable = prefix_hashes(prompt, cache.block)[: (len(prompt) - 1) // cache.block]
+        usable = prefix_hashes(prompt, cache.block, salt)[: (len(prompt) - 1) // cache.block]
         if not usable or usable[-1] in cache:
             return None
         return await asyncio.wrap_future(self._io.submit(self.engine.sessions.get_prefix, usable))

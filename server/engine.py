@@ -194,6 +194,7 @@ class LLMEngine:
         acquired: tuple[Session | None] | None = None,
         shared_prefix: tuple[int, Snapshot] | None = None,
         return_progress: bool = False,
+        prefix_salt: bytes = b"",
     ) -> None:
         """Queue a request (n choices). Raises ValueError for bad input, QueueFullError when
         the waiting queue is full, SessionError for a session that cannot be continued,
@@ -202,7 +203,9 @@ class LLMEngine:
         acquired: the session's state, already taken from the store by the caller (a 1-tuple;
         AsyncEngine loads it off this thread). shared_prefix: (block index, state) of a prefix
         state fetched from a shared store, put in the prefix cache first. return_progress: an
-        output with `progress` after every step that advanced the prompt's prefill."""
+        output with `progress` after every step that advanced the prompt's prefill.
+        prefix_salt: the prefix cache's scope (`prefix_hashes`): only prompts under the same
+        salt share cached states."""
         try:
             if request_id in self._groups:
                 raise ValueError(f"request_id {request_id!r} is already in the engine")
@@ -232,7 +235,7 @@ class LLMEngine:
             seq.restore = session.snapshot
             seq.num_cached_tokens = seq.history = session.num_tokens - len(session.pending)
         elif session_id is None:
-            seq.hashes = prefix_hashes(prompt, self.prefix_cache.block)
+            seq.hashes = prefix_hashes(prompt, self.prefix_cache.block, prefix_salt)
             if shared_prefix is not None and shared_prefix[0] < len(seq.hashes):
                 index, snapshot = shared_prefix
                 end = (index + 1) * self.prefix_cache.block

@@ -29,8 +29,11 @@ TOKEN_BUCKETS = tuple(2**i for i in range(21))  # 1 .. 1M tokens
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+OTHER_TENANTS = "other"  # the label of tenants past the cardinality cap
+
+
 class Metrics:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+    def __init__(self, engine: LLMEngine, model_name: str, max_tenant_labels: int = 100) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -80,6 +83,7 @@ class Metrics:
         engine.sessions.observe = lambda op, seconds: self.store_latency.labels(
             model_name, op
         ).observe(seconds)
+        self.tenants = TenantMetrics(reg, model_name, max_tenant_labels)
         reg.register(EngineCollector(engine, model_name))
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
@@ -110,6 +114,47 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class TenantMetrics:
+    """Per-tenant counters (label `tenant`): requests admitted, prompt and generated tokens,
+    requests refused by a rate limit (label `limit`: requests or tokens). The first
+    `max_labels` tenants seen get their own label, the rest share `other`, so a keys file of
+    any size cannot blow up the series count."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, max_labels: int) -> None:
+        self.model_name, self.max_labels = model_name, max_labels
+        self._labels: set[str] = set()
+        labels = ["model_name", "tenant"]
+        self._requests = Counter("lln:tenant_requests", "Requests admitted, per tenant.",
+                                 labels, registry=registry)  # fmt: skip
+        self._prompt = Counter("lln:tenant_prompt_tokens", "Prompt tokens admitted, per tenant.",
+                               labels, registry=registry)  # fmt: skip
+        self._generated = Counter("lln:tenant_generation_tokens", "Generated tokens, per tenant.",
+                                  labels, registry=registry)  # fmt: skip
+        self._limited = Counter("lln:tenant_rate_limited", "Requests refused with 429, per "
+                                "tenant and limit (requests, tokens).", [*labels, "limit"],
+                                registry=registry)  # fmt: skip
+
+    def label(self, tenant: str) -> str:
+        if tenant in self._labels:
+            return tenant
+        if len(self._labels) < self.max_labels:
+            self._labels.add(tenant)
+            return tenant
+        return OTHER_TENANTS
+
+    def request(self, tenant: str, prompt_tokens: int) -> None:
+        label = self.label(tenant)
+        self._requests.labels(self.model_name, label).inc()
+        self._prompt.labels(self.model_name, label).inc(prompt_tokens)
+
+    def generated(self, tenant: str, num_tokens: int) -> None:
+        if num_tokens:
+            self._generated.labels(self.model_name, self.label(tenant)).inc(num_tokens)
+
+    def rate_limited(self, tenant: str, limit: str) -> None:
+        self._limited.labels(self.model_name, self.label(tenant), limit).inc()
 
 
 class EngineCollector:

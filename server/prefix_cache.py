@@ -17,10 +17,12 @@ from server.state_store import Session, SessionError, Snapshot
 __all__ = ["PrefixCache", "Session", "SessionError", "Snapshot", "prefix_hashes"]
 
 
-def prefix_hashes(token_ids: Sequence[int], block: int) -> list[bytes]:
+def prefix_hashes(token_ids: Sequence[int], block: int, salt: bytes = b"") -> list[bytes]:
     """Chained hashes of the prefixes ending at every multiple of `block`: hash i covers
-    tokens [0, (i + 1) * block). O(len) in all."""
-    hashes, previous = [], b""
+    tokens [0, (i + 1) * block). O(len) in all. The chain starts from `salt` (a tenant's and
+    a request's cache_salt, `Tenant.prefix_salt`), so prompts under different salts never
+    share a state."""
+    hashes, previous = [], salt
     for end in range(block, len(token_ids) + 1, block):
         chunk = array("q", token_ids[end - block : end]).tobytes()
         previous = hashlib.sha256(previous + chunk).digest()

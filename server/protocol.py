@@ -100,6 +100,14 @@ class _SamplingFields(_Request):
         description="lln-serve extension: continue the saved state of this session "
         "(send only the new text), and save the state after this request under it.",
     )
+    cache_salt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="vLLM's field: prompts share prefix-cache states only with prompts of the "
+        "same cache_salt (and of the same tenant, always), so that the time to first token "
+        "tells nothing of other clients' prompts.",
+    )
     return_progress: bool = Field(
         default=False,
         description="llama.cpp's extension: with stream, chunks with `choices: []` and "

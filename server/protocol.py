@@ -300,10 +300,14 @@ class TokenizeCompletionRequest(_Request):
 
 
 class TokenizeChatRequest(_Request):
-    """`POST /tokenize` of a conversation through the chat template (vLLM's shape)."""
+    """`POST /tokenize` of a conversation through the chat template (vLLM's shape), with its
+    tools rendered as /v1/chat/completions renders them."""
 
     model: str | None = None
     messages: list[ChatMessage]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool = False

@@ -5,12 +5,14 @@ field; the API answers it with a 400."""
 from __future__ import annotations
 
 from server.protocol import (
+    ChatCompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from server.tools import ChatPlan, ToolError, plan_chat
 
 
 class InputError(ValueError):
@@ -50,16 +52,29 @@ def detokenize(tokenizer, body: DetokenizeRequest) -> DetokenizeResponse:
 
 
 def _render_chat(tokenizer, body: TokenizeChatRequest) -> str:
-    """The conversation as the chat template renders it (what /v1/chat/completions feeds)."""
+    """The conversation as /v1/chat/completions feeds it: its tools and tool history through
+    the same plan (the tool prompt, or the template's own tools), then the chat template."""
     if not body.messages:
         raise InputError("messages", "must contain at least one message")
-    messages = [m.for_template() for m in body.messages]
+    plan = _chat_plan(tokenizer, body)
     try:
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tokenize=False
+            plan.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            tokenize=False,
+            tools=plan.tools,
         )
     except Exception as error:  # the template refuses some conversations (e.g. role order)
         raise InputError("messages", f"chat template: {error}") from None
     if not isinstance(text, str) or not text:
         raise InputError("messages", "the chat template rendered nothing")
     return text
+
+
+def _chat_plan(tokenizer, body: TokenizeChatRequest) -> ChatPlan:
+    fields = {"messages", "tools", "tool_choice", "parallel_tool_calls"}
+    chat = ChatCompletionRequest.model_validate({"model": "", **body.model_dump(include=fields)})
+    try:
+        return plan_chat(chat, tokenizer)
+    except ToolError as error:
+        raise InputError(error.param, str(error).removeprefix(f"{error.param}: ")) from None

@@ -68,6 +68,12 @@ def test_tokenize_a_conversation_as_chat_completions_renders_it(client, tokenize
     ]
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": CITY}}
+NAMED_X = {"type": "function", "function": {"name": "x"}}
+TOOL_REPLY = {"role": "tool", "content": "1", "tool_call_id": "c"}
+
+
 def test_detokenize_inverts_tokenize(client):
     tokens = client.post("/tokenize", json={"prompt": "hello world"}).json()["tokens"]
     body = client.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()
@@ -82,12 +88,14 @@ def test_detokenize_inverts_tokenize(client):
         ("/tokenize", {"prompt": "a", "model": "gpt-17"}, 404, "model"),
         ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
         ("/tokenize", {"prompt": "a", "messages": USER}, 400, "prompt"),
+        ("/tokenize", {"messages": USER, "tools": [{}]}, 400, "tools.0.type"),
         (
             "/tokenize",
-            {"messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+            {"messages": USER, "tools": [WEATHER], "tool_choice": NAMED_X},
             400,
-            "tools",
+            "tool_choice",
         ),
+        ("/tokenize", {"messages": [TOOL_REPLY]}, 400, "messages.0.tool_call_id"),
         ("/detokenize", {"tokens": []}, 400, "tokens"),
         ("/detokenize", {"tokens": [3, VOCAB]}, 400, "tokens"),
         ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

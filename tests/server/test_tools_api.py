@@ -158,6 +158,20 @@ def test_auto_gives_calls_or_an_answer_and_response_format_shapes_the_answer(cli
             jsonschema.validate(json.loads(choice["message"]["content"]), person)
 
 
+@pytest.mark.parametrize("fixture", ["client", "hermes"])
+def test_tokenize_counts_the_prompt_chat_completions_feeds(fixture, request):
+    client = request.getfixturevalue(fixture)
+    asked = {"messages": USER, "tools": TOOLS, "tool_choice": "required"}
+    body = client.post("/tokenize", json={**asked, "return_token_strs": True}).json()
+    plain = client.post("/tokenize", json={"messages": USER}).json()
+    assert body["count"] > plain["count"]
+    assert "get_weather" in "".join(body["token_strs"]).replace("\u0120", " ")
+    usage = chat(client, tool_choice="required", max_tokens=1).json()["usage"]
+    assert usage["prompt_tokens"] == body["count"]
+    none = client.post("/tokenize", json={**asked, "tool_choice": "none"}).json()
+    assert none["tokens"] == plain["tokens"]  # no call possible: no tools rendered
+
+
 def test_tool_choice_none_and_no_tools_are_plain_chats(client):
     reply = chat(client, tool_choice="none", max_tokens=5, ignore_eos=True).json()
     assert reply["choices"][0]["message"]["tool_calls"] is None

@@ -36,6 +36,15 @@ SERVE_OPTIONS = [
         None,
         "require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize",
     ),
+    (
+        "--api-keys-file",
+        str,
+        None,
+        "many keys: one per line, 'KEY [TENANT] [max_concurrent=N] [tokens_per_minute=N]'; "
+        "each tenant's sessions and cached prefixes are its own; read again on SIGHUP "
+        "(docs/security.md)",
+    ),
+    ("--max-tenant-labels", int, 100, "tenants with their own label in /metrics (rest: other)"),
     ("--cors-origins", str, "", "comma-separated allowed CORS origins ('*' for any)"),
     ("--max-body-bytes", int, 4 * 2**20, "largest request body"),
     (
@@ -84,8 +93,18 @@ SERVE_OPTIONS = [
         str,
         "memory",
         "where session states live: memory (this process) or "
-        "redis://host:port/db (shared by replicas, kept across restarts)",
+        "redis://[:password@]host:port/db or rediss://... for TLS (shared by replicas, kept "
+        "across restarts)",
     ),
+    (
+        "--state-store-password-file",
+        str,
+        None,
+        "file holding the Redis password (a mounted secret; the URL's password wins)",
+    ),
+    ("--state-store-ca-cert", str, None, "rediss://: CA file that verifies Redis's certificate"),
+    ("--state-store-cert", str, None, "rediss://: this client's certificate (with --...-key)"),
+    ("--state-store-key", str, None, "rediss://: this client's private key"),
     (
         "--share-prefix-states",
         bool,
@@ -484,6 +503,10 @@ def run_serve(args: argparse.Namespace) -> int:
             state_store=args.state_store,
             share_prefix_states=bool(args.share_prefix_states),
             session_lock_ttl_s=float(args.session_lock_ttl),
+            state_store_password_file=args.state_store_password_file or None,
+            state_store_ca_cert=args.state_store_ca_cert or None,
+            state_store_cert=args.state_store_cert or None,
+            state_store_key=args.state_store_key or None,
         )
         no_ui = SWITCH_VALUES.get(str(args.no_ui).strip().lower())
         if no_ui is None:
@@ -493,6 +516,8 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=int(args.port),
             api_key=args.api_key or None,
+            api_keys_file=args.api_keys_file or None,
+            max_tenant_labels=int(args.max_tenant_labels),
             cors_origins=origins,
             max_body_bytes=int(args.max_body_bytes),
             served_model_name=args.served_model_name,

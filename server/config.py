@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8")
 DTYPES = ("auto", *WEIGHT_DTYPES)  # auto: by device (`EngineConfig.weight_dtype`)
@@ -35,7 +36,13 @@ class EngineConfig:
     with the context, so the default is a long-context server's 1M tokens, not a KV budget.
     default_max_tokens: the generation bound of a request that gives no max_tokens.
     state_store: where session states live: None (this process) or a Redis URL
-    (redis://host:port/db), shared by replicas and kept across restarts.
+    (redis://host:port/db, redis://:password@host/db, rediss://... for TLS; redis-py's own
+    parsing, query options included), shared by replicas and kept across restarts.
+    state_store_password_file: a file holding Redis's password (a mounted secret), so that it
+    is neither in the URL nor on the command line; the URL's password wins where both are.
+    state_store_ca_cert / state_store_cert / state_store_key: rediss:// only: the CA that
+    signed Redis's certificate (verified; default: the system's CAs), and this client's
+    certificate and key where Redis asks for one (tls-auth-clients).
     share_prefix_states: with Redis, prefix-cache states are shared by every replica too.
     session_lock_ttl_s: a session in use is locked in Redis for this long, refreshed while its
     request runs (a crashed replica's lock frees itself after it).
@@ -67,6 +74,10 @@ class EngineConfig:
     share_prefix_states: bool = False
     session_lock_ttl_s: float = 30.0
     deterministic: bool | None = None
+    state_store_password_file: str | None = None
+    state_store_ca_cert: str | None = None
+    state_store_cert: str | None = None
+    state_store_key: str | None = None
 
     def __post_init__(self) -> None:
         ints = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size",
@@ -104,8 +115,16 @@ class EngineConfig:
         url = self.state_store
         if url not in (None, "", "memory") and not url.startswith(REDIS_SCHEMES):
             raise ValueError(
-                f"state_store must be 'memory' or a Redis URL (redis://host:port/db), got {url!r}"
+                "state_store must be 'memory' or a Redis URL (redis://host:port/db), got "
+                f"{redacted_url(url)!r}"
             )
+        tls = (self.state_store_ca_cert, self.state_store_cert, self.state_store_key)
+        if any(tls) and not (url or "").startswith("rediss://"):
+            raise ValueError("state_store_ca_cert, _cert and _key need a rediss:// state_store")
+        if bool(self.state_store_cert) != bool(self.state_store_key):
+            raise ValueError("state_store_cert and state_store_key go together")
+        if self.state_store_password_file and not self.uses_redis:
+            raise ValueError("state_store_password_file needs a Redis state_store")
         if self.share_prefix_states and not self.uses_redis:
             raise ValueError("share_prefix_states needs a Redis state_store (redis://...)")
         if self.session_lock_ttl_s <= 0:
@@ -128,13 +147,29 @@ class EngineConfig:
         return bool(self.state_store) and self.state_store.startswith(REDIS_SCHEMES)
 
 
+def redacted_url(url: str) -> str:
+    """`url` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """The HTTP layer: where it listens, who may call it, how big a request may be."""
+    """The HTTP layer: where it listens, who may call it, how big a request may be.
+
+    api_key: one key (the tenant `default`); api_keys_file: many, one per line with a tenant
+    and its limits (`server/tenants.py`), read again on SIGHUP; max_tenant_labels: tenants
+    with a label of their own in the per-tenant metrics (the rest share `other`)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_keys_file: str | None = None
+    max_tenant_labels: int = 100
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 2**20
     served_model_name: str | None = None  # defaults to the engine's model
@@ -148,3 +183,5 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout_s}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_tenant_labels < 1:
+            raise ValueError(f"max_tenant_labels must be >= 1, got {self.max_tenant_labels}")

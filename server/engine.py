@@ -30,7 +30,13 @@ from server.runner import ModelRunner, RunnerOutput
 from server.sampler import Sampler, SamplerOutput, compute_logprobs
 from server.scheduler import PrefillChunk, ScheduledBatch, Scheduler
 from server.state_pool import StatePool, snapshot_bytes
-from server.state_store import Session, StoreUnavailableError, open_store, state_tag
+from server.state_store import (
+    Session,
+    StoreUnavailableError,
+    open_store,
+    redis_options,
+    state_tag,
+)
 
 logger = logging.getLogger("lln_serve.engine")
 
@@ -171,6 +177,7 @@ class LLMEngine:
             config.state_store, self.state_tag, self.state_template,
             max_bytes=config.session_bytes, ttl_s=config.session_ttl_s,
             lock_ttl_s=config.session_lock_ttl_s, share_prefixes=config.share_prefix_states,
+            options=_store_options(config),
         )  # fmt: skip
         # store writes: done at once here; AsyncEngine moves them off the engine thread
         self.session_writer: SessionWriter = self._write_now
@@ -628,6 +635,13 @@ def write_session(store, session_id: str, action: str, session: Session | None) 
         logger.exception("session %r: state not saved", session_id)
         return f"the session state was not saved: {type(error).__name__}: {error}"
     return None
+
+
+def _store_options(config: EngineConfig) -> dict | None:
+    if not config.uses_redis:
+        return None
+    return redis_options(config.state_store_password_file, config.state_store_ca_cert,
+                         config.state_store_cert, config.state_store_key)  # fmt: skip
 
 
 def _load(config: EngineConfig) -> tuple[LLNForCausalLM, PreTrainedTokenizerBase]:

@@ -19,6 +19,7 @@ from server.config import EngineConfig, ServerConfig
 from server.engine import LLMEngine
 from server.metrics import Metrics
 from server.request import SamplingParams
+from server.tenants import KeysFileError, TenantRegistry
 
 logger = logging.getLogger("lln_serve")
 STREAM_GRACE_S = 2.0  # after the bound, for the failed requests to send their error and end
@@ -52,11 +53,17 @@ class BoundedShutdownServer(uvicorn.Server):
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     name = server_config.served_model_name or engine_config.model
+    try:
+        tenants = TenantRegistry(server_config.api_key, server_config.api_keys_file)
+    except KeysFileError as error:
+        print(f"lln-serve serve: error: --api-keys-file {error}", file=sys.stderr)
+        return 2
     state = ServerState(
         model_names=[name],
         api_key=server_config.api_key,
         max_body_bytes=server_config.max_body_bytes,
         ui=server_config.ui,
+        tenants=tenants,
     )
     app = build_app(state, list(server_config.cors_origins))
     bound = server_config.shutdown_timeout_s
@@ -66,9 +73,11 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     )  # fmt: skip
     server = BoundedShutdownServer(config, state, bound)
     loader = threading.Thread(
-        target=_load, args=(state, engine_config, name, server), name="lln-loader", daemon=True
-    )
+        target=_load, args=(state, engine_config, name, server, server_config.max_tenant_labels),
+        name="lln-loader", daemon=True,
+    )  # fmt: skip
     loader.start()
+    _reload_keys_on_sighup(tenants)
     _run_until_stopped(server)
     if state.engine is not None:
         state.engine.shutdown()
@@ -99,13 +108,33 @@ def _run_until_stopped(server: uvicorn.Server) -> None:
             signal.signal(sig, handler)
 
 
-def _load(state: ServerState, config: EngineConfig, name: str, server: uvicorn.Server) -> None:
+def _reload_keys_on_sighup(tenants: TenantRegistry) -> None:
+    """SIGHUP reads the keys file again; requests in flight keep going (the table is swapped
+    whole), and a file that does not parse leaves the keys in force."""
+    if tenants.keys_file is None or not hasattr(signal, "SIGHUP"):
+        return
+
+    def reload(_signum: int, _frame) -> None:
+        try:
+            count = tenants.reload()
+        except KeysFileError as error:
+            logger.error("SIGHUP: the keys file was not reloaded, the old keys stay: %s", error)
+            return
+        logger.info("SIGHUP: %d API keys in force from %s", count, tenants.keys_file)
+
+    signal.signal(signal.SIGHUP, reload)
+
+
+def _load(
+    state: ServerState, config: EngineConfig, name: str, server: uvicorn.Server,
+    max_tenant_labels: int = 100,
+) -> None:  # fmt: skip
     try:
         logger.info("preparing model %s (first use converts it: about two minutes)", config.model)
         engine = LLMEngine(config)
         logger.info("warming up the engine (compiles the decode step)")
         warm_up(engine)
-        state.metrics = Metrics(engine, name)
+        state.metrics = Metrics(engine, name, max_tenant_labels)
         state.engine = AsyncEngine(engine).start()
         logger.info("ready: model %s, %d slots of %.2f MiB", name, engine.pool.num_slots,
                     engine.pool.bytes_per_slot / 2**20)  # fmt: skip

@@ -81,14 +81,18 @@ class RedisStore(StateStore):
         lock_ttl_s: float = 30.0,
         share_prefixes: bool = False,
         timeout_s: float = 5.0,
+        options: dict | None = None,
     ) -> None:
         self.url, self.tag, self.template = url, tag, template
         self.ttl_ms, self.lock_ms = int(ttl_s * 1000), int(lock_ttl_s * 1000)
         self._share_prefixes = share_prefixes
         self.state_bytes = sum(s.nbytes for s in template)
+        # redis-py parses the URL (password, db, rediss:// and its query options); options
+        # (password file, TLS files) fill in what the URL does not say
         self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 2.0),
             retry=Retry(NoBackoff(), 1),  # one retry: a pooled socket to a restarted Redis
+            **(options or {}),
         )  # fmt: skip
         self._commit = self.client.register_script(_COMMIT)
         self._unlock = self.client.register_script(_UNLOCK)

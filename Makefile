@@ -1,11 +1,12 @@
-# The two commands: `make run` (server on the default model) and `make test`.
+# The two commands: `make run` (server on the default model) and `make test`; `make docs`
+# serves the documentation site locally.
 # torch is installed first and pinned: a looser spec pulls a multi-GB CUDA build.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-slow tools lint format bench-ops bench-model bench-cpu bench-engine bench-serving bench-sessions bench-quality clean
+.PHONY: install run test test-slow tools lint format docs docs-build bench-ops bench-model bench-cpu bench-engine bench-serving bench-sessions bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +32,16 @@ format: install
 # minutes on 2 cores); CI runs them too (`.ci/run`), and `make test-slow` runs them alone
 test: lint tools
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(MAKE) docs-build
+
+# the documentation site (mkdocs-material, docs/ and mkdocs.yml): a strict build fails on a
+# broken link, a missing page or a results file an include names but cannot find; the
+# configuration, metrics and HTTP API references are generated from the code as it builds
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8001
 
 test-slow: install tools
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

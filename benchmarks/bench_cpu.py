@@ -164,7 +164,7 @@ def goals(lln: dict, cpp: dict, contexts: list[int]) -> list[str]:
     for dtype in [d for d in ("float32", "int8") if {d, f"{d}, no sparse cache"} <= set(lln)]:
         ratios = [decode(dtype, c) / decode(f"{dtype}, no sparse cache", c) for c in every]
         lines.append(f"- sparse cache, {dtype}: decode with / without {min(ratios):.2f}-"
-                     f"{max(ratios):.2f} over {first}..1M (issue 16 bar <= 1.2)")  # fmt: skip
+                     f"{max(ratios):.2f} over {first}..1M (bar <= 1.2)")  # fmt: skip
     q4 = cpp.get("llama.cpp Q4_1", {})
     for length in (1024, 16384):
         if length in q4 and length in lln.get("int8", {}):

@@ -239,7 +239,7 @@ def goals_report(device: str, quick: bool, out: Path) -> str:
         f"the rest")  # fmt: skip
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     text = "\n".join([
-        f"# Issue 18's goals, {DEFAULT_MODEL} on {where}, weights {config.weight_dtype}, "
+        f"# GPU goals, {DEFAULT_MODEL} on {where}, weights {config.weight_dtype}, "
         f"CUDA graphs {'on' if graphs else 'off'}, torch {torch.__version__}",
         "",
         f"`bench_engine.py --goals --device {device}{' --quick' if quick else ''}` on "

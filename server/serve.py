@@ -130,7 +130,8 @@ def _load(
     max_tenant_labels: int = 100,
 ) -> None:  # fmt: skip
     try:
-        logger.info("preparing model %s (first use converts it: about two minutes)", config.model)
+        # the registry says so itself when a model must be prepared first (first use: minutes)
+        logger.info("loading model %s", config.model)
         engine = LLMEngine(config)
         logger.info("warming up the engine (compiles the decode step)")
         warm_up(engine)

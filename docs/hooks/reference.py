@@ -11,6 +11,10 @@ by hand, and copies the benchmark plots next to the benchmark pages.
 - `reference/http-api.md`: every route of the FastAPI app (`server.api.build_app`), with its
   request and response schemas from the app's OpenAPI document.
 
+A results file included into a page (`--8<-- "benchmarks/results/..."`, pymdownx.snippets)
+keeps its own headings one level below the page's sections, so the page's table of contents
+stays the page's.
+
 `tests/test_docs.py` checks that every flag, metric and route has an entry.
 """
 
@@ -472,6 +476,49 @@ def _operation_section(method: str, path: str, op: dict) -> list[str]:
     return out
 
 
+# ---- included results files ------------------------------------------------------------------
+
+RESULTS_INCLUDE = re.compile(r'^(--8<-- "benchmarks/results/[^"]+")[ \t]*$', re.MULTILINE)
+INCLUDE_START, INCLUDE_END = "<!-- results-include -->", "<!-- /results-include -->"
+
+
+def mark_results_includes(markdown: str) -> str:
+    """Put markers around each results file's include, for `DemoteIncludedHeadings`."""
+    return RESULTS_INCLUDE.sub(f"{INCLUDE_START}\n\\1\n{INCLUDE_END}", markdown)
+
+
+def demote_included_headings(lines: list[str]) -> list[str]:
+    """Lines between the markers (the included file, once snippets has inserted it) get their
+    headings two levels lower (`#` -> `###`); the markers go."""
+    out, inside, fenced = [], 0, False
+    for line in lines:
+        if line.strip() in (INCLUDE_START, INCLUDE_END):
+            inside += 1 if line.strip() == INCLUDE_START else -1
+            continue
+        if inside and line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        if inside and not fenced and re.match(r"#{1,4} ", line):
+            line = "##" + line
+        out.append(line)
+    return out
+
+
+def demote_extension():
+    from markdown.extensions import Extension
+    from markdown.preprocessors import Preprocessor
+
+    class Demote(Preprocessor):
+        def run(self, lines):
+            return demote_included_headings(lines)
+
+    class DemoteIncludedHeadings(Extension):
+        def extendMarkdown(self, md):
+            # pymdownx.snippets inserts the files at priority 32; this runs right after it
+            md.preprocessors.register(Demote(md), "demote_included_headings", 31)
+
+    return DemoteIncludedHeadings()
+
+
 # ---- mkdocs hooks ----------------------------------------------------------------------------
 
 
@@ -490,4 +537,9 @@ def on_files(files, config):
 def on_config(config):
     # snippets and generated pages read the repository: watch it when serving
     config.watch.extend(str(ROOT / p) for p in ("server", "benchmarks/results", "CHANGELOG.md"))
+    config.markdown_extensions.append(demote_extension())
     return config
+
+
+def on_page_markdown(markdown, page, config, files):
+    return mark_results_includes(markdown)

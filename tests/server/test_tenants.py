@@ -9,6 +9,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from server.cli import build_parser, run_serve
 from server.config import EngineConfig, ServerConfig, redacted_url
 from server.metrics import TenantMetrics
 from server.prefix_cache import prefix_hashes
@@ -237,3 +238,16 @@ def test_redis_options_and_their_checks(tmp_path):
     assert redacted_url("redis://h/0") == "redis://h/0"
     with pytest.raises(ValueError, match="max_tenant_labels"):
         ServerConfig(max_tenant_labels=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("", "no keys"), ("sk-same-0001 a\nsk-same-0001 b\n", "the same key")]
+)
+def test_serve_with_a_bad_keys_file_exits_with_a_message(tmp_path, capsys, text, message):
+    keys = tmp_path / "keys"
+    keys.write_text(text)
+    args = build_parser().parse_args(["serve", "--api-keys-file", str(keys)])
+    assert args.api_keys_file == str(keys)
+    assert run_serve(args) == 2  # before any model is loaded or port opened
+    stderr = capsys.readouterr().err
+    assert message in stderr and "sk-same" not in stderr and "Traceback" not in stderr

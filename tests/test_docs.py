@@ -165,7 +165,23 @@ def test_benchmark_pages_include_their_numbers():
     results = {
         p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks" / "results").rglob("*.md")
     }
-    assert results - included == set(), f"results files on no page: {results - included}"
+    assert results - included == set(), (
+        f"results files on no page: {sorted(results - included)}; include each in a page under "
+        'docs/benchmarks/ with a line --8<-- "benchmarks/results/<file>.md"'
+    )
+
+
+def test_an_included_results_files_headings_go_two_levels_down(reference):
+    page = '# Page\n\n## Section\n\n--8<-- "benchmarks/results/x.md"\n\n## Next\n'
+    marked = reference.mark_results_includes(page).splitlines()
+    at = marked.index('--8<-- "benchmarks/results/x.md"')
+    inserted = ["# Results title", "", "```text", "# not a heading", "```", "## Results part"]
+    lines = reference.demote_included_headings([*marked[:at], *inserted, *marked[at + 1 :]])
+    assert lines == [
+        "# Page", "", "## Section", "",
+        "### Results title", "", "```text", "# not a heading", "```", "#### Results part",
+        "", "## Next",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", _text_files(), ids=lambda p: p.relative_to(ROOT).as_posix())

@@ -67,11 +67,42 @@ def test_compose_runs_the_server_redis_prometheus_and_grafana():
     assert "8000:8000" in server["ports"] and "redis" in server["depends_on"]
     assert server["environment"]["LLN_SERVE_STATE_STORE"] == "redis://redis:6379/0"
     redis = doc["services"]["redis"]
-    assert "--appendonly" in redis["command"] and "--maxmemory-policy" in redis["command"]
+    command = " ".join(redis["command"])
+    assert "--appendonly" in command and "--maxmemory-policy" in command
     mounts = doc["services"]["grafana"]["volumes"]
     assert any(m.startswith("./grafana/provisioning:") for m in mounts)
     for path in (DEPLOY / "grafana" / "provisioning").rglob("*.yml"):
         assert yaml.safe_load(path.read_text())["apiVersion"] == 1
+
+
+def test_compose_redis_asks_for_the_password_of_a_secret_the_server_reads():
+    doc = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert doc["secrets"]["redis_password"]["file"] == "./secrets/redis_password"
+    server, redis = doc["services"]["lln-serve"], doc["services"]["redis"]
+    assert "redis_password" in server["secrets"] and "redis_password" in redis["secrets"]
+    path = "/run/secrets/redis_password"
+    assert server["environment"]["LLN_SERVE_STATE_STORE_PASSWORD_FILE"] == path
+    command = " ".join(redis["command"])
+    assert f"$$(cat {path})" in command and "requirepass" in command
+    assert "--requirepass" not in command  # not on the command line, where ps shows it
+    assert (ROOT / ".gitignore").read_text().count("deploy/secrets/") == 1
+
+
+def test_kubernetes_redis_password_comes_from_the_secret_on_both_sides():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "redis.yaml").read_text())}
+    redis = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    auth = next(e for e in redis["env"] if e["name"] == "REDISCLI_AUTH")
+    assert auth["valueFrom"]["secretKeyRef"] == {"name": "lln-redis", "key": "password"}
+    assert "requirepass" in " ".join(redis["args"]) and redis["readinessProbe"]["exec"]
+    deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "redis-password")
+    volume = next(v for v in pod["volumes"] if v["name"] == "redis-password")
+    assert volume["secret"]["secretName"] == "lln-redis"
+    item = volume["secret"]["items"][0]
+    assert item["key"] == "password"
+    assert env["LLN_SERVE_STATE_STORE_PASSWORD_FILE"] == f"{mount['mountPath']}/{item['path']}"
 
 
 def test_every_deploy_environment_variable_is_a_serve_flag():
@@ -93,7 +124,8 @@ def test_kubernetes_redis_statefulset_and_service_match_the_servers_flag():
     assert stateful["spec"]["serviceName"] == service["metadata"]["name"]
     assert stateful["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     container = stateful["spec"]["template"]["spec"]["containers"][0]
-    assert "--appendonly" in container["args"] and container["ports"][0]["containerPort"] == 6379
+    args = " ".join(container["args"])
+    assert "--appendonly" in args and container["ports"][0]["containerPort"] == 6379
     deployment = yaml.safe_load((DEPLOY / "k8s" / "deployment.yaml").read_text())
     env = {e["name"]: e.get("value") for e in
            deployment["spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -396,7 +397,7 @@ def _schema_section(name: str, schema: dict) -> list[str]:
     required = set(schema.get("required", ()))
     out += ["| field | type | required | default | description |", "|---|---|---|---|---|"]
     for field, spec in properties.items():
-        default = f"`{spec['default']!r}`" if "default" in spec else "-"
+        default = f"`{json.dumps(spec['default'])}`" if "default" in spec else "-"
         out.append(
             f"| `{field}` | {_schema_type(spec)} | {'yes' if field in required else ''} | "
             f"{_cell(default)} | {_cell(spec.get('description', ''))} |"

@@ -510,7 +510,10 @@ function resetConversation() {
 function init() {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
   $("api-key").addEventListener("change", () => {
-    sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    const key = $("api-key").value.trim();
+    // the key picks the tenant, and a session belongs to its tenant: another key starts over
+    if (key !== (sessionStorage.getItem(KEY_STORE) || "")) resetConversation();
+    sessionStorage.setItem(KEY_STORE, key);
     app.authorized = false;
     app.needsKey = false;
     connect();

@@ -202,3 +202,14 @@ def test_no_ui_reaches_the_server_config(monkeypatch):
     monkeypatch.setattr(server.serve, "serve", lambda engine, http: seen.append(http) or 0)
     assert main(["serve"]) == 0 and main(["serve", "--no-ui"]) == 0
     assert [config.ui for config in seen] == [True, False]
+
+
+def test_the_pages_key_picks_the_tenant_and_another_key_starts_over():
+    """Every call of the page carries the key typed in its key field, so the key picks the
+    tenant (whose sessions the page continues); typing another key drops the conversation,
+    whose session belongs to the previous tenant (another tenant's id is a new session)."""
+    script = (STATIC_DIR / "app.js").read_text()
+    assert "h.Authorization = `Bearer ${key}`" in script
+    handler = script[script.index('$("api-key").addEventListener("change"') :]
+    handler = handler[: handler.index("});")]
+    assert "resetConversation();" in handler and "connect();" in handler

@@ -154,7 +154,8 @@ def test_grafana_dashboard_queries_parse_and_use_metrics_the_server_exports(tmp_
     panels = " ".join(queries)
     for wanted in ("time_to_first_token", "inter_token_latency", "num_requests_waiting",
                    "state_slots_used", "kv_cache_equivalent_bytes", "state_bytes_in_use",
-                   "session_states", "state_store_operation_seconds"):  # fmt: skip
+                   "session_states", "state_store_operation_seconds", "tenant_requests",
+                   "tenant_rate_limited", "tenant_generation_tokens"):  # fmt: skip
         assert wanted in panels
     assert used <= exported, used - exported
 
@@ -171,6 +172,9 @@ def exported_metric_names() -> set[str]:
     model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=29, local_size=4, num_sinks=1)
     metrics = Metrics(make_engine(model, make_char_tokenizer()), "tiny")
     metrics.store_latency.labels("tiny", "load").observe(0.01)
+    metrics.tenants.request("alice", 3)
+    metrics.tenants.generated("alice", 2)
+    metrics.tenants.rate_limited("alice", "tokens")
     text = metrics.exposition().decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 

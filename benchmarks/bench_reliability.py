@@ -13,6 +13,17 @@ model, in one run:
 4. Greedy outputs of fixed prompts before and after all of it must be identical.
 
 Writes benchmarks/results/bench_reliability.md and bench_reliability.png (RSS over time).
+
+With --tenants, only the two-tenant run (issue 37), against a server with a keys file:
+
+    .venv/bin/python benchmarks/bench_reliability.py --tenants [--rounds 4 --victim-requests 25]
+
+A steady tenant sends streamed requests one at a time; its time to first token is measured
+alone, and while a flooding tenant (limit: 2 sequences at once) keeps 10x its limit in flight
+(20 clients that retry 100 ms after each 429), in alternating rounds (so that other load on
+the machine weighs on both alike); then once while the same flood comes from a tenant without
+a limit (what the limit prevents). The steady tenant's p99 TTFT under the limited flood must
+stay within 1.5x of its figure alone. Writes bench_reliability_tenants.md.
 """
 
 from __future__ import annotations
@@ -22,12 +33,13 @@ import asyncio
 import json
 import random
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import matplotlib
-from bench_serving import start_server  # benchmarks/, the script's folder
+from bench_serving import percentile, start_server  # benchmarks/, the script's folder
 
 from models.registry import DEFAULT_MODEL
 
@@ -220,15 +232,158 @@ def report(results: dict, args, out: Path) -> str:
     return text
 
 
+# ---- two tenants -------------------------------------------------------------------------------
+
+STEADY, FLOOD, FREE = "sk-bench-steady-01", "sk-bench-flood-001", "sk-bench-free-0001"
+FLOOD_LIMIT, FLOOD_CLIENTS = 2, 20
+STEADY_WORDS, FLOOD_WORDS, FLOOD_TOKENS, FLOOD_RETRY_S = 48, (24, 72), 32, 0.1
+TENANT_KEYS = f"""{STEADY} steady
+{FLOOD} flood max_concurrent={FLOOD_LIMIT}
+{FREE} unlimited
+"""
+
+
+async def ttft(client: httpx.AsyncClient, key: str, body: dict) -> tuple[int, float | None]:
+    """(status, seconds to the first token) of one streamed completion."""
+    started = time.perf_counter()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with client.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+        first = None
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - started
+        return response.status_code, first
+
+
+async def steady_run(url: str, count: int, seed: int, flood_key: str | None) -> dict:
+    """`count` requests of the steady tenant, one at a time, while `flood_key` (if any) keeps
+    FLOOD_CLIENTS requests in flight."""
+    rng = random.Random(seed)
+    stop, flood = asyncio.Event(), {"statuses": {}}
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as client:
+        flooders = [asyncio.create_task(flood_client(client, flood_key, rng.random(), stop, flood))
+                    for _ in range(FLOOD_CLIENTS if flood_key else 0)]  # fmt: skip
+        await asyncio.sleep(3 if flood_key else 0)  # the flood is on before the first sample
+        times, statuses = [], {}
+        for _ in range(count):
+            text = " ".join(rng.choice(WORDS) for _ in range(STEADY_WORDS))
+            body = {"model": DEFAULT_MODEL, "prompt": text, "max_tokens": 4, "stream": True}
+            status, first = await ttft(client, STEADY, body)
+            statuses[status] = statuses.get(status, 0) + 1
+            if first is not None:
+                times.append(first)
+        stop.set()
+        for task in flooders:  # their clients go away: the server aborts what they had
+            task.cancel()
+        await asyncio.gather(*flooders, return_exceptions=True)
+    return {"ttft": times, "statuses": statuses, "flood": flood["statuses"]}
+
+
+async def flood_client(client, key: str, seed: float, stop: asyncio.Event, out: dict) -> None:
+    rng = random.Random(seed)
+    while not stop.is_set():
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*FLOOD_WORDS)))
+        body = {"model": DEFAULT_MODEL, "prompt": text, "max_tokens": FLOOD_TOKENS,
+                "stream": True}  # fmt: skip
+        try:
+            status, _ = await ttft(client, key, body)
+        except httpx.HTTPError as error:
+            status = type(error).__name__
+        out["statuses"][status] = out["statuses"].get(status, 0) + 1
+        if status == 429:
+            await asyncio.sleep(FLOOD_RETRY_S)
+
+
+def merge_phase(total: dict, result: dict) -> None:
+    total["ttft"] += result["ttft"]
+    for field in ("statuses", "flood"):
+        for status, count in result[field].items():
+            total[field][status] = total[field].get(status, 0) + count
+
+
+def tenants_report(phases: dict, args, out: Path) -> str:
+    alone = percentile(phases["alone"]["ttft"], 0.99)
+    rows = []
+    for name, label in (("alone", "alone"), ("limited", f"flood at 10x its limit of "
+                        f"{FLOOD_LIMIT}"), ("unlimited", "the same flood, no limit")):  # fmt: skip
+        phase = phases[name]
+        p50, p99 = (percentile(phase["ttft"], q) * 1e3 for q in (0.5, 0.99))
+        flood = outcomes(phase["flood"]) if phase["flood"] else "-"
+        ratio = p99 / (alone * 1e3)
+        rows.append(f"| {label} | {len(phase['ttft'])} | {p50:.0f} ms | {p99:.0f} ms | "
+                    f"{ratio:.2f}x | {outcomes(phase['statuses'])} | {flood} |")  # fmt: skip
+    ratio = percentile(phases["limited"]["ttft"], 0.99) / alone
+    lines = [
+        f"# Two tenants on `lln-serve serve` ({DEFAULT_MODEL}, CPU, {SLOTS} slots)",
+        "",
+        f"`.venv/bin/python benchmarks/bench_reliability.py --tenants --rounds {args.rounds} "
+        f"--victim-requests {args.victim_requests} --unlimited-requests "
+        f"{args.unlimited_requests}` on {time.strftime('%Y-%m-%d %H:%M')} UTC, on a CPU "
+        "shared with other work.",
+        "",
+        f"The steady tenant streams completions of {STEADY_WORDS} words (max_tokens 4) one at a "
+        f"time; the flooding tenant keeps {FLOOD_CLIENTS} streamed completions "
+        f"({FLOOD_WORDS[0]}-{FLOOD_WORDS[1]} words, max_tokens {FLOOD_TOKENS}) in flight, "
+        f"retrying {FLOOD_RETRY_S * 1000:.0f} ms after each 429 (not waiting the Retry-After "
+        f"second); its keys-file line: `flood max_concurrent="
+        f"{FLOOD_LIMIT}`. Alone and limited-flood runs alternate, {args.rounds} rounds of "
+        f"{args.victim_requests} requests each; the unlimited flood runs once, "
+        f"{args.unlimited_requests} requests.",
+        "",
+        "| steady tenant's run | requests | TTFT p50 | TTFT p99 | p99 / alone | its outcomes | "
+        "flood's outcomes |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Steady tenant's p99 TTFT under the limited flood: {ratio:.2f}x its figure alone "
+        f"(goal <= 1.5x): {'met' if ratio <= 1.5 else 'NOT met'}.",
+    ]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_reliability_tenants.md").write_text(text)
+    return text
+
+
+def tenants_main(args, port: int) -> None:
+    url = f"http://127.0.0.1:{port}"
+    keys = Path(tempfile.mkdtemp()) / "keys"
+    keys.write_text(TENANT_KEYS)
+    server = start_server(port, SLOTS, LLN_SERVE_MAX_WAITING=str(QUEUE),
+                          LLN_SERVE_API_KEYS_FILE=str(keys))  # fmt: skip
+    try:
+        asyncio.run(steady_run(url, 3, args.seed - 1, None))  # warm-up, not counted
+        phases: dict = {}
+        runs = [("alone", None), ("limited", FLOOD)] * args.rounds + [("unlimited", FREE)]
+        for number, (name, key) in enumerate(runs):
+            count = args.unlimited_requests if name == "unlimited" else args.victim_requests
+            result = asyncio.run(steady_run(url, count, args.seed + number, key))
+            print(name, {k: v for k, v in result.items() if k != "ttft"},
+                  f"p99 {percentile(result['ttft'], 0.99):.3f} s", flush=True)  # fmt: skip
+            merge_phase(phases.setdefault(name, {"ttft": [], "statuses": {}, "flood": {}}),
+                        result)  # fmt: skip
+        print(tenants_report(phases, args, args.out))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        keys.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tenants", action="store_true", help="only the two-tenant run")
+    parser.add_argument("--rounds", type=int, default=4, help="alone/flood rounds (--tenants)")
+    parser.add_argument("--victim-requests", type=int, default=25, help="per round (--tenants)")
+    parser.add_argument("--unlimited-requests", type=int, default=10, help="(--tenants)")
     args = parser.parse_args()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    if args.tenants:
+        tenants_main(args, port)
+        return
     url = f"http://127.0.0.1:{port}"
     server = start_server(port, SLOTS, LLN_SERVE_MAX_WAITING=str(QUEUE),
                           LLN_SERVE_PREFIX_CACHE_MB="256")  # fmt: skip

@@ -313,12 +313,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
-        body = await _parse(request, state, CompletionRequest)
+        body = await _parse(request, state, CompletionRequest, limited=True)
         return await _completions(request, state, body)
 
     @app.post("/v1/chat/completions", **_documented(ChatCompletionRequest, ChatCompletionResponse))
     async def chat_completions(request: Request):
-        body = await _parse(request, state, ChatCompletionRequest)
+        body = await _parse(request, state, ChatCompletionRequest, limited=True)
         return await _chat(request, state, body)
 
 
@@ -381,6 +381,18 @@ def _authorize(request: Request, state: ServerState) -> Tenant:
     return tenant
 
 
+def _rate_limited(state: ServerState, tenant: Tenant, call: Callable):
+    """call() with the limiter's refusals as API errors (429, counted; 400)."""
+    try:
+        return call()
+    except RateLimited as error:
+        if state.metrics is not None:
+            state.metrics.tenants.rate_limited(tenant.name, error.limit)
+        raise APIError(429, str(error), error.limit, headers=error.headers) from None
+    except TooLarge as error:
+        raise APIError(400, str(error), "invalid_request_error") from None
+
+
 def _tenant(request: Request) -> Tenant:
     tenant = scope_tenant(request.scope)
     assert tenant is not None, "_authorize first"  # a programming error, not bad input
@@ -408,23 +420,23 @@ def _unscoped(message: str, key: str, session_id: str) -> str:
 def _admit(request: Request, state: ServerState, num_sequences: int, num_tokens: int) -> None:
     """Hold the tenant's rate-limit lease until the response is over; 429 or 400 if not."""
     tenant = _tenant(request)
-    try:
-        lease = state.limiter.admit(tenant, num_sequences, num_tokens)
-    except RateLimited as error:
-        if state.metrics is not None:
-            state.metrics.tenants.rate_limited(tenant.name, error.limit)
-        raise APIError(429, str(error), error.limit, headers=error.headers) from None
-    except TooLarge as error:
-        raise APIError(400, str(error), "invalid_request_error") from None
+    lease = _rate_limited(
+        state, tenant, lambda: state.limiter.admit(tenant, num_sequences, num_tokens)
+    )
     hold(request.scope, lease)
     if state.metrics is not None:
         state.metrics.tenants.request(tenant.name, num_tokens)
 
 
-async def _parse(request: Request, state: ServerState, schema: type[BaseModel] | Callable):
+async def _parse(
+    request: Request, state: ServerState, schema: type[BaseModel] | Callable, limited=False
+):
     """The body, authorized, bounded and validated; `schema` is a model, or a function of the
-    body's JSON that picks one."""
-    _authorize(request, state)
+    body's JSON that picks one. limited: a generation, refused at once (before its body is
+    read) while the tenant is at a rate limit, so that a flood of refusals costs little."""
+    tenant = _authorize(request, state)
+    if limited:
+        _rate_limited(state, tenant, lambda: state.limiter.check(tenant))
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
         raise _too_large(state)

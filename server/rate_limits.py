@@ -68,6 +68,19 @@ class RateLimiter:
             usage.running += num_sequences
         return Lease(tenant, num_sequences)
 
+    def check(self, tenant: Tenant) -> None:
+        """RateLimited if no request of the tenant could be admitted now: every concurrent
+        sequence in use, or no token left (checked before a request's body is read)."""
+        limits = tenant.limits
+        if not limits.is_limited:
+            return
+        with self._lock:
+            usage = self._refill(tenant)
+            if limits.max_concurrent is not None:
+                self._check_concurrency(tenant, usage, 1)
+            if limits.tokens_per_minute is not None:
+                self._check_tokens(tenant, usage, 1)
+
     def charge(self, tenant: Tenant, num_tokens: int) -> None:
         """Generated tokens, as they come."""
         if tenant.limits.tokens_per_minute is None:

@@ -165,7 +165,10 @@ def test_concurrency_limit_429_with_headers_and_release():
     assert error.limit == "requests" and error.headers["Retry-After"] == "1"
     assert error.headers["x-ratelimit-limit-requests"] == "2"
     assert error.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(RateLimited):
+        limiter.check(tenant)  # the quick check before a body is read
     limiter.release(first)
+    limiter.check(tenant)
     limiter.release(first)  # twice: counted once
     assert limiter.running(tenant) == 1
     limiter.admit(tenant, 1, 10)

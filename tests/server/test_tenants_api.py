@@ -119,6 +119,8 @@ def test_the_tenant_over_its_limit_gets_429s_with_headers_the_others_are_served(
     assert body["code"] == 429 and body["type"] == "requests"
     assert busy.headers["retry-after"] == "1"
     assert busy.headers["x-ratelimit-remaining-requests"] == "0"
+    unread = client.post("/v1/completions", content=b"{not json", headers=auth(CAROL))
+    assert unread.status_code == 429  # refused before its body is read: a flood costs little
     assert complete(client, ALICE).status_code == 200  # others keep their share
     assert complete(client, BOB).status_code == 200
     state.limiter.release(held)
@@ -133,7 +135,7 @@ def test_the_tenant_over_its_limit_gets_429s_with_headers_the_others_are_served(
     assert complete(client, CAROL, prompt="ab", n=2).status_code == 400  # 2 at once: never
     metrics = client.get("/metrics").text
     assert (
-        'lln:tenant_rate_limited_total{limit="requests",model_name="tiny",tenant="carol"} 1.0'
+        'lln:tenant_rate_limited_total{limit="requests",model_name="tiny",tenant="carol"} 2.0'
         in (metrics)
     )
     assert 'lln:tenant_requests_total{model_name="tiny",tenant="alice"}' in metrics

@@ -406,7 +406,7 @@ def _session_key(request: Request, session_id: str | None) -> str | None:
     if len(session_id) > 256:
         raise APIError(400, "session_id: at most 256 characters", "invalid_request_error",
                        "session_id")  # fmt: skip
-    if not session_id.isprintable():
+    if any(ord(c) < 32 or ord(c) == 127 for c in session_id):
         raise APIError(400, "session_id: control characters are not allowed",
                        "invalid_request_error", "session_id")  # fmt: skip
     return _tenant(request).session_key(session_id)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import tempfile
@@ -313,10 +314,16 @@ def tenants_report(phases: dict, args, out: Path) -> str:
         rows.append(f"| {label} | {len(phase['ttft'])} | {p50:.0f} ms | {p99:.0f} ms | "
                     f"{ratio:.2f}x | {outcomes(phase['statuses'])} | {flood} |")  # fmt: skip
     ratio = percentile(phases["limited"]["ttft"], 0.99) / alone
+    threads = (
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+        if "OMP_NUM_THREADS" in os.environ
+        else ""
+    )
     lines = [
         f"# Two tenants on `lln-serve serve` ({DEFAULT_MODEL}, CPU, {SLOTS} slots)",
         "",
-        f"`.venv/bin/python benchmarks/bench_reliability.py --tenants --rounds {args.rounds} "
+        f"`{threads}.venv/bin/python benchmarks/bench_reliability.py --tenants --rounds "
+        f"{args.rounds} "
         f"--victim-requests {args.victim_requests} --unlimited-requests "
         f"{args.unlimited_requests}` on {time.strftime('%Y-%m-%d %H:%M')} UTC, on a CPU "
         "shared with other work.",
@@ -336,7 +343,8 @@ def tenants_report(phases: dict, args, out: Path) -> str:
         *rows,
         "",
         f"Steady tenant's p99 TTFT under the limited flood: {ratio:.2f}x its figure alone "
-        f"(goal <= 1.5x): {'met' if ratio <= 1.5 else 'NOT met'}.",
+        f"(goal <= 1.5x): {'met' if ratio <= 1.5 else 'NOT met'}. The machine's load average "
+        f"at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
     ]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)

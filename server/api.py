@@ -114,6 +114,8 @@ class ServerState:
 def build_app(state: ServerState, cors_origins: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="lln-serve", version=VERSION, separate_input_output_schemas=False)
     app.state.server = state
+    # added first, so inside CORS: its early refusals carry the CORS headers too
+    app.add_middleware(LeaseMiddleware, limiter=state.limiter, refuse=_early_refusal(state))
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -121,7 +123,6 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None) -> Fast
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    app.add_middleware(LeaseMiddleware, limiter=state.limiter)
     _add_error_handlers(app)
     _add_routes(app, state)
     if state.ui:
@@ -192,11 +193,15 @@ def _error_body(status: int, message: str, type_: str, param: str | None = None)
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 
 
+def _error_response(error: APIError) -> JSONResponse:
+    body = _error_body(error.status, error.message, error.type, error.param)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_request: Request, error: APIError):
-        body = _error_body(error.status, error.message, error.type, error.param)
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
+        return _error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, error: RequestValidationError):
@@ -313,12 +318,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions", **_documented(CompletionRequest, CompletionResponse))
     async def completions(request: Request):
-        body = await _parse(request, state, CompletionRequest, limited=True)
+        body = await _parse(request, state, CompletionRequest)
         return await _completions(request, state, body)
 
     @app.post("/v1/chat/completions", **_documented(ChatCompletionRequest, ChatCompletionResponse))
     async def chat_completions(request: Request):
-        body = await _parse(request, state, ChatCompletionRequest, limited=True)
+        body = await _parse(request, state, ChatCompletionRequest)
         return await _chat(request, state, body)
 
 
@@ -428,15 +433,31 @@ def _admit(request: Request, state: ServerState, num_sequences: int, num_tokens:
         state.metrics.tenants.request(tenant.name, num_tokens)
 
 
-async def _parse(
-    request: Request, state: ServerState, schema: type[BaseModel] | Callable, limited=False
-):
+_GENERATIONS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _early_refusal(state: ServerState) -> Callable[[dict], Response | None]:
+    """The answer to a generation request refused before routing: a missing or wrong key
+    (401), or a tenant at a rate limit (429), so that a flood of refused requests costs as
+    little as it can (no routing, no body read, no tokenization). None: go on."""
+
+    def refuse(scope: dict) -> Response | None:
+        if scope.get("method") != "POST" or scope.get("path") not in _GENERATIONS:
+            return None
+        try:
+            tenant = _authorize(Request(scope), state)
+            _rate_limited(state, tenant, lambda: state.limiter.check(tenant))
+        except APIError as error:
+            return _error_response(error)
+        return None
+
+    return refuse
+
+
+async def _parse(request: Request, state: ServerState, schema: type[BaseModel] | Callable):
     """The body, authorized, bounded and validated; `schema` is a model, or a function of the
-    body's JSON that picks one. limited: a generation, refused at once (before its body is
-    read) while the tenant is at a rate limit, so that a flood of refusals costs little."""
-    tenant = _authorize(request, state)
-    if limited:
-        _rate_limited(state, tenant, lambda: state.limiter.check(tenant))
+    body's JSON that picks one."""
+    _authorize(request, state)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > state.max_body_bytes:
         raise _too_large(state)

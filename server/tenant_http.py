@@ -4,6 +4,9 @@ and OpenAI's `x-ratelimit-*` headers on the responses of a tenant with limits.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.rate_limits import Lease, RateLimiter
@@ -24,14 +27,23 @@ def hold(scope: Scope, lease: Lease) -> None:
 
 
 class LeaseMiddleware:
-    """Pure ASGI (no response buffering, streams pass through as they come)."""
+    """Pure ASGI (no response buffering, streams pass through as they come). refuse(scope):
+    an answer to send at once, before routing (a request refused by its key or a rate
+    limit), or None."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
-        self.app, self.limiter = app, limiter
+    def __init__(
+        self, app: ASGIApp, limiter: RateLimiter,
+        refuse: Callable[[Scope], Response | None] | None = None,
+    ) -> None:  # fmt: skip
+        self.app, self.limiter, self.refuse = app, limiter, refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        refusal = self.refuse(scope) if self.refuse is not None else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
         leases: list[Lease] = []
         scope[LEASES_KEY] = leases

@@ -187,3 +187,12 @@ def test_a_session_id_with_control_characters_is_a_400(server):
     response = complete(client, ALICE, session_id="bob\x1fs")
     assert response.status_code == 400 and response.json()["error"]["param"] == "session_id"
     assert client.get("/v1/sessions/a%1Fb", headers=auth(ALICE)).status_code == 400
+
+
+def test_refusals_before_routing_carry_the_cors_headers():
+    state = ServerState(model_names=[MODEL], api_key="sk-the-only-key")
+    with TestClient(build_app(state, ["http://page.example"])) as client:
+        headers = {"Origin": "http://page.example", "Authorization": "Bearer wrong"}
+        response = client.post("/v1/completions", json={}, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["access-control-allow-origin"] == "http://page.example"

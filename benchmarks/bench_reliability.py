@@ -24,7 +24,8 @@ alone, and while a flooding tenant (limit: 2 sequences at once) keeps 10x its li
 flooders that wait the Retry-After of each 429 (as the openai SDK does), and flooders that
 retry 100 ms after each 429 (ignoring it); then once while the same flood comes from a tenant
 without a limit (what the limit prevents). The steady tenant's p99 TTFT under the limited
-flood must stay within 1.5x of its figure alone. Writes bench_reliability_tenants.md.
+flood must stay within 1.5x of its figure alone. Writes (or replaces) the section "Two
+tenants" at the end of bench_reliability.md; the other runs keep it.
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def report(results: dict, args, out: Path) -> str:
     ]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_reliability.md").write_text(text)
+    path = out / "bench_reliability.md"
+    (out / "bench_reliability.md").write_text(text + tenants_section(path))
     plt.figure(figsize=(6, 3.2))
     plt.plot([t for t, _ in samples], rss)
     plt.xlabel("seconds into the soak")
@@ -261,16 +263,17 @@ async def ttft(client: httpx.AsyncClient, key: str, body: dict) -> tuple[int, fl
 
 
 async def steady_run(
-    url: str, count: int, seed: int, flood_key: str | None, retry_s: float | None = None
-) -> dict:
+    url: str, count: int, seed: int, flood_key: str | None, retry_s: float | None = None,
+    clients: int = FLOOD_CLIENTS,
+) -> dict:  # fmt: skip
     """`count` requests of the steady tenant, one at a time, while `flood_key` (if any) keeps
-    FLOOD_CLIENTS requests in flight, retrying `retry_s` after a 429 (None: its Retry-After)."""
+    `clients` requests in flight, retrying `retry_s` after a 429 (None: its Retry-After)."""
     rng = random.Random(seed)
     stop, flood = asyncio.Event(), {"statuses": {}}
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=LIMITS) as client:
         flooders = [
             asyncio.create_task(flood_client(client, flood_key, rng.random(), stop, flood, retry_s))
-            for _ in range(FLOOD_CLIENTS if flood_key else 0)
+            for _ in range(clients if flood_key else 0)
         ]
         await asyncio.sleep(3 if flood_key else 0)  # the flood is on before the first sample
         times, statuses = [], {}
@@ -311,11 +314,29 @@ def merge_phase(total: dict, result: dict) -> None:
             total[field][status] = total[field].get(status, 0) + count
 
 
+TENANTS_HEADING = "\n## Two tenants"
+
+
+def tenants_section(path: Path) -> str:
+    """The two-tenant section of a results file ("" if none)."""
+    text = path.read_text() if path.exists() else ""
+    return text[text.index(TENANTS_HEADING) :] if TENANTS_HEADING in text else ""
+
+
+def write_tenants_section(path: Path, section: str) -> None:
+    """Put `section` (it starts with TENANTS_HEADING) at the end of `path`, replacing the
+    one there."""
+    text = path.read_text() if path.exists() else ""
+    head = text.split(TENANTS_HEADING, 1)[0].rstrip("\n")
+    path.write_text(head + "\n" + section)
+
+
 def tenants_report(phases: dict, args, out: Path) -> str:
     alone = percentile(phases["alone"]["ttft"], 0.99)
     rows = []
     labels = {
         "alone": "alone",
+        "at_limit": f"the other tenant at its limit ({FLOOD_LIMIT} clients, no 429)",
         "limited": f"flood at 10x its limit of {FLOOD_LIMIT}, waiting Retry-After",
         "hostile": f"flood at 10x its limit, retrying after {FLOOD_RETRY_S:g} s",
         "unlimited": "the same flood (Retry-After), no limit",
@@ -335,7 +356,7 @@ def tenants_report(phases: dict, args, out: Path) -> str:
         else ""
     )
     lines = [
-        f"# Two tenants on `lln-serve serve` ({DEFAULT_MODEL}, CPU, {SLOTS} slots)",
+        f"{TENANTS_HEADING} on `lln-serve serve` ({DEFAULT_MODEL}, CPU, {SLOTS} slots)",
         "",
         f"`{threads}.venv/bin/python benchmarks/bench_reliability.py --tenants --rounds "
         f"{args.rounds} "
@@ -348,8 +369,8 @@ def tenants_report(phases: dict, args, out: Path) -> str:
         f"({FLOOD_WORDS[0]}-{FLOOD_WORDS[1]} words, max_tokens {FLOOD_TOKENS}) in flight, "
         "waiting each 429's Retry-After (as the openai SDK does) or, hostile, retrying "
         f"{FLOOD_RETRY_S * 1000:.0f} ms after it; its keys-file line: `flood max_concurrent="
-        f"{FLOOD_LIMIT}`. Alone, limited and hostile runs alternate, {args.rounds} rounds of "
-        f"{args.victim_requests} requests each; the unlimited flood runs once, "
+        f"{FLOOD_LIMIT}`. Alone, at-limit, limited and hostile runs alternate, {args.rounds} "
+        f"rounds of {args.victim_requests} requests each; the unlimited flood runs once, "
         f"{args.unlimited_requests} requests.",
         "",
         "| steady tenant's run | requests | TTFT p50 | TTFT p99 | p99 / alone | its outcomes | "
@@ -364,7 +385,7 @@ def tenants_report(phases: dict, args, out: Path) -> str:
     ]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_reliability_tenants.md").write_text(text)
+    write_tenants_section(out / "bench_reliability.md", text)
     return text
 
 
@@ -377,11 +398,14 @@ def tenants_main(args, port: int) -> None:
     try:
         asyncio.run(steady_run(url, 3, args.seed - 1, None))  # warm-up, not counted
         phases: dict = {}
-        runs = [("alone", None, None), ("limited", FLOOD, None), ("hostile", FLOOD, FLOOD_RETRY_S)]
-        runs = runs * args.rounds + [("unlimited", FREE, None)]
-        for number, (name, key, retry_s) in enumerate(runs):
+        runs = [("alone", None, None, 0), ("at_limit", FLOOD, None, FLOOD_LIMIT),
+                ("limited", FLOOD, None, FLOOD_CLIENTS),
+                ("hostile", FLOOD, FLOOD_RETRY_S, FLOOD_CLIENTS)]  # fmt: skip
+        runs = runs * args.rounds + [("unlimited", FREE, None, FLOOD_CLIENTS)]
+        for number, (name, key, retry_s, clients) in enumerate(runs):
             count = args.unlimited_requests if name == "unlimited" else args.victim_requests
-            result = asyncio.run(steady_run(url, count, args.seed + number, key, retry_s))
+            run = steady_run(url, count, args.seed + number, key, retry_s, clients)
+            result = asyncio.run(run)
             print(name, {k: v for k, v in result.items() if k != "ttft"},
                   f"p99 {percentile(result['ttft'], 0.99):.3f} s", flush=True)  # fmt: skip
             merge_phase(phases.setdefault(name, {"ttft": [], "statuses": {}, "flood": {}}),

@@ -7,7 +7,10 @@ OpenAI endpoint, and what tools cost per decode step.
 Accuracy: the first --per-category cases of BFCL's simple (Python), multiple and parallel
 categories (the package's own data, read from its wheel: installing bfcl-eval itself pins
 numpy 1.26 and pulls vLLM-era dependencies), sent to `lln-serve serve` (started here, or
---base-url) with tool_choice auto (parallel_tool_calls for the parallel category), greedy.
+--base-url) with tool_choice auto (parallel_tool_calls for the parallel category), greedy,
+at most 256 tokens. Beside it the softmax teacher, served by the same engine, template and
+grammar: the same checkpoint with a 4,096-token window (every key of these prompts in the
+window: the teacher's attention exactly, `teacher_checkpoint`).
 A case is right when its calls match the ground truth as BFCL's AST checker does (function
 names, every given argument among the allowed values, required ones present, no unknown
 ones; parallel calls in any order). Then the same cases with tool_choice required (named, for
@@ -133,10 +136,29 @@ def case_right(calls: list[tuple[str, dict]], truths: list[dict], functions: dic
 # ---- the server --------------------------------------------------------------------------------
 
 
-def start_server(port: int) -> subprocess.Popen:
+def teacher_checkpoint() -> Path:
+    """The default model's checkpoint with a 4,096-token window and float32 keys: below 4,096
+    tokens every key is in the window, so this is exactly the softmax teacher (logits within
+    1e-4 of `attention_kernel="softmax"`) served by the same engine, template and grammar."""
+    from models.registry import lln_home, resolve
+
+    source = resolve(DEFAULT_MODEL)
+    target = lln_home() / "bench" / "smollm2-135m-teacher-window"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        link = target / item.name
+        if item.name != "config.json" and not link.exists():
+            link.symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    config.update(local_size=4096, kv_cache_dtype="auto")
+    (target / "config.json").write_text(json.dumps(config, indent=1))
+    return target
+
+
+def start_server(port: int, model: str) -> subprocess.Popen:
     env = {**os.environ, "LLN_SERVE_MAX_NUM_SEQS": "16"}
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", DEFAULT_MODEL,
-               "--port", str(port)]  # fmt: skip
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", model,
+               "--served-model-name", DEFAULT_MODEL, "--port", str(port)]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 900
@@ -146,6 +168,8 @@ def start_server(port: int) -> subprocess.Popen:
                 return process
         except httpx.TransportError:
             pass
+        if process.poll() is not None:
+            raise SystemExit(f"the server of {model} exited ({process.returncode})")
         time.sleep(1)
     process.kill()
     raise SystemExit("the server did not become healthy")
@@ -193,47 +217,70 @@ async def run_category(base_url: str, source: Path, label: str, count: int, forc
         replies = await asyncio.gather(
             *(ask(client, base_url, c, choice_of(c), parallel) for c in cases)
         )
-    right = valid = total = called = 0
+    right = valid = total = called = cut = 0
     for case, reply in zip(cases, replies, strict=True):
         calls, ok, n = parsed_calls(reply, tools_of(case))
         valid, total, called = valid + ok, total + n, called + bool(n)
+        cut += reply["finish_reason"] == "length"
         functions = {f["name"]: f for f in case["function"]}
         right += case_right(calls, answers[case["id"]], functions)
     return {"cases": len(cases), "right": right, "valid": valid, "calls": total,
-            "answered_by_call": called}  # fmt: skip
+            "answered_by_call": called, "cut": cut}  # fmt: skip
+
+
+def bfcl_runs(base_url: str, args) -> dict[tuple[str, bool], dict]:
+    results = {}
+    for forced in (False, True):
+        for label in CATEGORIES:
+            began = time.perf_counter()
+            r = asyncio.run(run_category(base_url, args.bfcl, label, args.per_category, forced))
+            r["seconds"] = time.perf_counter() - began
+            results[label, forced] = r
+            print(label, "forced" if forced else "auto", r, flush=True)
+    return results
+
+
+def served_runs(model: str, args) -> dict[tuple[str, bool], dict]:
+    process = start_server(args.port, model)
+    try:
+        return bfcl_runs(f"http://127.0.0.1:{args.port}/v1", args)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / max(whole, 1):.0f}%)"
 
 
 def bfcl_report(args) -> list[str]:
-    process = None
-    base_url = args.base_url
-    if base_url is None:
-        process = start_server(args.port)
-        base_url = f"http://127.0.0.1:{args.port}/v1"
-    lines = [
-        "| category | tool_choice | cases | right (AST) | replies with calls | calls that parse "
-        "and validate | seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    try:
-        for forced in (False, True):
-            for label in CATEGORIES:
-                began = time.perf_counter()
-                r = asyncio.run(run_category(base_url, args.bfcl, label, args.per_category, forced))
-                seconds = time.perf_counter() - began
-                choice = "named / required" if forced else "auto"
-                validated = (
-                    f"{r['valid']}/{r['calls']} ({100 * r['valid'] / max(r['calls'], 1):.0f}%)"
-                )
-                lines.append(
-                    f"| {label} | {choice} | {r['cases']} | {r['right']} "
-                    f"({100 * r['right'] / r['cases']:.0f}%) | {r['answered_by_call']} | "
-                    f"{validated} | {seconds:.0f} |"
-                )
-                print(lines[-1], flush=True)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=60)
+    models = {"LLN (default)": DEFAULT_MODEL}
+    if args.teacher:
+        models["softmax teacher"] = str(teacher_checkpoint())
+    if args.base_url is not None:
+        return bfcl_table({"server at --base-url": bfcl_runs(args.base_url, args)})
+    return bfcl_table({name: served_runs(model, args) for name, model in models.items()})
+
+
+def bfcl_table(results: dict[str, dict[tuple[str, bool], dict]]) -> list[str]:
+    """One row per category and choice; each cell gives every model's figure, " / " apart."""
+    names = list(results)
+    columns = {
+        "right (AST)": lambda r: _share(r["right"], r["cases"]),
+        "replies with calls": lambda r: str(r["answered_by_call"]),
+        "calls that parse and validate": lambda r: _share(r["valid"], r["calls"]),
+        "cut at max_tokens": lambda r: str(r["cut"]),
+    }
+    lines = [f"Cells: {' / '.join(names)}.", "",
+             "| category | tool_choice | cases | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for forced in (False, True):
+        for label in CATEGORIES:
+            rows = [results[n].get((label, forced)) for n in names]
+            cells = [" / ".join(f(r) if r else "not run" for r in rows) for f in columns.values()]
+            cases = next(r["cases"] for r in rows if r)
+            choice = "named / required" if forced else "auto"
+            lines.append(f"| {label} | {choice} | {cases} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -304,12 +351,25 @@ def decode_report(args) -> list[str]:
     ]
 
 
+BFCL_HOW = [
+    "The first cases of each category, greedy, at most 256 tokens a reply. *right*: the calls",
+    "match BFCL's ground truth (its AST check: names, allowed values, required arguments, any",
+    "order); *calls that validate*: complete calls whose arguments parse and follow their",
+    "tool's schema; *cut at max_tokens*: replies still open at 256 tokens (a small model",
+    "greedily repeating a call or a string), which carry no call. The softmax teacher is the",
+    "same weights with every key in a 4,096-token window, served by the same engine, template",
+    "and grammar.",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bfcl", type=Path, help="bfcl-eval's wheel (or unpacked package)")
     parser.add_argument("--per-category", type=int, default=20)
     parser.add_argument("--base-url", help="a running server's /v1 (default: start one)")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
+                        help="also serve the softmax teacher (a 4,096-token window)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="decode runs of each kind")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--skip-decode", action="store_true")
@@ -322,7 +382,7 @@ def main() -> None:
     if not args.skip_bfcl:
         if args.bfcl is None:
             raise SystemExit("--bfcl: the path of bfcl-eval's wheel (see the docstring)")
-        text += ["## BFCL (simple, multiple, parallel)", "", *bfcl_report(args), ""]
+        text += ["## BFCL (simple, multiple, parallel)", "", *BFCL_HOW, "", *bfcl_report(args), ""]
     if not args.skip_decode:
         text += ["## Decode cost of tools", "", *decode_report(args), ""]
     print("\n".join(text))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,13 @@ SERVE_OPTIONS = [
     ("--max-waiting", int, 256, "queued requests beyond the slots (more get 503)"),
     ("--prefill-chunk-size", int, 512, "longest prefill chunk per sequence and step"),
     ("--device", str, "cpu", "cpu or cuda[:N]"),
+    (
+        "--threads",
+        int,
+        None,
+        "CPU threads for the model's math (default: $OMP_NUM_THREADS, else the cores this "
+        "process may use); fewer than the cores keeps decode steady beside other busy processes",
+    ),
     (
         "--dtype",
         str,
@@ -126,8 +134,6 @@ SWITCH_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": Fals
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    import os
-
     for flag, kind, default, text in SERVE_OPTIONS:
         env = "LLN_SERVE_" + flag[2:].upper().replace("-", "_")
         value = os.environ.get(env, default)
@@ -507,6 +513,7 @@ def run_serve(args: argparse.Namespace) -> int:
             state_store_ca_cert=args.state_store_ca_cert or None,
             state_store_cert=args.state_store_cert or None,
             state_store_key=args.state_store_key or None,
+            threads=int(args.threads) if args.threads is not None else default_threads(),
         )
         no_ui = SWITCH_VALUES.get(str(args.no_ui).strip().lower())
         if no_ui is None:
@@ -527,6 +534,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error))
     return serve(engine_config, server_config)
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS where set, else the cores this process may run on (its affinity,
+    which a container's cpuset narrows; torch's own default counts every core)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    return len(os.sched_getaffinity(0))
 
 
 def _fail(message: str) -> int:

@@ -46,6 +46,9 @@ class EngineConfig:
     share_prefix_states: with Redis, prefix-cache states are shared by every replica too.
     session_lock_ttl_s: a session in use is locked in Redis for this long, refreshed while its
     request runs (a crashed replica's lock frees itself after it).
+    threads: CPU threads for the model's math (`torch.set_num_threads`); None leaves torch's
+    setting as it is (the CLI passes the cores the process may use). More threads than free
+    cores make every step wait on descheduled threads (`bench_shared_cpu.py`).
     deterministic: a request's tokens do not depend on the other requests in the engine: its
     prefill chunks are split by its own prompt alone and run in forwards of their own, and
     every decode row takes one arithmetic whatever the batch (`models.quantize.
@@ -78,6 +81,7 @@ class EngineConfig:
     state_store_ca_cert: str | None = None
     state_store_cert: str | None = None
     state_store_key: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         ints = ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "prefill_chunk_size",
@@ -96,6 +100,10 @@ class EngineConfig:
                 f"default_max_tokens ({self.default_max_tokens}) must be below max_model_len "
                 f"({self.max_model_len})"
             )
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
         for name in ("prefix_cache_bytes", "session_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -141,6 +141,8 @@ class LLMEngine:
         if model is None:
             model, tokenizer = _load(config)
         self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         self.model, self.tokenizer = model, tokenizer
         self.deterministic = config.deterministic
         if self.deterministic is None:

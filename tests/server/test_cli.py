@@ -155,3 +155,25 @@ def test_shutdown_timeout_flag_environment_and_check(monkeypatch):
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="shutdown_timeout must be >= 0"):
             ServerConfig(shutdown_timeout_s=bad)
+
+
+def test_serve_rejects_a_thread_count_below_one():
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--threads", "0"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "threads must be an integer >= 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_threads_follow_omp_num_threads_else_the_affinity(monkeypatch):
+    import os
+
+    from server.cli import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored
+    assert default_threads() == len(os.sched_getaffinity(0))

@@ -330,3 +330,18 @@ def test_engine_config_rejects_bad_values():
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+def test_the_engine_runs_on_its_configured_threads(model, char_tokenizer):
+    before = torch.get_num_threads()
+    try:
+        engine = make_engine(model, char_tokenizer, threads=1)
+        assert torch.get_num_threads() == 1
+        engine.add_request("t", prompts(1)[0], greedy(3))
+        assert len(run_all(engine)["tokens"]["t", 0]) == 3
+        make_engine(model, char_tokenizer)  # threads None: torch's setting stays
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+        EngineConfig(threads=0)

@@ -1,0 +1,131 @@
+"""Decode on a shared CPU: one sequence's engine decode step alone and with another process
+busy on the same cores, per thread count and OpenMP wait policy.
+
+    .venv/bin/python benchmarks/bench_shared_cpu.py
+
+Each setting runs in its own process (OpenMP reads its wait policy once, when torch loads):
+it builds the engine, compiles and warms the decode step, then, once the competitor (a
+process doing float32 matmuls on every core) has started where the setting asks for one,
+times 40 greedy decode steps of a 64-token prompt; the median is reported. Settings alternate
+over --rounds. Results: benchmarks/results/bench_shared_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import statistics, sys, time
+sys.path[:0] = [{root!r}, {bench!r}]
+import torch
+torch.set_num_threads({threads})
+from bench_engine import make_engine
+from server.request import SamplingParams
+engine = make_engine(1, "cpu")
+def run(tag, n):
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    engine.add_request(tag, list(range(10, 74)), params)
+    times = []
+    while engine.has_unfinished():
+        began = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - began)
+    return times[2:]  # the prompt's prefill and the first step
+run("warm-1", 8)
+run("warm-2", 8)
+print("READY", flush=True)
+sys.stdin.readline()
+print("MS", statistics.median(run("timed", 42)) * 1e3, flush=True)
+"""
+
+COMPETITOR = """
+import torch
+torch.set_num_threads({threads})
+a = torch.randn(768, 768)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+# (label, decode threads, OMP_WAIT_POLICY or None, competitor)
+SETTINGS = [
+    ("2 threads, alone", 2, None, False),
+    ("2 threads, busy neighbour", 2, None, True),
+    ("2 threads, passive wait, alone", 2, "PASSIVE", False),
+    ("2 threads, passive wait, busy neighbour", 2, "PASSIVE", True),
+    ("1 thread, alone", 1, None, False),
+    ("1 thread, busy neighbour", 1, None, True),
+]
+
+
+def probe_ms(threads: int, policy: str | None, busy: bool, cores: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    code = PROBE.format(root=str(ROOT), bench=str(ROOT / "benchmarks"), threads=threads)
+    probe = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    competitor = None
+    try:
+        while (line := probe.stdout.readline()) and not line.startswith("READY"):
+            pass
+        if busy:
+            competitor = subprocess.Popen(
+                [sys.executable, "-c", COMPETITOR.format(threads=cores)],
+                env={**env, "OMP_NUM_THREADS": str(cores)},
+            )
+            time.sleep(3)  # let it reach its loop
+        probe.stdin.write("\n")
+        probe.stdin.flush()
+        for line in probe.stdout:
+            if line.startswith("MS"):
+                return float(line.split()[1])
+        raise RuntimeError("the probe ended without a result")
+    finally:
+        if competitor is not None:
+            competitor.kill()
+        probe.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    times: dict[str, list[float]] = {label: [] for label, *_ in SETTINGS}
+    for _ in range(args.rounds):
+        for label, threads, policy, busy in SETTINGS:
+            times[label].append(probe_ms(threads, policy, busy, cores))
+            print(label, f"{times[label][-1]:.1f} ms", flush=True)
+    alone = statistics.median(times[SETTINGS[0][0]])
+    command = "`.venv/bin/python benchmarks/bench_shared_cpu.py " + " ".join(sys.argv[1:]) + "`"
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"# Decode on a shared CPU ({cores} cores)", "", f"{command} on {stamp}.", "",
+        "One sequence's decode step (the engine's compiled step, default dtype), median of 40",
+        f"steps, median over {args.rounds} rounds; the busy neighbour is a process doing float32",
+        f"matmuls on all {cores} cores.", "",
+        "| setting | ms per token | vs 2 threads alone | rounds (ms) |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for label, *_ in SETTINGS:
+        ms = statistics.median(times[label])
+        rounds = ", ".join(f"{t:.1f}" for t in times[label])
+        lines.append(f"| {label} | {ms:.1f} | {ms / alone:.2f}x | {rounds} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_shared_cpu.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -54,22 +54,23 @@ while True:
     a = torch.tanh(a @ a)
 """
 
-# (label, decode threads, OMP_WAIT_POLICY or None, competitor)
+# (label, decode threads, OpenMP environment, competitor); GOMP_SPINCOUNT: how long a thread
+# spins at a barrier before it sleeps (libgomp: 300,000 by default, 1,000 when oversubscribed)
 SETTINGS = [
-    ("2 threads, alone", 2, None, False),
-    ("2 threads, busy neighbour", 2, None, True),
-    ("2 threads, passive wait, alone", 2, "PASSIVE", False),
-    ("2 threads, passive wait, busy neighbour", 2, "PASSIVE", True),
-    ("1 thread, alone", 1, None, False),
-    ("1 thread, busy neighbour", 1, None, True),
+    ("2 threads, alone", 2, {}, False),
+    ("2 threads, busy neighbour", 2, {}, True),
+    ("2 threads, passive wait, alone", 2, {"OMP_WAIT_POLICY": "PASSIVE"}, False),
+    ("2 threads, passive wait, busy neighbour", 2, {"OMP_WAIT_POLICY": "PASSIVE"}, True),
+    ("2 threads, spin 10,000, alone", 2, {"GOMP_SPINCOUNT": "10000"}, False),
+    ("2 threads, spin 10,000, busy neighbour", 2, {"GOMP_SPINCOUNT": "10000"}, True),
+    ("1 thread, alone", 1, {}, False),
+    ("1 thread, busy neighbour", 1, {}, True),
 ]
 
 
-def probe_ms(threads: int, policy: str | None, busy: bool, cores: int) -> float:
+def probe_ms(threads: int, openmp: dict[str, str], busy: bool, cores: int) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["OMP_NUM_THREADS"] = str(threads)
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+    env.update(openmp, OMP_NUM_THREADS=str(threads))
     code = PROBE.format(root=str(ROOT), bench=str(ROOT / "benchmarks"), threads=threads)
     probe = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -99,15 +100,17 @@ def probe_ms(threads: int, policy: str | None, busy: bool, cores: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", nargs="+", help="run the settings whose label contains these")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
-    times: dict[str, list[float]] = {label: [] for label, *_ in SETTINGS}
+    settings = [s for s in SETTINGS if not args.only or any(o in s[0] for o in args.only)]
+    times: dict[str, list[float]] = {label: [] for label, *_ in settings}
     for _ in range(args.rounds):
-        for label, threads, policy, busy in SETTINGS:
-            times[label].append(probe_ms(threads, policy, busy, cores))
+        for label, threads, openmp, busy in settings:
+            times[label].append(probe_ms(threads, openmp, busy, cores))
             print(label, f"{times[label][-1]:.1f} ms", flush=True)
-    alone = statistics.median(times[SETTINGS[0][0]])
+    alone = statistics.median(times[settings[0][0]])
     command = "`.venv/bin/python benchmarks/bench_shared_cpu.py " + " ".join(sys.argv[1:]) + "`"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
@@ -115,9 +118,9 @@ def main() -> None:
         "One sequence's decode step (the engine's compiled step, default dtype), median of 40",
         f"steps, median over {args.rounds} rounds; the busy neighbour is a process doing float32",
         f"matmuls on all {cores} cores.", "",
-        "| setting | ms per token | vs 2 threads alone | rounds (ms) |", "|---|---|---|---|",
+        f"| setting | ms per token | vs {settings[0][0]} | rounds (ms) |", "|---|---|---|---|",
     ]  # fmt: skip
-    for label, *_ in SETTINGS:
+    for label, *_ in settings:
         ms = statistics.median(times[label])
         rounds = ", ".join(f"{t:.1f}" for t in times[label])
         lines.append(f"| {label} | {ms:.1f} | {ms / alone:.2f}x | {rounds} |")

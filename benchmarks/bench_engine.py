@@ -156,11 +156,14 @@ def guided_report(engine: LLMEngine, out: Path) -> str:
     return text
 
 
-def step_times(engine: LLMEngine, count: int, max_tokens: int, tag: str) -> list[float]:
-    """Seconds of each decode step of `count` sequences generating max_tokens each."""
+def step_times(
+    engine: LLMEngine, count: int, max_tokens: int, tag: str, prompt: int = 16
+) -> list[float]:
+    """Seconds of each decode step of `count` sequences generating max_tokens each from
+    `prompt`-token prompts (prefilled first, not timed)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(count):
-        engine.add_request(f"{tag}-{i}", random_prompt(16, i), params)
+        engine.add_request(f"{tag}-{i}", random_prompt(prompt, i), params)
     while any(not r.is_prefill_done for r in [*engine.scheduler.waiting,
                                               *engine.scheduler.running]):  # fmt: skip
         engine.step()

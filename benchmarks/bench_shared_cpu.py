@@ -23,27 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
-import statistics, sys, time
+import statistics, sys
 sys.path[:0] = [{root!r}, {bench!r}]
 import torch
 torch.set_num_threads({threads})
-from bench_engine import make_engine
-from server.request import SamplingParams
+from bench_engine import make_engine, step_times
 engine = make_engine(1, "cpu")
-def run(tag, n):
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    engine.add_request(tag, list(range(10, 74)), params)
-    times = []
-    while engine.has_unfinished():
-        began = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - began)
-    return times[2:]  # the prompt's prefill and the first step
-run("warm-1", 8)
-run("warm-2", 8)
+step_times(engine, 1, 8, "warm-1", prompt=64)
+step_times(engine, 1, 8, "warm-2", prompt=64)
 print("READY", flush=True)
 sys.stdin.readline()
-print("MS", statistics.median(run("timed", 42)) * 1e3, flush=True)
+times = step_times(engine, 1, 42, "timed", prompt=64)[1:]  # 40: not the first after prefill
+print("MS", statistics.median(times) * 1e3, flush=True)
 """
 
 COMPETITOR = """

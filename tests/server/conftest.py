@@ -67,6 +67,45 @@ class ServeProcess:
         self.log.close()
 
 
+def start_redis(
+    binary: str,
+    directory: Path,
+    port: int,
+    extra: list[str],
+    password: str | None = None,
+    seconds: float = 20,
+) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:`port` (no snapshots, working files in `directory`, then the
+    `extra` arguments), once it answers a PING (with `password` where it has requirepass).
+    Its output goes to a file (a pipe nobody reads would block it), shown when it fails to
+    start; then it is stopped and the test fails."""
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--save", "", *extra]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=port, password=password, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return process
+                except redis.ConnectionError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        stop_redis(process)
+                        log.seek(0)
+                        pytest.fail(f"redis-server did not start: {log.read()[-2000:]!r}")
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def stop_redis(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=20)
+
+
 class RedisProcess:
     """redis-server on 127.0.0.1 in a temp dir, with an append-only file (fsync always), so
     that a stop and a start keep what was written."""
@@ -80,26 +119,13 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync",
-                "always", "--protected-mode", "no"]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not start: {self.process.stderr.read()!r}")
-                time.sleep(0.05)
-        client.close()
+        self.process = start_redis(self.binary, self.directory, self.port,
+                                   ["--appendonly", "yes", "--appendfsync", "always",
+                                    "--protected-mode", "no"])  # fmt: skip
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+        if self.process is not None:
+            stop_redis(self.process)
         self.process = None
 
     def flush(self) -> None:

@@ -24,22 +24,36 @@ def tokenizer(char_tokenizer):
     return char_tokenizer
 
 
-@pytest.fixture
-def model():
+def make_model():
+    """The tiny random model the API tests serve."""
     return tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1)
 
 
 @pytest.fixture
+def model():
+    return make_model()
+
+
+@pytest.fixture
 def server(model, tokenizer):
-    engine = make_engine(model, tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
-    with serving(engine) as running:
+    with serving_model(model, tokenizer) as running:
         yield running
 
 
 @contextlib.contextmanager
-def serving(engine):
-    """(a test client of the app over `engine`, its ServerState); the engine stops after."""
-    state = ServerState(model_names=[MODEL], api_key=None, max_body_bytes=4096)
+def serving_model(model, tokenizer, **state_fields):
+    """`serving` an engine over `model` of 4 sequences and 16 tokens a step."""
+    engine = make_engine(model, tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
+    with serving(engine, **state_fields) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(engine, **state_fields):
+    """(a test client of the app over `engine`, its ServerState); the engine stops after.
+    state_fields: ServerState's, over no API key and a 4,096-byte body limit."""
+    fields = {"model_names": [MODEL], "api_key": None, "max_body_bytes": 4096, **state_fields}
+    state = ServerState(**fields)
     state.metrics = Metrics(engine, MODEL)
     state.engine = AsyncEngine(engine).start()
     try:

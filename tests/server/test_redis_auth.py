@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
 from server.state_store import Session, StoreUnavailableError, redis_options
 from server.state_store.codec import state_tag
 from server.state_store.redis_store import RedisStore
 from tests.models.conftest import tiny_model
-from tests.server.conftest import free_port
+from tests.server.conftest import free_port, start_redis, stop_redis
 
 PASSWORD = "pa ss:w@rd/1"  # characters a URL must escape
 URL_PASSWORD = "pa%20ss%3Aw%40rd%2F1"
@@ -50,30 +48,15 @@ class SecureRedis:
 
     def __init__(self, binary: str, directory: Path, certs: dict[str, str] | None) -> None:
         self.port, self.tls_port = free_port(), free_port()
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                str(directory), "--save", "", "--requirepass", PASSWORD]  # fmt: skip
+        args = ["--requirepass", PASSWORD]
         if certs is not None:
             args += ["--tls-port", str(self.tls_port), "--tls-cert-file", certs["server.crt"],
                      "--tls-key-file", certs["server.key"], "--tls-ca-cert-file",
                      certs["ca.crt"], "--tls-auth-clients", "yes"]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, password=PASSWORD, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"redis-server did not start: {self.process.stdout.read()!r}")
-                time.sleep(0.05)
-        client.close()
+        self.process = start_redis(binary, directory, self.port, args, password=PASSWORD)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+        stop_redis(self.process)
 
 
 def tls_supported(binary: str) -> bool:

@@ -7,16 +7,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from server.api import ServerState, build_app
-from server.async_engine import AsyncEngine
-from server.metrics import Metrics
 from server.tenants import TenantRegistry
-from tests.models.conftest import tiny_model
-from tests.server.test_api import MODEL, TEMPLATE
-from tests.server.test_engine import VOCAB, make_engine
+from tests.server.test_api import MODEL, make_model, serving_model, tokenizer  # noqa: F401 (fixture)
 
 ALICE, BOB, CAROL = "sk-alice-000001", "sk-bob-0000001", "sk-carol-000001"
 KEYS = f"""{ALICE} alice
@@ -28,23 +23,15 @@ PROMPT = "abcdefghijklmn"  # 14 tokens: 3 blocks of 4 can be cached
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1)
+    return make_model()
 
 
 @pytest.fixture
-def server(model, char_tokenizer, tmp_path):
-    char_tokenizer.chat_template = TEMPLATE
+def server(model, tokenizer, tmp_path):  # noqa: F811 (the fixture imported)
     keys = tmp_path / "keys"
     keys.write_text(KEYS)
-    engine = make_engine(model, char_tokenizer, max_num_seqs=4, max_num_batched_tokens=16)
-    state = ServerState(model_names=[MODEL], tenants=TenantRegistry(keys_file=keys))
-    state.metrics = Metrics(engine, MODEL)
-    state.engine = AsyncEngine(engine).start()
-    try:
-        with TestClient(build_app(state)) as client:
-            yield client, state
-    finally:
-        state.engine.shutdown()
+    with serving_model(model, tokenizer, tenants=TenantRegistry(keys_file=keys)) as running:
+        yield running
 
 
 def auth(key: str) -> dict[str, str]:

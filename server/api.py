@@ -638,7 +638,7 @@ async def _outputs(
     try:
         async for out in engine.generate(
             request_id, prompt_ids, params, caller.session_key, return_progress=return_progress,
-            prefix_salt=caller.prefix_salt,
+            prefix_salt=caller.prefix_salt, tenant=caller.tenant.name,
         ):  # fmt: skip
             if out.progress is None:
                 _account(state, caller.tenant, out)

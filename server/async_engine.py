@@ -80,10 +80,12 @@ class AsyncEngine:
         *,
         return_progress: bool = False,
         prefix_salt: bytes = b"",
+        tenant: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until all its n choices finish (with return_progress,
         prefill progress outputs first). Raises what `LLMEngine.add_request` raises (before any
-        output), or EngineDeadError. prefix_salt: the prefix cache's scope (a tenant's)."""
+        output), or EngineDeadError. prefix_salt: the prefix cache's scope (a tenant's); tenant:
+        whose request it is (fair scheduling among tenants)."""
         if not self.is_healthy:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         if not self.engine.can_accept(params.n):
@@ -92,6 +94,8 @@ class AsyncEngine:
         extra: dict = {"return_progress": True} if return_progress else {}
         if prefix_salt:
             extra["prefix_salt"] = prefix_salt
+        if tenant is not None:
+            extra["tenant"] = tenant
         if session_id is not None:
             self.engine.precheck(prompt_token_ids, params, session_id)  # before loading
             extra["acquired"] = (await self._acquire(session_id),)

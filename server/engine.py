@@ -204,6 +204,7 @@ class LLMEngine:
         shared_prefix: tuple[int, Snapshot] | None = None,
         return_progress: bool = False,
         prefix_salt: bytes = b"",
+        tenant: str | None = None,
     ) -> None:
         """Queue a request (n choices). Raises ValueError for bad input, QueueFullError when
         the waiting queue is full, SessionError for a session that cannot be continued,
@@ -214,7 +215,8 @@ class LLMEngine:
         state fetched from a shared store, put in the prefix cache first. return_progress: an
         output with `progress` after every step that advanced the prompt's prefill.
         prefix_salt: the prefix cache's scope (`prefix_hashes`): only prompts under the same
-        salt share cached states."""
+        salt share cached states. tenant: whose request it is (the scheduler shares steps fairly
+        among tenants)."""
         try:
             if request_id in self._groups:
                 raise ValueError(f"request_id {request_id!r} is already in the engine")
@@ -238,6 +240,7 @@ class LLMEngine:
             raise
         prompt = [*(session.pending if session else ()), *prompt_token_ids]
         seq = self._new_sequence(request_id, 0, prompt, params)
+        seq.request.tenant = tenant
         seq.session_id, seq.session = session_id, session
         seq.return_progress = return_progress
         if session is not None:
@@ -525,6 +528,7 @@ class LLMEngine:
                 parent.api_id, index, parent.request.prompt_token_ids, params
             )
             child.restore, child.forked = snapshot, True
+            child.request.tenant = parent.request.tenant
             child.num_cached_tokens = parent.num_cached_tokens
             child.request.num_computed_tokens = parent.request.num_prompt_tokens
             child.prompt_logprobs = parent.prompt_logprobs

@@ -230,6 +230,7 @@ class Request:
     num_computed_tokens: int = 0
     slot: int | None = None
     finish_reason: str | None = None
+    tenant: str | None = None  # whose request: the scheduler shares steps fairly among tenants
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:

@@ -60,7 +60,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """FCFS scheduler: every running sequence decodes each step, prefill gets the rest.
+    """FCFS scheduler, fair among tenants (`schedule`): every running sequence decodes each
+    step, prefill gets the rest.
 
     allocate_slot() returns a free state slot or None; free_slot(slot) gives it back. on_admit
     (optional) runs right after a request gets its slot, before its first chunk is planned: the
@@ -135,21 +136,74 @@ class Scheduler:
         self._requests[request.request_id] = request
 
     def schedule(self) -> ScheduledBatch:
-        """Plan one step. Never exceeds max_num_batched_tokens; decodes are never starved."""
+        """Plan one step. Never exceeds max_num_batched_tokens; decodes are never starved.
+
+        Tenant-fair: prefill chunks are planned in the order of their tenants' running
+        sequences, fewest first (a waiting request counts itself once admitted, and goes
+        before a running prefill of a tenant with more; FCFS within a tenant and among equals),
+        and a chunk waits for a later step while the step holds a chunk of another tenant with
+        fewer running sequences: a tenant's new request is not slowed by the prefills of a
+        tenant that already holds more of the server. A request's prefill is deferred only
+        while its tenant holds more sequences than another's, which ends when those decode
+        to their end. With one tenant (or none), this is FCFS.
+        """
         batch = ScheduledBatch(decodes=[r for r in self.running if _is_decoding(r)])
         budget = self.max_num_batched_tokens - len(batch.decodes)
+        counts: dict[str | None, int] = {}
         for request in self.running:
-            if budget == 0:
-                return batch
-            if not request.is_prefill_done:
-                budget -= self._add_chunk(batch, request, budget)
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
-            request = self._admit()
-            if request is None:
+            counts[request.tenant] = counts.get(request.tenant, 0) + 1
+        prefilling = deque(
+            sorted(
+                (r for r in self.running if not r.is_prefill_done), key=lambda r: counts[r.tenant]
+            )
+        )
+        planned: set[str | None] = set()  # tenants with a chunk in this step
+        admitting = True
+        while budget > 0:
+            waiting = None
+            if admitting and self.waiting and len(self.running) < self.max_num_seqs:
+                waiting = self._fairest_waiting(counts)
+            head = prefilling[0] if prefilling else None
+            if waiting is not None and (
+                head is None or counts.get(waiting.tenant, 0) + 1 < counts[head.tenant]
+            ):
+                if self._defers(waiting.tenant, counts.get(waiting.tenant, 0) + 1, counts, planned):
+                    admitting = False  # every other waiting request's tenant holds as many
+                    continue
+                request = self._admit(waiting)
+                if request is None:
+                    admitting = False
+                    continue
+                counts[request.tenant] = counts.get(request.tenant, 0) + 1
+                batch.admitted.append(request)
+            elif head is not None:
+                request = prefilling.popleft()
+                if self._defers(request.tenant, counts[request.tenant], counts, planned):
+                    continue
+            else:
                 break
-            batch.admitted.append(request)
-            budget -= self._add_chunk(batch, request, budget)
+            num_tokens = self._add_chunk(batch, request, budget)
+            if num_tokens:
+                planned.add(request.tenant)
+            budget -= num_tokens
         return batch
+
+    def _fairest_waiting(self, counts: dict[str | None, int]) -> Request:
+        """The first waiting request of the tenant with the fewest running sequences."""
+        best, fewest = None, None
+        for request in self.waiting:
+            running = counts.get(request.tenant, 0)
+            if fewest is None or running < fewest:
+                best, fewest = request, running
+                if running == 0:
+                    break
+        return best
+
+    @staticmethod
+    def _defers(tenant, running: int, counts: dict, planned: set) -> bool:
+        """Whether a chunk of `tenant` (holding `running` sequences) waits: the step holds a
+        chunk of another tenant that holds fewer."""
+        return any(counts.get(other, 0) < running for other in planned if other != tenant)
 
     def update_after_step(self, batch: ScheduledBatch) -> None:
         """Advance num_computed_tokens by what the step computed (skips finished requests)."""
@@ -182,11 +236,15 @@ class Scheduler:
             self.finish(request, RequestStatus.FINISHED_ABORTED)
         return request
 
-    def _admit(self) -> Request | None:
+    def _admit(self, request: Request) -> Request | None:
+        """Give waiting `request` a slot (None: no slot free)."""
         slot = self._allocate_slot()
         if slot is None:
             return None
-        request = self.waiting.popleft()
+        if self.waiting[0] is request:
+            self.waiting.popleft()
+        else:
+            del self.waiting[next(i for i, r in enumerate(self.waiting) if r is request)]
         request.slot = slot
         request.status = RequestStatus.RUNNING
         self.running.append(request)

@@ -87,6 +87,27 @@ def test_batched_generation_equals_each_prompt_alone(model, char_tokenizer):
     assert engine.pool.num_free == engine.pool.num_slots
 
 
+def test_tenants_share_steps_fairly_and_outputs_stay_exact(model, char_tokenizer):
+    """A tenant's new request prefills before (not beside) the prompt of a tenant that holds
+    more sequences; every output still equals its prompt alone."""
+    engine = make_engine(model, char_tokenizer, max_num_seqs=4, max_num_batched_tokens=32,
+                         prefill_chunk_size=32)  # fmt: skip
+    cases = prompts(4, seed=3)
+    for i in range(2):
+        engine.add_request(f"a{i}", cases[i], greedy(6), tenant="a")
+    engine.step()
+    engine.add_request("a2", cases[2], greedy(6), tenant="a")
+    engine.add_request("b0", cases[3], greedy(6), tenant="b")
+    assert engine.scheduler.get("b0").tenant == "b"
+    first = {out.request_id: out.token_ids for out in engine.step() if out.token_ids}
+    assert "b0" in first and "a2" not in first
+    got = run_all(engine)["tokens"]
+    got["b0", 0] = first["b0"] + got["b0", 0]
+    for name, prompt in zip(("a2", "b0"), cases[2:], strict=True):
+        assert got[name, 0] == greedy_alone(model, prompt, 6), name
+    assert engine.pool.num_free == engine.pool.num_slots
+
+
 def test_compiled_decode_gives_the_same_tokens(char_tokenizer):
     model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1)
     engine = make_engine(model, char_tokenizer, compile_decode=True)

@@ -275,3 +275,83 @@ def test_invalid_limits(args, message):
 def test_scheduler_module_does_not_import_torch():
     code = "import sys, server.scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def tenant_request(request_id, tenant, prompt_len: int, max_tokens: int = 4) -> Request:
+    request = make_request(request_id, prompt_len, max_tokens)
+    request.tenant = tenant
+    return request
+
+
+def test_a_tenant_with_fewer_running_sequences_is_admitted_first():
+    pool = FakePool(8)
+    scheduler = make_scheduler(pool, max_num_seqs=3, max_num_batched_tokens=64)
+    scheduler.add(tenant_request("a1", "a", 4, max_tokens=100))
+    step(scheduler)
+    for i in range(3):
+        scheduler.add(tenant_request(f"a{i + 2}", "a", 4))
+    scheduler.add(tenant_request("b1", "b", 4))
+    batch = step(scheduler)  # "a" holds one sequence, "b" none: b1 before a2, a3
+    assert [r.request_id for r in batch.admitted] == ["b1"]
+    assert [c.request.request_id for c in batch.prefills] == ["b1"]
+
+
+def test_a_tenant_holding_more_sequences_prefills_in_another_step():
+    pool = FakePool(8)
+    scheduler = make_scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64)
+    for i in range(2):
+        scheduler.add(tenant_request(f"a{i}", "a", 4, max_tokens=100))
+    step(scheduler)
+    scheduler.add(tenant_request("a2", "a", 20))  # "a" would hold 3
+    scheduler.add(tenant_request("b0", "b", 20))  # "b" 1: it prefills alone
+    batch = step(scheduler)
+    assert [c.request.request_id for c in batch.prefills] == ["b0"]
+    assert {r.request_id for r in batch.decodes} == {"a0", "a1"}  # decodes still run
+    batch = step(scheduler)
+    assert [c.request.request_id for c in batch.prefills] == ["a2"]
+
+
+def test_a_running_prefill_of_a_busier_tenant_waits_for_a_newcomer():
+    pool = FakePool(8)
+    scheduler = make_scheduler(
+        pool, max_num_seqs=8, max_num_batched_tokens=16, prefill_chunk_size=8
+    )
+    scheduler.add(tenant_request("a0", "a", 4, max_tokens=100))
+    step(scheduler)
+    scheduler.add(tenant_request("a1", "a", 40))
+    first = step(scheduler)
+    assert [c.request.request_id for c in first.prefills] == ["a1"]
+    scheduler.add(tenant_request("b0", "b", 8))
+    batch = step(scheduler)  # b0 (1 sequence) before a1 (2), which waits a step
+    assert [c.request.request_id for c in batch.prefills] == ["b0"]
+    batch = step(scheduler)
+    assert [c.request.request_id for c in batch.prefills] == ["a1"]
+
+
+def test_equal_tenants_share_a_step_and_one_tenant_is_fcfs():
+    pool = FakePool(8)
+    scheduler = make_scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64)
+    for name in ("a0", "b0", "a1"):
+        scheduler.add(tenant_request(name, name[0], 4))
+    batch = step(scheduler)  # a0 (a: 1), b0 (b: 1), then a1 (a: 2) waits
+    assert [c.request.request_id for c in batch.prefills] == ["a0", "b0"]
+    pool = FakePool(8)
+    scheduler = make_scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64)
+    for i in range(5):
+        scheduler.add(tenant_request(i, "a", 4))
+    batch = step(scheduler)
+    assert [c.request.request_id for c in batch.prefills] == ["0", "1", "2", "3", "4"]
+
+
+def test_random_tenants_respect_budget_and_finish_everything():
+    rng = random.Random(1)
+    pool = FakePool(4)
+    scheduler = make_scheduler(pool, max_num_seqs=4, max_num_batched_tokens=16)
+    for i in range(80):
+        scheduler.add(tenant_request(i, rng.choice("abc"), rng.randint(1, 50), rng.randint(1, 10)))
+    for _ in range(3000):
+        if not scheduler.has_unfinished():
+            break
+        assert not step(scheduler, pool).is_empty
+    assert not scheduler.has_unfinished()
+    assert pool.num_free == 4

@@ -7,7 +7,9 @@ Variants side by side in one run: the softmax teacher (full KV cache), the windo
 removed), the default without the sparse cache (revision 6's kernel) and with it (and with
 its LLN part removed: what the LLN state costs or gives recall), revision 8 (far keys at the
 positions where they were written), and far-tier sweeps named `fixed-D` (every far key at
-rotary distance D), `fixed-D-sS` (the sinks at S), `...-nolln` (LLN part removed). Filler is
+rotary distance D), `fixed-D-sS` (the sinks at S), `...-nolln` (LLN part removed),
+`grouped-G-M` (the cache's pairs at grouped distances) and `peer-grouped-G-M` (the teacher's
+full KV cache read at those distances: an LM-Infinite-style peer). Filler is
 The Debian Administrator's Handbook (never trained or calibrated on), taken at a different
 offset for every trial; statement and question wordings rotate. An answer counts when the first
 five-digit number the model writes is the code. Writes benchmarks/results/bench_recall.md.
@@ -106,11 +108,15 @@ def recall(model, tokenizer, filler, length: int, trials: int, needles: int, see
         began = time.perf_counter()
         _, states = model.forward_states(torch.tensor([context]), logits_to_keep=1)
         prefill += time.perf_counter() - began
-        kept += held_exactly(states, needle_positions, len(context))
+        held = held_exactly(states, needle_positions, len(context))
+        kept += held
         needle_tokens += len(needle_positions)
-        for question, code in questions:
-            hits += found(tokenizer, answer(model, states, question), code)
-            total += 1
+        answers = [found(tokenizer, answer(model, states, question), code)
+                   for question, code in questions]  # fmt: skip
+        hits += sum(answers)
+        total += len(answers)
+        print(f"  trial: {sum(answers)}/{len(answers)} found, {held}/{len(needle_positions)} "
+              "statement tokens held", flush=True)  # fmt: skip
     share = kept / needle_tokens if getattr(states[0], "sparse", None) else None
     return hits, total, prefill, share
 
@@ -126,16 +132,22 @@ def held_exactly(states, positions: list[int], length: int) -> int:
     return sum(p in cached or p >= length - window for p in positions)
 
 
-def far_variant(key: str, sparse: dict) -> tuple[str, dict] | None:
+def far_variant(key: str, sparse: dict, longest: int = 0) -> tuple[str, dict] | None:
     """`fixed-D[-sS][-nolln]`: the default with every far key at rotary distance D (the sinks
     at S), its LLN part removed with -nolln; `grouped-G-M`: the sparse cache's pairs at grouped
-    distances (G tokens a position, at most M); None for other names."""
-    grouped = re.fullmatch(r"grouped-(\d+)-(\d+)", key)
+    distances (G tokens a position, doubled to stay within M); `peer-grouped-G-M`: the same
+    positions over every pair (a cache of `longest` pairs never evicts, LLN removed: the
+    teacher's full KV cache with Self-Extend's far positions); None for other names."""
+    grouped = re.fullmatch(r"(peer-)?grouped-(\d+)-(\d+)", key)
     if grouped is not None:
-        group, ceiling = map(int, grouped.groups())
+        peer, group, ceiling = grouped.group(1), int(grouped.group(2)), int(grouped.group(3))
         overrides = {**sparse, "far_positions": "grouped", "far_group": group,
                      "far_max_distance": ceiling}  # fmt: skip
-        return f"sparse cache at grouped distances (g={group}, at most {ceiling})", overrides
+        if peer:  # every pair past the window kept exact, no LLN: the teacher's full KV cache
+            overrides.update(sparse_cache_size=longest, mix=float("-inf"))
+            return (f"softmax teacher, far keys at grouped distances (g={group}, within "
+                    f"{ceiling}; full KV cache)", overrides)  # fmt: skip
+        return f"sparse cache at grouped distances (g={group}, within {ceiling})", overrides
     match = re.fullmatch(r"fixed-(\d+)(?:-s(\d+))?(-nolln)?", key)
     if match is None:
         return None
@@ -196,7 +208,7 @@ def main() -> None:
     filler = tokenizer(handbook_text(), add_special_tokens=False).input_ids
     rows, speeds = [], []
     for key in args.variants:
-        name, overrides = far_variant(key, sparse) or variants[key]
+        name, overrides = far_variant(key, sparse, max(args.lengths)) or variants[key]
         model = load_variant(path, overrides)
         cells, speed = [], []
         for length in args.lengths:

@@ -35,8 +35,9 @@ class LLNConfig(LlamaConfig):
     written: distances grow with the context, past the trained range) or "fixed" (every far key
     at far_distance from the query, the sinks at far_sink_distance minus their position;
     `lln_core/ops/far.py`) or "grouped" (as "fixed", but the sparse cache's pairs at grouped
-    distances that keep their order: far_group text tokens a position, at most
-    far_max_distance). far_sink_distance None: far_distance.
+    distances that keep their order: far_group text tokens a position, the group doubling as
+    the context grows so that no pair is read past far_max_distance). far_sink_distance None:
+    far_distance.
     """
 
     model_type = "lln_llama"

@@ -51,7 +51,7 @@ REGISTRY = {
     DEFAULT_MODEL: ModelSpec(
         "SmolLM2-135M-Instruct, LLN + sliding window (448) + 4 sink tokens + 912 exact pairs "
         "chosen by surprise (keys/values in bfloat16), far keys at rotary distance 1024 (the "
-        "cache's pairs in order: 8 tokens a position, at most 4096), distilled",
+        "cache's pairs in order: 8 tokens a position, doubled to stay within 4096), distilled",
         kernel="lln_diag",
         config={
             "local_kind": "window",
@@ -67,7 +67,7 @@ REGISTRY = {
             "far_max_distance": 4096,
         },
         params="smollm2-135m-lln.safetensors",
-        revision="10",
+        revision="11",
     ),
     "smollm2-135m-softmax": ModelSpec(
         "SmolLM2-135M-Instruct with its original softmax attention (baseline, KV cache)",

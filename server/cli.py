@@ -216,11 +216,13 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--far-group", type=_positive_int, default=8,
-        help="--far-positions grouped: text tokens per rotary position of the sparse cache",
+        help="--far-positions grouped: text tokens per rotary position of the sparse cache "
+        "(doubled as the context grows, to stay within --far-max-distance)",
     )  # fmt: skip
     parser.add_argument(
         "--far-max-distance", type=_positive_int, default=4096,
-        help="--far-positions grouped: the largest distance of a sparse-cache pair",
+        help="--far-positions grouped: the largest rotary distance at which a sparse-cache "
+        "pair is read",
     )  # fmt: skip
 
 

@@ -9,13 +9,15 @@ a key leaving the window is re-rotated once to position 0 (as llama.cpp's K-shif
 cached keys) and the far tier's query is the query rotated at position `distance`; the sinks
 keep their positions 0..S-1 and are read by the query rotated at `sink_distance`.
 
-Grouped far positions (Self-Extend, arXiv 2401.01325, with a ceiling) keep the order of the
-sparse cache's pairs: a pair written at position n sits at floor(n / g) and the query at m reads
-it at floor(m / g) + W - floor(W / g), so distances past the window grow g times slower than
-the text; a pair whose grouped distance would pass `max_distance` is read at max_distance (the
-query rotated there against the key at 0). Measured on the default, one distance for all 912
-pairs lost the needle where grouped distances found it
-(`benchmarks/results/bench_recall_grouped.md`).
+Grouped far positions (Self-Extend, arXiv 2401.01325) keep the order of the sparse cache's
+pairs: a pair written at position n sits at floor(n / g) and the query at m reads it at
+floor(m / g) + W - floor(W / g), so distances past the window grow g times slower than the
+text. The group doubles (g = far_group * 2^k, the smallest k) as the context grows, so that no
+pair is ever read past `max_distance`, the trained range: at any length the pairs keep their
+order, at a resolution that halves each time the context doubles. Measured on the default,
+one distance for all 912 pairs lost the needle where grouped distances found it
+(`benchmarks/results/bench_recall_grouped.md`); a ceiling that reads every pair past it at one
+distance instead of doubling found 4/10 against 5/10 (a reach of 1024 at 8K, same file).
 The LLN state and the sinks keep the fixed distance: a sum of keys has no order to keep.
 
 This file is where far keys and queries get their positions; the kernels take a `FarTier`
@@ -87,7 +89,7 @@ class FarRotary:
         max_distance: int = 0,
     ) -> FarRotary:
         """For queries at positions [B, T] of a model with RoPE frequencies inv_freq; group > 0:
-        the sparse cache's pairs at grouped distances up to max_distance."""
+        the sparse cache's pairs at grouped distances (`group_at`) within max_distance."""
         device = positions.device
 
         def at(position: int) -> Tensor:  # a fill, not a host copy: a CUDA graph can hold it
@@ -98,12 +100,14 @@ class FarRotary:
         leaving_cos, leaving_sin = rotary_cos_sin(inv_freq, positions - window, 1.0, dtype)
         grouped = None
         if group:
-            shift = window - window // group
-            query_pos = torch.div(positions, group, rounding_mode="floor") + shift
+            if max_distance < window:
+                raise ValueError(f"max_distance {max_distance} is inside the window ({window})")
+            groups = group_at(positions, group, window, max_distance)
+            query_pos = torch.div(positions, groups, rounding_mode="floor") + window
+            query_pos = query_pos - torch.div(window, groups, rounding_mode="floor")
             grouped = GroupedRotary(
                 *rotary_cos_sin(inv_freq, query_pos, scaling, dtype),
-                *rotary_cos_sin(inv_freq, at(max_distance), scaling, dtype),
-                query_pos, inv_freq.to(torch.float64), at(group), at(max_distance),
+                query_pos, inv_freq.to(torch.float64), groups,
             )  # fmt: skip
         return cls(*query, *sink, leaving_cos, -leaving_sin, grouped)
 
@@ -133,69 +137,69 @@ class FarRotary:
         )
 
 
+def group_at(positions: Tensor, group: int, window: int, max_distance: int) -> Tensor:
+    """[B, T] the group of queries at positions [B, T]: group * 2^k for the smallest k that
+    reads a pair written at position 0 (the farthest) within max_distance, i.e.
+    floor(m / g) + W - floor(W / g) <= max_distance (max_distance >= W: some k does)."""
+    doublings = torch.arange(MAX_DOUBLINGS, device=positions.device)
+    groups = group * torch.pow(2, doublings)  # [K]
+    m = positions[..., None]
+    farthest = torch.div(m, groups, rounding_mode="floor") + window
+    farthest = farthest - torch.div(window, groups, rounding_mode="floor")
+    k = (farthest > max_distance).sum(dim=-1, keepdim=True)  # the test is monotone in k
+    return groups.expand(*positions.shape, -1).gather(-1, k)[..., 0]
+
+
+MAX_DOUBLINGS = 48  # enough for any position below 2^47
+
+
 @dataclass(frozen=True)
 class GroupedRotary:
     """Grouped far positions for one forward: query_cos/query_sin [B, T, D] RoPE at each
-    query's grouped position query_pos [B, T]; clamp_cos/clamp_sin [D] at max_distance; the
-    RoPE frequencies (float64), the group and max_distance (0-d int64)."""
+    query's grouped position query_pos [B, T]; the RoPE frequencies (float64) and each query's
+    group [B, T] (`group_at`)."""
 
     query_cos: Tensor
     query_sin: Tensor
-    clamp_cos: Tensor
-    clamp_sin: Tensor
     query_pos: Tensor
     inv_freq: Tensor
     group: Tensor
-    max_distance: Tensor
 
     def tier(self, q: Tensor) -> GroupedTier:
         return GroupedTier(
             query=rotate(q, self.query_cos[:, None], self.query_sin[:, None]),
-            clamp_query=rotate(q, self.clamp_cos, self.clamp_sin),
             query_pos=self.query_pos,
             inv_freq=self.inv_freq,
             group=self.group,
-            max_distance=self.max_distance,
         )
 
 
 @dataclass(frozen=True)
 class GroupedTier:
-    """One layer's grouped far positions. query, clamp_query [B, Hq, T, D]: the queries at
-    their grouped positions and at max_distance; the rest as `GroupedRotary`."""
+    """One layer's grouped far positions. query [B, Hq, T, D]: the queries at their grouped
+    positions; the rest as `GroupedRotary`."""
 
     query: Tensor
-    clamp_query: Tensor
     query_pos: Tensor
     inv_freq: Tensor
     group: Tensor
-    max_distance: Tensor
 
-    def key_positions(self, pos: Tensor) -> Tensor:
-        """Grouped positions of pairs written at pos [B, N] (-1, no pair: 0)."""
-        return torch.div(pos.clamp_min(0), self.group, rounding_mode="floor")
-
-    def clamped(self, pos: Tensor) -> Tensor:
-        """[B, T, N]: the pair at pos [B, N] is read at max_distance by query t."""
-        distance = self.query_pos[:, :, None] - self.key_positions(pos)[:, None, :]
-        return distance > self.max_distance
-
-    def key_rotation(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, N, D] taking pairs' keys (at position 0) written at pos [B, N] to their
-        grouped positions."""
-        return rotary_cos_sin(self.inv_freq, self.key_positions(pos), 1.0, dtype)
+    def key_rotation(self, pos: Tensor, group: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, N, D] taking pairs' keys (at position 0) written at pos [B, N] (-1, no
+        pair) to their grouped positions for queries of `group`."""
+        positions = torch.div(pos.clamp_min(0), group, rounding_mode="floor")
+        return rotary_cos_sin(self.inv_freq, positions, 1.0, dtype)
 
     def step_rotation(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """For one query (T = 1): cos, sin [B, N, D] taking each key to where the query reads
-        it, its grouped position or, past the ceiling, max_distance before the query's."""
-        nearest = self.query_pos[:, :1] - self.max_distance
-        positions = torch.maximum(self.key_positions(pos), nearest)
+        """For one query (T = 1): cos, sin [B, N, D] taking each key to its grouped position
+        for the row's query."""
+        positions = torch.div(pos.clamp_min(0), self.group[:, :1], rounding_mode="floor")
         return rotary_cos_sin(self.inv_freq, positions, 1.0, dtype)
 
     def piece(self, start: int, stop: int) -> GroupedTier:
         return replace(self, query=self.query[:, :, start:stop],
-                       clamp_query=self.clamp_query[:, :, start:stop],
-                       query_pos=self.query_pos[:, start:stop])  # fmt: skip
+                       query_pos=self.query_pos[:, start:stop],
+                       group=self.group[:, start:stop])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -242,11 +246,15 @@ def naive_grouped_logits(
     """Reference: every query-key logit of the sparse cache at grouped far positions, from the
     distances themselves. q [B, Hkv, G, T, D] before RoPE (grouped per KV head), k [B, Hkv, T, D]
     at position 0 -> [B, Hkv, G, T, T], query i against key j at distance
-    min(floor(i / group) - floor(j / group) + window - floor(window / group), max_distance)."""
-    pos = torch.arange(q.shape[-2], device=q.device)
-    grouped = torch.div(pos, group, rounding_mode="floor")
-    distance = grouped[:, None] - grouped[None, :] + window - window // group
-    distance = distance.clamp_max(max_distance)
-    cos, sin = rotary_cos_sin(inv_freq, -distance, scaling, q.dtype)  # [T, T, D]
+    floor(i / g) - floor(j / g) + window - floor(window / g), g = `group_at` of i."""
+    seq_len = q.shape[-2]
+    distance = torch.empty(seq_len, seq_len, dtype=torch.int64)
+    for i in range(seq_len):
+        g = group
+        while i // g + window - window // g > max_distance:
+            g *= 2
+        for j in range(seq_len):
+            distance[i, j] = i // g - j // g + window - window // g
+    cos, sin = rotary_cos_sin(inv_freq, -distance.to(q.device), scaling, q.dtype)  # [T, T, D]
     keys = rotate(k[:, :, None], cos, sin)  # [B, Hkv, T(query), T(key), D]
     return torch.einsum("bhgid,bhijd->bhgij", q, keys)

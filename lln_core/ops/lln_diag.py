@@ -375,7 +375,6 @@ class _Prepared:
     fq: Tensor  # the far tier's queries (sparse cache, LLN), grouped as qg
     sq: Tensor  # the queries of the sinks past the window, grouped as qg
     gq: Tensor | None  # grouped far positions: the sparse cache's queries, grouped as qg
-    cq: Tensor | None  # and the queries of its pairs past the ceiling
     k: Tensor
     v: Tensor
     aq: Tensor  # alpha fq (or fq through the query feature map)
@@ -427,7 +426,6 @@ def _prepare(
         fq=fq,
         sq=qg if far is None else group_queries(far.sink_query, num_kv_heads, dtype),
         gq=None if grouped is None else group_queries(grouped.query, num_kv_heads, dtype),
-        cq=None if grouped is None else group_queries(grouped.clamp_query, num_kv_heads, dtype),
         k=k.to(dtype),
         v=v.to(dtype),
         aq=feature_logits(alpha, fq, num_kv_heads, group, query_side=True),
@@ -510,22 +508,25 @@ def _forward(
 def _grouped_sparse_parts(
     p: _Prepared, cand_k: Tensor, cand_v: Tensor, sp: SparsePlan
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The sparse cache's softmax parts at grouped far positions: pairs within the ceiling
-    at their grouped distance, those past it (if any) at the ceiling (`lln_core.ops.far`)."""
+    """The sparse cache's softmax parts at grouped far positions (`lln_core.ops.far`): one part
+    per group among the queries (one, but where the context passes a doubling)."""
     grouped = p.far.grouped
 
     def shared():  # the same for every layer: made once per plan
         pos = sp.candidates.gather(1, sp.columns)  # [B, M]
-        clamped = grouped.clamped(pos)  # [B, T, M]
-        beyond = sp.visible & clamped
-        return grouped.key_rotation(pos, p.k.dtype), sp.visible & ~clamped, beyond, beyond.any()
+        return [
+            (grouped.key_rotation(pos, group, p.k.dtype),
+             sp.visible & (grouped.group == group)[:, :, None])
+            for group in grouped.group.unique().tolist()
+        ]  # fmt: skip
 
-    (cos, sin), near, beyond, any_beyond = sp.shared(("grouped", p.k.dtype), shared)
     seen_k = gather_candidates(cand_k, sp.columns)
     seen_v = gather_candidates(cand_v, sp.columns)
-    parts = sparse_parts(p.gq, rotate(seen_k, cos[:, None], sin[:, None]), seen_v, near, p.scale)
-    if any_beyond:
-        parts = add_parts(parts, sparse_parts(p.cq, seen_k, seen_v, beyond, p.scale))
+    parts = None
+    for (cos, sin), visible in sp.shared(("grouped", p.k.dtype), shared):
+        keys = rotate(seen_k, cos[:, None], sin[:, None])
+        part = sparse_parts(p.gq, keys, seen_v, visible, p.scale)
+        parts = part if parts is None else add_parts(parts, part)
     return parts
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lln_core.ops.common import round_to
-from lln_core.ops.far import FarRotary, naive_grouped_logits, rotary_cos_sin, rotate
+from lln_core.ops.far import FarRotary, group_at, naive_grouped_logits, rotary_cos_sin, rotate
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
     lln_diag_attention,
@@ -22,7 +22,7 @@ SPEC = LocalSpec("window", 6, num_sinks=2)
 DIM = 8
 INV_FREQ = 1.0 / (100_000 ** (torch.arange(0, DIM, 2, dtype=torch.float64) / DIM))
 DISTANCE, SINK_DISTANCE = 9, 7
-GROUP, MAX_DISTANCE = 3, 10  # grouped: the ceiling is reached 18-ish tokens back
+GROUP, MAX_DISTANCE = 3, 10  # grouped: the group doubles past position 20 and again past 35
 
 
 def rope(x, positions):
@@ -82,8 +82,8 @@ def naive_far(q_raw, k, kv_dtype, grouped=False):
 def test_forms_agree(gen, heads, size, kv_dtype, grouped):
     """Prefill split anywhere, then decode steps: outputs and final states equal the naive
     form with every far key at the fixed distance (grouped: the sparse cache's pairs at their
-    grouped distances, up to the ceiling); chunked prefill of the whole sequence leaves the
-    same state as the steps."""
+    grouped distances, the group doubling as the context grows); chunked prefill of the whole
+    sequence leaves the same state as the steps."""
     batch, seq_len = 2, 45
     q_raw, q, k, v, alpha, beta = inputs(gen, batch, heads, seq_len, kv_dtype)
     mix, power = mix_for("joint", heads[0]), power_for("joint", heads[0])
@@ -239,3 +239,20 @@ def test_padded_batch_rows_at_different_positions(gen):
             **naive_far(q_raw[rows, :, :end], k[rows, :, :end], None), **kwargs,
         )  # fmt: skip
         assert rel_err(y[row, :, 0], y_ref[0, :, -1]) < 1e-10
+
+
+def test_group_doubles_only_to_keep_every_pair_within_reach():
+    """The group is the first doubling that reads a pair at position 0 within the reach, at any
+    position up to 10^12; the default model's g = 8 holds to position 29,639 (448-token window,
+    reach 4096): revision 10's positions, unchanged below that."""
+    window, reach = 448, 4096
+    positions = torch.tensor([[0, 1, 448, 29_639, 29_640, 60_000, 10**6, 10**9, 10**12]])
+    groups = group_at(positions, 8, window, reach)
+
+    def farthest(g):
+        return positions // g + window - window // g
+
+    assert (farthest(groups) <= reach).all()
+    halved = groups // 2
+    assert ((halved < 8) | (farthest(halved) > reach)).all()
+    assert groups[0, :4].eq(8).all() and groups[0, 4] == 16

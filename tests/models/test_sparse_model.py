@@ -18,7 +18,7 @@ from tests.models.test_modeling import (
 SPARSE = dict(local_size=6, num_sinks=2, sparse_cache_size=3, sparse_span=1)
 KV_DTYPES = pytest.mark.parametrize("kv", ["auto", "bfloat16"])
 # far keys where they were written, all at one distance, or the sparse cache's at grouped
-# distances up to a ceiling that 40 tokens pass (`lln_core/ops/far.py`)
+# distances whose group doubles within 40 tokens (`lln_core/ops/far.py`)
 FAR = pytest.mark.parametrize("far", ["original", "fixed", "grouped"])
 FIXED = dict(far_positions="fixed", far_distance=9, far_sink_distance=7)
 GROUPED = dict(FIXED, far_positions="grouped", far_group=2, far_max_distance=12)

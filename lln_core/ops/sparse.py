@@ -117,14 +117,17 @@ def sparse_plan(
     pos = torch.cat([cache.pos, torch.where(evict_valid, evict_pos, -1)], dim=1)  # [B, N]
     score = torch.cat([cache.score, evict_score.to(cache.score.dtype)], dim=1)
     score = torch.where(pos >= 0, score, float("-inf"))
-    above = outranks(score, pos).to(torch.int32)  # [B, N, N]
-    # candidates that rank above c among those present at query i: the start cache, then
-    # the keys that left by i (a running count)
-    ahead = above[:, :size].sum(dim=1)[:, None] + above[:, size:].cumsum(dim=1)  # [B, T, N]
     query = torch.arange(seq_len, device=device)
     arrival = torch.cat([torch.full((size,), -1, device=device), query])  # [N]
     present = (arrival[None, :] <= query[:, None])[None] & (pos >= 0)[:, None]  # [B, T, N]
-    visible = present & (ahead < size)
+    if compact and int((pos >= 0).sum(dim=1).max()) <= size:
+        visible = present  # every candidate fits: no ranking (it is O(N^2) in a large cache)
+    else:
+        above = outranks(score, pos).to(torch.int32)  # [B, N, N]
+        # candidates that rank above c among those present at query i: the start cache, then
+        # the keys that left by i (a running count)
+        ahead = above[:, :size].sum(dim=1)[:, None] + above[:, size:].cumsum(dim=1)  # [B, T, N]
+        visible = present & (ahead < size)
     before = torch.cat([present[:, :1] & (arrival < 0), visible[:, :-1]], dim=1)
     was = before | (arrival[None, None] == query[None, :, None])
     dropped = was & (pos >= 0)[:, None] & ~visible  # at most one per query

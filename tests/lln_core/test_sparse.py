@@ -241,3 +241,28 @@ def test_fused_parts_equal_the_unfused_ones(gen, dtype):
     total_u = (num_u * scale_u.exp()[..., None], den_u * scale_u.exp())
     for a, b in zip(total_f, total_u, strict=True):
         assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("trial", range(10))
+def test_plan_without_ranking_where_every_candidate_fits(trial):
+    """A prefill plan whose candidates all fit the cache skips the O(N^2) ranking: the same
+    decisions as the ranking form (compact=False), nothing merged."""
+    gen = torch.Generator().manual_seed(trial)
+    batch, size, seq_len = 3, 12, 5
+    cache = SparseKV.empty(batch, 1, 2, size, dtype=torch.float64)
+    for row in range(batch):
+        used = int(torch.randint(0, size - seq_len + 1, (1,), generator=gen))
+        slots = torch.randperm(size, generator=gen)[:used]
+        cache.pos[row, slots] = torch.randperm(50, generator=gen)[:used]
+        cache.score[row, slots] = torch.randint(0, 3, (used,), generator=gen).double()
+    evict_pos = torch.arange(50, 50 + seq_len).expand(batch, -1)
+    evict_score = torch.randint(0, 3, (batch, seq_len), generator=gen).double()
+    evict_valid = torch.rand(batch, seq_len, generator=gen) < 0.8
+    fast = sparse_plan(cache, evict_pos, evict_score, evict_valid)
+    slow = sparse_plan(cache, evict_pos, evict_score, evict_valid, compact=False)
+    visible = torch.zeros_like(slow.visible)
+    visible.scatter_(2, fast.columns[:, None].expand(-1, seq_len, -1), fast.visible)
+    assert torch.equal(visible, slow.visible)
+    assert not fast.merged_valid.any() and not slow.merged_valid.any()
+    for name in ("keep", "pos", "score", "candidates"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name

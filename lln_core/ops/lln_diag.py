@@ -461,6 +461,8 @@ def _forward(
     batch, seq_len = q.shape[0], q.shape[2]
     valid = valid_tokens(lengths, batch, seq_len, q.device)
     tail = read_window_tail(p.state.local, p.state.num_tokens)  # keys n-W .. n-1, read once
+    if combine == "joint" and _inside_window(p.state, seq_len, local):
+        return _window_only(p, local, valid, tail, q.dtype)
     sparse = p.state.sparse
     if combine == "joint":
         old_k, old_v, old_valid = _delayed_keys(p.state, tail, p.k, p.v)
@@ -503,6 +505,27 @@ def _forward(
         y = w * lln.normalised() + (1 - w) * num / den[..., None]
     added = count_tokens(valid, seq_len)
     return ungroup(y).to(q.dtype), _new_state(p.state, S, z, m, added, cache, sparse)
+
+
+def _inside_window(state: LLNState, seq_len: int, local: LocalSpec) -> bool:
+    """Whether every one of the T queries sees only the window: no key has left it by the
+    last query (position n + T - 1 < W), so the far tier and the LLN state add nothing."""
+    return int(state.num_tokens.max()) + seq_len <= local.size
+
+
+def _window_only(
+    p: _Prepared, local: LocalSpec, valid: Tensor | None, tail, dtype: torch.dtype
+) -> tuple[Tensor, LLNState]:
+    """`_forward` where `_inside_window`: the window's softmax alone (a short prompt's prefill
+    skips the far tier's and the LLN state's work, which would weigh nothing)."""
+    num, den, _, cache = local_softmax_parts(
+        p.qg, p.k, p.v, p.state.local, p.state.num_tokens, local,
+        scale=p.scale, valid=valid, tail=tail,
+    )  # fmt: skip
+    added = count_tokens(valid, p.qg.shape[3])
+    state = p.state
+    new_state = _new_state(state, state.S, state.z, state.m, added, cache, state.sparse)
+    return ungroup(num / den[..., None]).to(dtype), new_state
 
 
 def _grouped_sparse_parts(

@@ -17,7 +17,8 @@ pair is ever read past `max_distance`, the trained range: at any length the pair
 order, at a resolution that halves each time the context doubles. Measured on the default,
 one distance for all 912 pairs lost the needle where grouped distances found it
 (`benchmarks/results/bench_recall_grouped.md`); a ceiling that reads every pair past it at one
-distance instead of doubling found 4/10 against 5/10 (a reach of 1024 at 8K, same file).
+distance instead of doubling found 4/10 against 5/10 (a reach of 1024 at 8K,
+`bench_recall_rev11.md`).
 The LLN state and the sinks keep the fixed distance: a sum of keys has no order to keep.
 
 This file is where far keys and queries get their positions; the kernels take a `FarTier`

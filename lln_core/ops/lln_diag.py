@@ -509,7 +509,10 @@ def _forward(
 
 def _inside_window(state: LLNState, seq_len: int, local: LocalSpec) -> bool:
     """Whether every one of the T queries sees only the window: no key has left it by the
-    last query (position n + T - 1 < W), so the far tier and the LLN state add nothing."""
+    last query (position n + T - 1 < W), so the far tier and the LLN state add nothing. Not
+    where gradients flow: training reaches the LLN parameters through those parts."""
+    if torch.is_grad_enabled():
+        return False
     return int(state.num_tokens.max()) + seq_len <= local.size
 
 

@@ -256,3 +256,33 @@ def test_group_doubles_only_to_keep_every_pair_within_reach():
     halved = groups // 2
     assert ((halved < 8) | (farthest(halved) > reach)).all()
     assert groups[0, :4].eq(8).all() and groups[0, 4] == 16
+
+
+@pytest.mark.parametrize("size", [0, 4], ids=["no-cache", "cache4"])
+def test_prefill_inside_the_window_is_the_window_alone(gen, size):
+    """Inference prefill whose queries all sit inside the window takes the window-only path:
+    the same output and state as the full path (taken where gradients flow), in two pieces."""
+    batch, heads = 2, (6, 2)
+    q_raw, q, k, v, alpha, beta = inputs(gen, batch, heads, SPEC.size)
+    mix, power = mix_for("joint", heads[0]), power_for("joint", heads[0])
+
+    def prefill():
+        state = empty_lln_diag_state(batch, heads[1], DIM, SPEC, dtype=torch.float64,
+                                     sparse_size=size)  # fmt: skip
+        outputs = []
+        for start, end in ((0, 2), (2, SPEC.size)):
+            positions = torch.arange(start, end).expand(batch, -1)
+            far = far_rotary(positions).tier(q_raw[:, :, start:end])
+            y, state = lln_diag_attention(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], alpha, beta, mix,
+                local=SPEC, combine="joint", count_power=power, state=state, far=far,
+            )  # fmt: skip
+            outputs.append(y)
+        return torch.cat(outputs, dim=2), state
+
+    with torch.no_grad():
+        y_fast, fast = prefill()
+    y_full, full = prefill()
+    assert torch.equal(y_fast, y_full)
+    for a, b in zip(fast.flat(), full.flat(), strict=True):
+        assert torch.equal(a, b)

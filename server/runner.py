@@ -53,7 +53,8 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> RunnerOutput:
         rows: list[Tensor] = []
         if batch.decodes:
-            rows.append(self._decode(batch))
+            decoded = self._decode(batch)  # a view the decoder's next run overwrites
+            rows.append(decoded.clone() if batch.prefills else decoded)
         prompt_logits: dict[str, Tensor] = {}
         if batch.prefills:
             groups = [[c] for c in batch.prefills] if self.chunk_alone else [batch.prefills]
@@ -77,6 +78,10 @@ class ModelRunner:
     def _prefill(self, chunks: list[PrefillChunk]) -> tuple[Tensor, dict[str, Tensor]]:
         """Last-position logits of every chunk [C, V], and full logits where asked."""
         slots = [c.request.slot for c in chunks]
+        if all(c.num_tokens == 1 and not _wants_prompt_logits(c) for c in chunks):
+            # one token is a decode step: the decode graph warmed up at start, where the
+            # prefill's copying forward would compile a graph of its own (~40 s on 2 cores)
+            return self.decoder.run([c.token_ids[0] for c in chunks], slots).clone(), {}
         lengths = torch.tensor([c.num_tokens for c in chunks], device=self.device)
         ids = torch.zeros(len(chunks), int(lengths.max()), dtype=torch.long, device=self.device)
         for row, chunk in enumerate(chunks):
@@ -90,6 +95,10 @@ class ModelRunner:
         prompt_logits = {
             c.request.request_id: self.model.lm_head(hidden[row, : c.num_tokens]).float()
             for row, c in enumerate(chunks)
-            if c.request.sampling_params.prompt_logprobs is not None
+            if _wants_prompt_logits(c)
         }
         return last, prompt_logits
+
+
+def _wants_prompt_logits(chunk: PrefillChunk) -> bool:
+    return chunk.request.sampling_params.prompt_logprobs is not None

@@ -14,6 +14,7 @@ from server.errors import QueueFullError
 from server.llm import LLM
 from server.prefix_cache import SessionError
 from server.request import SamplingParams
+from server.serve import warm_up
 from tests.models.conftest import tiny_model
 
 VOCAB = 29  # the char tokenizer's
@@ -115,6 +116,22 @@ def test_compiled_decode_gives_the_same_tokens(char_tokenizer):
     got = run_all(engine, {0: [(f"r{i}", p, greedy(5)) for i, p in enumerate(cases)]})["tokens"]
     for i, prompt in enumerate(cases):
         assert got[f"r{i}", 0] == greedy_alone(model, prompt, 5)
+
+
+def test_one_token_prefill_chunks_reuse_the_warm_decode_graph(char_tokenizer):
+    """A one-token prompt, and a prompt whose last chunk is one token, prefill through the
+    decode step the warm-up compiled: no new graph (a cold one costs ~40 s on 2 cores), and
+    the tokens of the model run alone."""
+    torch._dynamo.reset()  # graphs other tests' models left would be guarded against here
+    model = tiny_model("lln_diag", dtype=torch.float32, vocab_size=VOCAB, local_size=4, num_sinks=1)
+    engine = make_engine(model, char_tokenizer, compile_decode=True)
+    warm_up(engine)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cases = [[7], [3, 4, 5, 6, 8], [9, 2, 4, 6, 1]]  # chunks of 4: 1 | 4 + 1 | 4 + 1
+    got = run_all(engine, {0: [(f"r{i}", p, greedy(4)) for i, p in enumerate(cases)]})["tokens"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for i, prompt in enumerate(cases):
+        assert got[f"r{i}", 0] == greedy_alone(model, prompt, 4)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model, char_tokenizer):

@@ -22,6 +22,8 @@ from 24 rows); PyTorch's int8 kernel ahead of the bfloat16 GEMM up to 4 rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -59,7 +61,18 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A weight-only quantized nn.Linear (Int8Linear, `models.int4.Int4Linear`): its
+    `batch_invariant` flag (`set_batch_invariant`) and its rows dequantized to float32 (for a
+    tied input embedding, `QuantizedEmbedding`)."""
+
+    batch_invariant: bool
+
+    def dequantized_rows(self, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
     """nn.Linear with int8 weights per output channel; see the module docstring. `vnni`: decode
     rows through `torch.ops.lln.int8_gemv` (default: where it is available)."""
 
@@ -112,17 +125,21 @@ class Int8Linear(nn.Module):
             return torch.ops.lln.int8_gemv(rows, self.weight_int8, self.scale_f32)
         return torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scale)
 
+    def dequantized_rows(self, ids: Tensor) -> Tensor:
+        rows = self.weight_int8[ids].to(torch.float32)
+        return rows * self.scale[ids, None].to(torch.float32)
+
     def extra_repr(self) -> str:
         kernel = "VNNI GEMV" if self.vnni else "int8pack GEMV"
         kernel += ", AMX GEMM" if self.amx else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, {kernel}"
 
 
-class Int8Embedding(nn.Module):
-    """The input embedding read from an Int8Linear's weights (a tied LM head): rows
-    dequantized on lookup, so the table is held once, in int8."""
+class QuantizedEmbedding(nn.Module):
+    """The input embedding read from a QuantizedLinear's weights (a tied LM head): rows
+    dequantized on lookup, so the table is held once, quantized."""
 
-    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+    def __init__(self, head: QuantizedLinear, dtype: torch.dtype):
         super().__init__()
         self.head = head
         self.dtype = dtype
@@ -132,14 +149,21 @@ class Int8Embedding(nn.Module):
         return self.head.weight  # bfloat16, dequantized
 
     def forward(self, ids: Tensor) -> Tensor:
-        rows = self.head.weight_int8[ids].to(torch.float32)
-        return (rows * self.head.scale[ids, None].to(torch.float32)).to(self.dtype)
+        return self.head.dequantized_rows(ids).to(self.dtype)
 
 
 def quantize_int8(model: nn.Module, vnni: bool | None = None) -> nn.Module:
     """Every nn.Linear of `model` (the LM head included) becomes an Int8Linear (`vnni`: as
     there), in place; a tied input embedding reads the LM head's int8 weights. Returns the
     model."""
+    return replace_linears(model, lambda linear: Int8Linear(linear, vnni))
+
+
+def replace_linears(
+    model: nn.Module, quantized: Callable[[nn.Linear], QuantizedLinear]
+) -> nn.Module:
+    """Every nn.Linear of `model` (the LM head included) becomes `quantized(linear)`, in place;
+    a tied input embedding becomes a QuantizedEmbedding of the new LM head. Returns the model."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = embed is not None and head is not None and embed.weight is head.weight
@@ -147,14 +171,14 @@ def quantize_int8(model: nn.Module, vnni: bool | None = None) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child, vnni))
+                setattr(parent, name, quantized(child))
     if tied:
-        model.set_input_embeddings(Int8Embedding(model.get_output_embeddings(), dtype))
+        model.set_input_embeddings(QuantizedEmbedding(model.get_output_embeddings(), dtype))
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 class Bf16GemmLinear(nn.Module):
@@ -239,13 +263,13 @@ def float_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pad: bool) -> T
 
 def set_batch_invariant(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Make every linear layer of `model` give a row the same bits whatever the other rows of
-    its call (enabled) or pick the fastest kernel by row count (not): int8 decode rows through
-    one kernel, float32 calls padded to a multiple of ROW_TILE rows (plain float32 nn.Linear
+    its call (enabled) or pick the fastest kernel by row count (not): int8 and int4 decode rows
+    through one kernel, float32 calls padded to a multiple of ROW_TILE rows (plain float32 nn.Linear
     layers become PaddedLinear). In place; call before compiling the decode step (its graphs do
     not re-check the layers). Returns the model."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (Int8Linear, Bf16GemmLinear, PaddedLinear)):
+            if isinstance(child, (QuantizedLinear, Bf16GemmLinear, PaddedLinear)):
                 child.batch_invariant = enabled
             elif enabled and type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 setattr(parent, name, PaddedLinear(child))
@@ -257,7 +281,9 @@ def batch_invariance_is_free(model: nn.Module) -> bool:
     CPU without AMX (PyTorch's int8 kernel or the VNNI GEMV at every decode row count; on an
     AVX2 CPU 30.6 / 82.9 tok/s at 1 / 16 sequences against 29.3 / 45.0 without it,
     benchmarks/results/bench_engine_dtypes.md). Not float32 (padding 1 row to 4: 10.7 against
-    14.4 tok/s at 1 sequence), nor AMX (the GEMV in its place from 5 rows), nor CUDA."""
+    14.4 tok/s at 1 sequence), nor AMX (the GEMV in its place from 5 rows), nor CUDA. int4
+    weights (`models.int4`) count as int8's: their kernel at every decode row count in place of
+    the bfloat16 GEMM from 5 rows, as PyTorch's int8 kernel (not yet measured in the engine)."""
     weight = model.get_output_embeddings().weight
     return is_quantized(model) and weight.is_cpu and not int8_kernel.amx_available()
 

@@ -11,8 +11,8 @@ from models.quantize import (
     MAX_VNNI_ROWS,
     MIN_BF16_ROWS,
     Bf16GemmLinear,
-    Int8Embedding,
     Int8Linear,
+    QuantizedEmbedding,
     is_quantized,
     quantize_int8,
     quantize_per_channel,
@@ -75,7 +75,7 @@ def test_quantized_model_is_close_to_float32_and_decodes_compiled():
         quantize_int8(model)
         assert is_quantized(model)
         assert not any(type(m) is nn.Linear for m in model.modules())
-        assert isinstance(model.get_input_embeddings(), Int8Embedding)
+        assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
         logits, states = model.forward_states(ids)
         assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
         token = logits[:, -1:].argmax(-1)

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from models.convert import convert
 from models.errors import ConversionError
+from models.int4 import quantize_int4
 from models.modeling_lln import LLNForCausalLM
 from models.quantize import quantize_int8, use_bf16_gemms
 
@@ -118,15 +119,21 @@ def load_model(
 ):
     """(model, tokenizer); `kernel` runs the same weights with another attention kernel, and
     `overrides` change other config fields (`from_checkpoint`). dtype torch.int8: float32
-    weights quantized to int8 per channel (`models.quantize`). gemm_dtype torch.bfloat16 with
-    float32 weights: prefill matmuls (64+ rows) in bfloat16 (`Bf16GemmLinear`)."""
+    weights quantized to int8 per channel (`models.quantize`); torch.int4: to 4 bits in groups
+    of 32, CPU only (`models.int4`). gemm_dtype torch.bfloat16 with float32 weights: prefill
+    matmuls (64+ rows) in bfloat16 (`Bf16GemmLinear`)."""
+    cpu = torch.device(device).type == "cpu"
+    if dtype == torch.int4 and not cpu:
+        raise ValueError(f"int4 weights run on a CPU only, not on {device}")
     path = resolve(name_or_path, progress=progress)
     if kernel is not None:
         overrides["attention_kernel"] = kernel
-    int8 = dtype == torch.int8
-    model = from_checkpoint(path, dtype=torch.float32 if int8 else dtype, **overrides)
-    if int8:  # the VNNI GEMV is a CPU kernel
-        quantize_int8(model, vnni=None if torch.device(device).type == "cpu" else False)
+    quantized = dtype in (torch.int8, torch.int4)
+    model = from_checkpoint(path, dtype=torch.float32 if quantized else dtype, **overrides)
+    if dtype == torch.int4:
+        quantize_int4(model)
+    elif dtype == torch.int8:  # the VNNI GEMV is a CPU kernel
+        quantize_int8(model, vnni=None if cpu else False)
     elif gemm_dtype == torch.bfloat16 and dtype == torch.float32:
         use_bf16_gemms(model)
     tokenizer = AutoTokenizer.from_pretrained(path)

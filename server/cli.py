@@ -72,7 +72,9 @@ SERVE_OPTIONS = [
         str,
         "auto",
         "weights: auto (bfloat16 on CUDA; on a CPU int8 where the AVX-512 VNNI kernel runs, "
-        "else float32), float32, bfloat16, float16 or int8 (weight-only); states stay float32",
+        "else float32), float32, bfloat16, float16, int8 (weight-only) or int4 (weight-only, "
+        "CPU: 4 bits in groups of 32, the default model's own Q4_1 grid, LM head int8); "
+        "states stay float32",
     ),
     (
         "--gemm-dtype",
@@ -234,7 +236,8 @@ def _add_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", choices=KERNELS, help="run the weights with this kernel")
     parser.add_argument(
         "--dtype", choices=DTYPES, default="auto",
-        help="weights, as for serve (auto: int8 on a CPU with the VNNI kernel, else float32)",
+        help="weights, as for serve (auto: int8 on a CPU with the VNNI kernel, else float32; "
+        "int4: 4 bits in groups of 32)",
     )  # fmt: skip
     parser.add_argument(
         "--gemm-dtype", choices=GEMM_DTYPES, default="auto",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 DTYPES = ("auto", *WEIGHT_DTYPES)  # auto: by device (`EngineConfig.weight_dtype`)
 GEMM_DTYPES = ("auto", "float32", "bfloat16")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -24,7 +24,8 @@ class EngineConfig:
     dtype: of the weights; "auto" is bfloat16 on CUDA, and on a CPU int8 where lln-serve's int8
     kernel runs (AVX-512 VNNI, `models/int8_kernel.py`: within 1% of float32's perplexity,
     about twice as fast a decode), else float32. States and LLN features are float32 whatever
-    it is; int8 is weight-only (`models/quantize.py`).
+    it is; int8 is weight-only (`models/quantize.py`), and so is int4 (CPU only: groups of 32
+    weights, Q4_1's format, the default model's own grid, the LM head int8; `models/int4.py`).
     gemm_dtype: with float32 weights, the dtype of eager matmuls of 64 rows or more (prefill
     chunks); "auto" is bfloat16 on a CPU with bfloat16 units (`models/quantize.py`: 2.6-3.4x
     faster GEMMs, perplexity within 0.1%), else float32. Decode steps stay float32.
@@ -118,6 +119,8 @@ class EngineConfig:
             )
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype == "int4" and not self.device.startswith("cpu"):
+            raise ValueError(f"dtype int4 runs on a CPU only, not on {self.device}")
 
     def _check_state_store(self) -> None:
         url = self.state_store

@@ -97,6 +97,24 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_int8_on_a_cpu_with_the_int8_kernel(m
     assert EngineConfig(device="cuda", dtype="int8").weight_dtype == "int8"
 
 
+def test_dtype_int4_is_accepted_on_a_cpu_and_refused_elsewhere():
+    from server.cli import build_parser
+    from server.config import EngineConfig
+    from server.engine import gemm_dtype
+
+    args = build_parser().parse_args(["serve", "--dtype", "int4"])
+    assert args.dtype == "int4" and EngineConfig(dtype=args.dtype).weight_dtype == "int4"
+    assert gemm_dtype(EngineConfig(dtype="int4")) is None  # int4 picks its own kernels
+    generate = build_parser().parse_args(["generate", "--prompt", "hi", "--dtype", "int4"])
+    assert generate.dtype == "int4"
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--dtype", "int4", "--device", "cuda"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "dtype int4 runs on a CPU only" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_gemm_dtype_auto_is_bfloat16_for_float32_weights_on_a_bf16_cpu():
     import torch
 

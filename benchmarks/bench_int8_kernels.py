@@ -1,7 +1,8 @@
 """The int8 decode kernels side by side over the default model's linear layers (30 layers of 7
 matmuls and the 49,152 x 576 LM head, random int8 weights streamed from memory): lln-serve's VNNI
 GEMV, its AMX GEMM, PyTorch's `_weight_int8pack_mm` and the bfloat16 GEMM on dequantized weights,
-at the row counts of a decode batch.
+at the row counts of a decode batch; and PyTorch's 4-bit kernel `_weight_int4pack_mm_for_cpu`
+(`--dtype int4`, `models/int4.py`: random 4-bit weights in groups of 32).
 
     .venv/bin/python benchmarks/bench_int8_kernels.py [--rows 1 2 4 5 8 16] [--rounds 7]
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from models import int8_kernel
+from models.int4 import GROUP
 
 HIDDEN, INTERMEDIATE, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN),
@@ -34,6 +36,11 @@ def model_weights() -> list[dict]:
         scale = torch.rand(n, generator=gen) * 0.01
         entry = {"k": k, "q": q, "scale": scale, "scale_bf16": scale.bfloat16()}
         entry["bf16"] = (q.float() * scale[:, None]).bfloat16()
+        q4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        entry["int4"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 2)
+        entry["int4_scales_and_zeros"] = (
+            torch.rand(k // GROUP, n, 2, generator=gen) * 0.01
+        ).bfloat16()
         if int8_kernel.amx_available():
             entry["packed"] = int8_kernel.pack_amx(q)
         weights.append(entry)
@@ -46,6 +53,11 @@ def kernels() -> dict[str, Callable[[torch.Tensor, dict], torch.Tensor]]:
             x.bfloat16(), w["q"], w["scale_bf16"]
         ),
         "bfloat16 GEMM": lambda x, w: x.bfloat16() @ w["bf16"].T,
+        "PyTorch _weight_int4pack_mm_for_cpu (int4)": lambda x, w: (
+            torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.bfloat16(), w["int4"], GROUP, w["int4_scales_and_zeros"]
+            )
+        ),
     }
     if int8_kernel.available():
         table["VNNI GEMV"] = lambda x, w: torch.ops.lln.int8_gemv(x, w["q"], w["scale"])
@@ -77,7 +89,7 @@ def main() -> None:
             results[name][rows] = min(times[name]) * 1e3
         print(rows, {name: f"{results[name][rows]:.2f}" for name in table}, flush=True)
     lines = [
-        f"# int8 decode kernels over the default model's {len(weights)} matmuls, "
+        f"# int8 and int4 decode kernels over the default model's {len(weights)} matmuls, "
         f"{torch.get_num_threads()} threads",
         "",
         f"`.venv/bin/python benchmarks/bench_int8_kernels.py` on "

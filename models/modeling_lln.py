@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import (
 from lln_core.ops import slot_softmax
 from lln_core.ops.common import enable_flush_denormal, round_to, valid_tokens
 from lln_core.ops.ea import ea_attention, ea_step
-from lln_core.ops.far import FarRotary, FarTier, rotary_cos_sin
+from lln_core.ops.far import FarRotary, FarTier, rotary_cos_sin, rotation_table
 from lln_core.ops.lln import lln_attention, lln_step
 from lln_core.ops.lln_diag import (
     empty_lln_diag_state,
@@ -282,6 +282,7 @@ class LLNModel(LLNPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.compiled_decode_layers: Callable | None = None
+        self._far_tables: dict = {}  # `_far_table`
         self.post_init()
 
     def compile_decode(self, enabled: bool = True, cpp_wrapper: bool = False) -> bool:
@@ -362,15 +363,25 @@ class LLNModel(LLNPreTrainedModel):
         if not config.uses_far_positions:
             return None
         sink_distance = config.far_sink_distance
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        grouped = config.far_positions == "grouped"
         return FarRotary.make(
             self.rotary_emb.inv_freq, position_ids, window=config.local_size,
             distance=config.far_distance,
             sink_distance=config.far_distance if sink_distance is None else sink_distance,
-            scaling=self.rotary_emb.attention_scaling,
-            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-            group=config.far_group if config.far_positions == "grouped" else 0,
-            max_distance=config.far_max_distance,
+            scaling=self.rotary_emb.attention_scaling, dtype=dtype,
+            group=config.far_group if grouped else 0, max_distance=config.far_max_distance,
+            table=self._far_table(dtype) if grouped else None,
         )  # fmt: skip
+
+    def _far_table(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The grouped keys' rotations (`rotation_table`), made once per dtype and device."""
+        inv_freq = self.rotary_emb.inv_freq
+        key = (dtype, inv_freq.device)
+        if key not in self._far_tables:
+            size = self.config.far_max_distance + 1
+            self._far_tables[key] = rotation_table(inv_freq, size, dtype)
+        return self._far_tables[key]
 
     def _use_compiled(self, states: States, seq_len: int, lengths: Tensor | None) -> bool:
         return (

@@ -3,7 +3,7 @@
 The parts over many slots come from an AVX-512 kernel (`csrc/slot_softmax.cpp`),
 as the op `torch.ops.lln.slot_softmax(q, k, v, bias) -> (num, den, top)`.
 
-`slot_softmax` runs it where it can (float32 queries on a CPU, keys and values float32 or
+`slot_softmax` runs it where it can (float32 queries on a CPU, keys and values each float32 or
 bfloat16, head dims multiples of 16, no gradient) and the same computation in PyTorch
 elsewhere. `LLN_SERVE_SLOT_KERNEL=0` turns the kernel off.
 """
@@ -55,8 +55,8 @@ def kernel_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype == torch.float32
-        and k.dtype == v.dtype
         and k.dtype in (torch.float32, torch.bfloat16)
+        and v.dtype in (torch.float32, torch.bfloat16)
         and q.shape[2] <= MAX_GROUP
         and all(d % 16 == 0 and 0 < d <= MAX_DIM for d in (q.shape[-1], v.shape[-1]))
         and not grad

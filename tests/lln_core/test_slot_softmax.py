@@ -64,10 +64,18 @@ CASES = [  # batch, heads, group, dim, slots, v_dim: compiled-in shapes and the 
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype, v_dtype",
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16),
+     (torch.bfloat16, torch.float32)],
+    ids=["float32", "bfloat16", "float32-keys-bfloat16-values", "bfloat16-keys-float32-values"],
+)  # fmt: skip
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_equals_the_float64_reference(case, dtype):
+def test_kernel_equals_the_float64_reference(case, dtype, v_dtype):
+    """Keys and values each float32 or bfloat16 (grouped far positions read keys rotated in
+    float32 beside the bfloat16 values they were stored with)."""
     q, k, v, bias = random_case(*case, dtype, seed=sum(case))
+    v = v if v_dtype is None else v.to(v_dtype)
     assert ss.kernel_fits(q, k, v)
     got = torch.ops.lln.slot_softmax(q, k, v, bias)
     assert [t.shape for t in got] == [(*q.shape[:3], v.shape[-1]), q.shape[:3], q.shape[:3]]
@@ -139,7 +147,8 @@ def test_compiled_code_calls_the_kernel():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda a: {**a, "k": a["k"].float()}, "both float32 or both bfloat16"),
+        (lambda a: {**a, "k": a["k"].half()}, "k and v are float32 or bfloat16"),
+        (lambda a: {**a, "v": a["v"].double()}, "k and v are float32 or bfloat16"),
         (lambda a: {**a, "bias": a["bias"][:, :-1]}, "shapes do not match"),
         (lambda a: {**a, "q": a["q"].double()}, "q and bias are float32"),
         (lambda a: {**a, "q": a["q"][..., :40], "k": a["k"][..., :40]}, "multiples of 16"),

@@ -9,7 +9,8 @@
 // under a shared max (flash-decoding's split over the keys), so a batch of one still uses every
 // thread.
 //
-// q [B, H, G, D] float32 (already scaled), k [B, H, N, D], v [B, H, N, Dv] float32 or bfloat16,
+// q [B, H, G, D] float32 (already scaled), k [B, H, N, D], v [B, H, N, Dv] float32 or bfloat16
+// (each on its own: keys rotated per step are float32 beside bfloat16 values),
 // bias [B, N] float32 (0 where the slot is seen, -inf where not, or any finite bias).
 // Returns num [B, H, G, Dv] = sum_n exp(l_n - top) v_n, den [B, H, G] = sum_n exp(l_n - top) and
 // top [B, H, G] = max_n l_n with l_n = q . k_n + bias_n; top = -inf, den = 0, num = 0 where no
@@ -65,11 +66,11 @@ struct Part {  // one block's softmax over its slots, per query: views of a shar
   float* num;  // [G, Dv]
 };
 
-template <typename T>
+template <typename TK, typename TV>
 struct Args {
   const float* q;
-  const T* k;
-  const T* v;
+  const TK* k;
+  const TV* v;
   const float* bias;
   int64_t H, G, N, D, Dv;
   int64_t q_b, q_h, q_g, k_b, k_h, k_n, v_b, v_h, v_n, bias_b;
@@ -77,8 +78,8 @@ struct Args {
 
 // logits of the G queries over slots [start, end) of (b, h) -> part, by the block's own max.
 // kG, kD16 > 0: G and D / 16 = Dv / 16 known at compile time (the sums stay in registers)
-template <typename T, int kG, int kD16>
-LLN_AVX512 void block_part(const Args<T>& a, int64_t b, int64_t h, int64_t start, int64_t end,
+template <typename TK, typename TV, int kG, int kD16>
+LLN_AVX512 void block_part(const Args<TK, TV>& a, int64_t b, int64_t h, int64_t start, int64_t end,
                            Part& part) {
   alignas(64) float logits[kMaxGroup][kBlock + 16];
   const int64_t len = end - start;
@@ -93,7 +94,7 @@ LLN_AVX512 void block_part(const Args<T>& a, int64_t b, int64_t h, int64_t start
       for (int64_t g = 0; g < G; ++g) logits[g][i] = kNegInf;
       continue;
     }
-    const T* krow = a.k + b * a.k_b + h * a.k_h + (start + i) * a.k_n;
+    const TK* krow = a.k + b * a.k_b + h * a.k_h + (start + i) * a.k_n;
     __m512 key[kMaxDim / 16];
     for (int64_t j = 0; j < d16; ++j) key[j] = load16(krow + 16 * j);
     for (int64_t g = 0; g < G; ++g) {
@@ -126,7 +127,7 @@ LLN_AVX512 void block_part(const Args<T>& a, int64_t b, int64_t h, int64_t start
       for (int j = 0; j < kD16; ++j) acc[g][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < len; ++i) {
       if (bias[start + i] == kNegInf) continue;  // weight 0: its value is not read
-      const T* vrow = a.v + b * a.v_b + h * a.v_h + (start + i) * a.v_n;
+      const TV* vrow = a.v + b * a.v_b + h * a.v_h + (start + i) * a.v_n;
       __m512 value[kD16];
       for (int j = 0; j < kD16; ++j) value[j] = load16(vrow + 16 * j);
       for (int g = 0; g < kG; ++g) {
@@ -139,7 +140,7 @@ LLN_AVX512 void block_part(const Args<T>& a, int64_t b, int64_t h, int64_t start
   } else {
     for (int64_t i = 0; i < len; ++i) {
       if (bias[start + i] == kNegInf) continue;
-      const T* vrow = a.v + b * a.v_b + h * a.v_h + (start + i) * a.v_n;
+      const TV* vrow = a.v + b * a.v_b + h * a.v_h + (start + i) * a.v_n;
       __m512 value[kMaxDim / 16];
       for (int64_t j = 0; j < dv16; ++j) value[j] = load16(vrow + 16 * j);
       for (int64_t g = 0; g < G; ++g) {
@@ -152,35 +153,35 @@ LLN_AVX512 void block_part(const Args<T>& a, int64_t b, int64_t h, int64_t start
   }
 }
 
-template <typename T>
-using BlockFn = void (*)(const Args<T>&, int64_t, int64_t, int64_t, int64_t, Part&);
+template <typename TK, typename TV>
+using BlockFn = void (*)(const Args<TK, TV>&, int64_t, int64_t, int64_t, int64_t, Part&);
 
 // the compiled-in shape for (G, D = Dv): G x D / 16 sums of up to 24 registers; else generic
-template <typename T>
-BlockFn<T> block_for(int64_t G, int64_t D, int64_t Dv) {
+template <typename TK, typename TV>
+BlockFn<TK, TV> block_for(int64_t G, int64_t D, int64_t Dv) {
   if (D == Dv && D == 64) {
     switch (G) {
-      case 1: return block_part<T, 1, 4>;
-      case 2: return block_part<T, 2, 4>;
-      case 3: return block_part<T, 3, 4>;
-      case 4: return block_part<T, 4, 4>;
-      case 5: return block_part<T, 5, 4>;
-      case 6: return block_part<T, 6, 4>;
+      case 1: return block_part<TK, TV, 1, 4>;
+      case 2: return block_part<TK, TV, 2, 4>;
+      case 3: return block_part<TK, TV, 3, 4>;
+      case 4: return block_part<TK, TV, 4, 4>;
+      case 5: return block_part<TK, TV, 5, 4>;
+      case 6: return block_part<TK, TV, 6, 4>;
     }
   }
   if (D == Dv && D == 128) {
     switch (G) {
-      case 1: return block_part<T, 1, 8>;
-      case 2: return block_part<T, 2, 8>;
-      case 3: return block_part<T, 3, 8>;
+      case 1: return block_part<TK, TV, 1, 8>;
+      case 2: return block_part<TK, TV, 2, 8>;
+      case 3: return block_part<TK, TV, 3, 8>;
     }
   }
-  return block_part<T, 0, 0>;
+  return block_part<TK, TV, 0, 0>;
 }
 
-template <typename T>
-void run(const Args<T>& a, int64_t B, float* num, float* den, float* top) {
-  const BlockFn<T> block_fn = block_for<T>(a.G, a.D, a.Dv);
+template <typename TK, typename TV>
+void run(const Args<TK, TV>& a, int64_t B, float* num, float* den, float* top) {
+  const BlockFn<TK, TV> block_fn = block_for<TK, TV>(a.G, a.D, a.Dv);
   const int64_t blocks = std::max<int64_t>((a.N + kBlock - 1) / kBlock, 1);
   const int64_t tasks = B * a.H * blocks, per_task = a.G * (a.Dv + 2);
   std::unique_ptr<float[]> buffer(new float[tasks * per_task]);
@@ -231,9 +232,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slot_softmax(
               "slot_softmax: q [B, H, G, D], k [B, H, N, D], v [B, H, N, Dv], bias [B, N]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
               "slot_softmax: q and bias are float32");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
-                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
-              "slot_softmax: k and v are both float32 or both bfloat16");
+  const auto stored = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  TORCH_CHECK(stored(k) && stored(v), "slot_softmax: k and v are float32 or bfloat16");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
   const int64_t N = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B &&
@@ -250,17 +252,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slot_softmax(
   auto den = at::empty({B, H, G}, q.options());
   auto top = at::empty({B, H, G}, q.options());
   auto launch = [&](auto* k_ptr, auto* v_ptr) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(k_ptr)>>;
-    Args<T> a{qc.data_ptr<float>(), k_ptr, v_ptr, bc.data_ptr<float>(), H, G, N, D, Dv,
+    using TK = std::remove_const_t<std::remove_pointer_t<decltype(k_ptr)>>;
+    using TV = std::remove_const_t<std::remove_pointer_t<decltype(v_ptr)>>;
+    Args<TK, TV> a{qc.data_ptr<float>(), k_ptr, v_ptr, bc.data_ptr<float>(), H, G, N, D, Dv,
               qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
               vc.stride(0), vc.stride(1), vc.stride(2), bc.stride(0)};
     run(a, B, num.data_ptr<float>(), den.data_ptr<float>(), top.data_ptr<float>());
   };
+  // keys rotated per step (grouped far positions) are float32 beside bfloat16 values
+  auto with_value = [&](auto* k_ptr) {
+    if (v.scalar_type() == at::kFloat)
+      launch(k_ptr, vc.data_ptr<float>());
+    else
+      launch(k_ptr, vc.data_ptr<c10::BFloat16>());
+  };
   if (B * H > 0) {
     if (k.scalar_type() == at::kFloat)
-      launch(kc.data_ptr<float>(), vc.data_ptr<float>());
+      with_value(kc.data_ptr<float>());
     else
-      launch(kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>());
+      with_value(kc.data_ptr<c10::BFloat16>());
   }
   return {num, den, top};
 }

@@ -46,6 +46,7 @@ VARIANTS = {  # name -> (dtype, overrides)
     "bfloat16": (torch.bfloat16, {}),
     "int8": (torch.int8, {}),  # decode GEMVs: lln-serve's VNNI kernel where the CPU has it
     "int8, PyTorch's int8 GEMV": (torch.int8, dict(vnni=False)),  # _weight_int8pack_mm
+    "int4": (torch.int4, {}),  # Q4_1's groups through PyTorch's 4-bit kernel, the head int8
     "float32, no sparse cache": (torch.float32, dict(sparse_cache_size=0, kv_cache_dtype="auto")),
     "int8, no sparse cache": (torch.int8, dict(sparse_cache_size=0, kv_cache_dtype="auto")),
 }
@@ -94,23 +95,36 @@ def run_lln(contexts: list[int], rounds: int, names: list[str]) -> dict:
     return results
 
 
+# llama.cpp's settings, each a row: llama-cpp-python's default (flash attention off), then as
+# llama.cpp's own server runs by default (flash attention on), and with a q8_0 KV cache
+LLAMACPP_SETTINGS = {
+    "": [],
+    ", flash attention": ["--flash-attn"],
+    ", flash attention, q8_0 KV": ["--flash-attn", "--kv-type", "q8_0"],
+}
+
+
 def run_llamacpp(python: Path, threads: int, contexts: list[int], tokens: int) -> dict:
-    """{gguf name: {context: {"prefill": tok/s, "decode_ms": ms}}}, {} without llama.cpp."""
+    """{setting name: {context: {"prefill": tok/s, "decode_ms": ms}}}, {} without llama.cpp:
+    the default's own Q4_1 file under every setting, a Q8_0 file (if there) with flash on."""
     if not python.is_file():
         print(f"llama.cpp skipped: no {python} (see benchmarks/llamacpp_runner.py)", flush=True)
         return {}
     runner = Path(__file__).with_name("llamacpp_runner.py")
     q4 = smollm2_gguf()
+    q8 = q4.with_name(q4.name.replace("Q4_1", "Q8_0"))
+    runs = [(q4, setting) for setting in LLAMACPP_SETTINGS] + [(q8, ", flash attention")]
     results = {}
-    for gguf in (q4, q4.with_name(q4.name.replace("Q4_1", "Q8_0"))):
+    for gguf, setting in runs:
         if not gguf.is_file():
             print(f"llama.cpp: no {gguf}, skipped", flush=True)
             continue
         command = [str(python), str(runner), "--gguf", str(gguf), "--threads", str(threads),
-                   "--decode-tokens", str(tokens), "--contexts", *map(str, contexts)]  # fmt: skip
+                   "--decode-tokens", str(tokens), "--contexts", *map(str, contexts),
+                   *LLAMACPP_SETTINGS[setting]]  # fmt: skip
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        name = f"llama.cpp {gguf.stem.split('.')[-1]}"
+        name = f"llama.cpp {gguf.stem.split('.')[-1]}{setting}"
         results[name] = {r["context"]: {"prefill": r["prefill_tok_s"], "decode_ms": r["decode_ms"]}
                          for r in rows}  # fmt: skip
         results[name]["version"] = rows[0]["llama_cpp_python"] if rows else "?"
@@ -165,11 +179,14 @@ def goals(lln: dict, cpp: dict, contexts: list[int]) -> list[str]:
         ratios = [decode(dtype, c) / decode(f"{dtype}, no sparse cache", c) for c in every]
         lines.append(f"- sparse cache, {dtype}: decode with / without {min(ratios):.2f}-"
                      f"{max(ratios):.2f} over {first}..1M (bar <= 1.2)")  # fmt: skip
-    q4 = cpp.get("llama.cpp Q4_1", {})
-    for length in (1024, 16384):
-        if length in q4 and length in lln.get("int8", {}):
-            speed = q4[length]["decode_ms"] / decode("int8", length)
-            lines.append(f"- int8 vs llama.cpp Q4_1 at {length:,}: {speed:.2f}x its tokens/s")
+    for length in sorted({c for r in cpp.values() for c in r}):
+        fastest = min(cpp, key=lambda n: cpp[n].get(length, {}).get("decode_ms", float("inf")))
+        if length not in cpp[fastest]:
+            continue
+        for name in [n for n in ("int8", "int4") if length in lln.get(n, {})]:
+            speed = cpp[fastest][length]["decode_ms"] / decode(name, length)
+            lines.append(f"- {name} vs the fastest llama.cpp setting at {length:,} ({fastest}): "
+                         f"{speed:.2f}x its tokens/s")  # fmt: skip
     return lines
 
 

@@ -34,6 +34,7 @@ import llama_cpp
 from llama_cpp import Llama
 
 CTX_MARGIN = 64
+KV_TYPES = {"f16": 1, "q8_0": 8}  # ggml_type values
 WARMUP_TOKENS = 16
 
 
@@ -53,6 +54,7 @@ def measure(
     n_batch: int,
     flash_attn: bool,
     seed: int,
+    kv_type: str = "f16",
 ) -> dict[str, object]:
     """Measure prefill throughput and decode latency at one context length."""
     llm = Llama(
@@ -63,6 +65,8 @@ def measure(
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=flash_attn,
+        type_k=KV_TYPES[kv_type],
+        type_v=KV_TYPES[kv_type],
         verbose=False,
     )
     rng = random.Random(seed)
@@ -93,6 +97,7 @@ def measure(
         "prefill_tok_s": round(context / prefill_s, 2),
         "decode_ms": round(statistics.median(step_s) * 1e3, 3),
         "flash_attn": flash_attn,
+        "kv_type": kv_type,
         "llama_cpp_python": llama_cpp.__version__,
     }
 
@@ -110,6 +115,8 @@ def main() -> None:
         action="store_true",
         help="enable flash attention (llama-cpp-python's default is off)",
     )
+    parser.add_argument("--kv-type", choices=list(KV_TYPES), default="f16",
+                        help="the KV cache's type (q8_0 needs --flash-attn for V)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -122,6 +129,7 @@ def main() -> None:
             args.n_batch,
             args.flash_attn,
             args.seed,
+            args.kv_type,
         )
         print(json.dumps(result), flush=True)
 

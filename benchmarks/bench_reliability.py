@@ -432,8 +432,8 @@ def tenants_report(phases: dict, args, out: Path) -> str:
         f"`{threads}.venv/bin/python benchmarks/bench_reliability.py --tenants --rounds "
         f"{args.rounds} "
         f"--victim-requests {args.victim_requests} --unlimited-requests "
-        f"{args.unlimited_requests}` on {time.strftime('%Y-%m-%d %H:%M')} UTC, on a CPU "
-        "shared with other work.",
+        f"{args.unlimited_requests}` on {time.strftime('%Y-%m-%d %H:%M')} UTC (the load "
+        "average at the end is below the table).",
         "",
         f"The steady tenant streams completions of {STEADY_WORDS} words (max_tokens 4) one at a "
         f"time; the flooding tenant keeps {FLOOD_CLIENTS} streamed completions "

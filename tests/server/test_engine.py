@@ -361,8 +361,11 @@ def test_engine_config_rejects_bad_values():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         EngineConfig(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="dtype"):
-        EngineConfig(dtype="int4")
+        EngineConfig(dtype="int3")
+    with pytest.raises(ValueError, match="int4 runs on a CPU only"):
+        EngineConfig(dtype="int4", device="cuda")
     assert EngineConfig(dtype="int8").dtype == "int8"  # weight-only int8 (models/quantize.py)
+    assert EngineConfig(dtype="int4").dtype == "int4"  # 4-bit groups (models/int4.py)
 
 
 def _rss_bytes() -> int:

@@ -25,6 +25,7 @@ from models.quantize import (
 from models.registry import load_model
 from tests.models.conftest import tiny_model
 from tests.models.test_batch_invariance import BATCHES, states_rows
+from tests.models.test_quantize import assert_compiled_step_equals_eager
 
 
 def q4_1_weight(n: int, k: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -130,12 +131,7 @@ def test_int4_model_is_close_to_float32_and_decodes_compiled():
         assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14
         logits, states = model.forward_states(ids)
         assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
-        token = logits[:, -1:].argmax(-1)
-        clones = [s.clone() for s in states]
-        eager, _ = model.forward_states(token, states)
-        model.compile_decode(cpp_wrapper=True)  # as the server runs it on a CPU
-        compiled, _ = model.forward_states(token, clones, in_place=True)
-    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
+        assert_compiled_step_equals_eager(model, logits, states)
 
 
 def test_a_decode_row_has_the_same_bits_in_any_batch():

@@ -78,11 +78,18 @@ def test_quantized_model_is_close_to_float32_and_decodes_compiled():
         assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
         logits, states = model.forward_states(ids)
         assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
-        token = logits[:, -1:].argmax(-1)
-        clones = [s.clone() for s in states]
-        eager, _ = model.forward_states(token, states)
-        model.compile_decode(cpp_wrapper=True)  # as the server runs it on a CPU
-        compiled, _ = model.forward_states(token, clones, in_place=True)
+        assert_compiled_step_equals_eager(model, logits, states)
+
+
+@torch.no_grad()
+def assert_compiled_step_equals_eager(model, logits, states) -> None:
+    """The next greedy token's compiled in-place decode step (as the server runs it on a CPU)
+    gives the eager step's logits."""
+    token = logits[:, -1:].argmax(-1)
+    clones = [s.clone() for s in states]
+    eager, _ = model.forward_states(token, states)
+    model.compile_decode(cpp_wrapper=True)
+    compiled, _ = model.forward_states(token, clones, in_place=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2)
 
 
